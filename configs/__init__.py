@@ -1,0 +1,1 @@
+"""Preset configurations (TOML), installed as ``retinaface_jax.configs``."""

@@ -1,0 +1,46 @@
+"""retinaface_jax: RetinaFace face detection (boxes + five landmarks) in JAX / Flax NNX.
+
+Public API (imported lazily, so ``import retinaface_jax`` stays cheap):
+``RetinaFace``, ``load_model``, ``load_backbone``, ``prior_box``, ``match``, ``multibox_loss``,
+``Detector``, ``Face``, ``align_faces``, ``widerface_ap``, ``get_config``, ``cfg_mnet``, ``cfg_re50``,
+``RetinaFaceConfig``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "RetinaFaceConfig": "retinaface_jax.config",
+    "get_config": "retinaface_jax.config",
+    "cfg_mnet": "retinaface_jax.config",
+    "cfg_re50": "retinaface_jax.config",
+    "RetinaFace": "retinaface_jax.models.retinaface",
+    "load_model": "retinaface_jax.weights.load",
+    "load_backbone": "retinaface_jax.weights.load",
+    "prior_box": "retinaface_jax.prior_box",
+    "match": "retinaface_jax.multibox_loss",
+    "multibox_loss": "retinaface_jax.multibox_loss",
+    "Detector": "retinaface_jax.inference.detector",
+    "Face": "retinaface_jax.inference.face",
+    "align_faces": "retinaface_jax.inference.align",
+    "widerface_ap": "retinaface_jax.evaluate.widerface_ap",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'retinaface_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,123 @@
+"""2-D convolution (NHWC input, HWIO kernel, explicit padding) with a per-backend formulation.
+
+XLA's CPU convolutions are slow for the shapes RetinaFace uses: grouped (depthwise) convolution
+and the weight gradient of dense convolutions in particular. On CPU we therefore write
+- a depthwise k x k convolution as k*k shifted multiply-adds,
+- a 1 x 1 convolution as a matmul (einsum),
+- a dense k x k convolution with XLA's forward and input gradient, but its weight gradient as
+  k*k matmuls (one per kernel tap; XLA's CPU weight gradient is 5-10x slower),
+which compute the same function with the same parameters. On GPU/TPU ``lax.conv`` is the fast path
+and is used unchanged. ``set_conv_impl`` forces one formulation (tests compare both).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_IMPLS = ("auto", "xla", "taps")
+_MIN_TAP_CHANNELS = 16  # below this (the RGB stem) XLA's own weight gradient is as fast
+_impl = "auto"
+
+
+def set_conv_impl(impl: str) -> None:
+    """Choose the formulation: ``'auto'`` (taps on CPU, XLA elsewhere), ``'xla'`` or ``'taps'``.
+
+    Takes effect for functions traced afterwards.
+    """
+    global _impl
+    if impl not in _IMPLS:
+        raise ValueError(f"conv impl: expected one of {_IMPLS}, got {impl!r}")
+    _impl = impl
+
+
+def get_conv_impl() -> str:
+    """The formulation that will be used when tracing now (``'xla'`` or ``'taps'``)."""
+    if _impl == "auto":
+        return "taps" if jax.default_backend() == "cpu" else "xla"
+    return _impl
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int) -> jax.Array:
+    """``y = conv(x, kernel)`` with torch semantics (cross-correlation), NHWC / HWIO."""
+    if get_conv_impl() == "xla":
+        return _conv_xla(x, kernel, stride, padding, groups)
+    kh, kw, cin_g, cout = kernel.shape
+    cin = x.shape[-1]
+    if groups == 1:
+        if kh == kw == 1:
+            xs = x[:, ::stride, ::stride, :] if stride > 1 else x
+            if padding:
+                xs = _pad(x, padding)[:, ::stride, ::stride, :]
+            return jnp.einsum("bhwc,co->bhwo", xs, kernel[0, 0])
+        if cin >= _MIN_TAP_CHANNELS:
+            return _conv_dense(x, kernel, stride, padding)
+        return _conv_xla(x, kernel, stride, padding, 1)
+    if groups == cin == cout and cin_g == 1:
+        return _conv_depthwise_taps(x, kernel, stride, padding)
+    return _conv_xla(x, kernel, stride, padding, groups)
+
+
+def _conv_xla(x, kernel, stride, padding, groups):
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride, stride),
+        padding=((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+    )
+
+
+def _pad(x: jax.Array, p: int) -> jax.Array:
+    return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
+
+
+def _taps(x: jax.Array, kh: int, kw: int, stride: int, padding: int):
+    """Yield ``(i, j, view)``: the input window each kernel tap sees, at output resolution."""
+    xp = _pad(x, padding)
+    hp, wp = xp.shape[1], xp.shape[2]
+    ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+    for i in range(kh):
+        for j in range(kw):
+            view = lax.slice(
+                xp,
+                (0, i, j, 0),
+                (xp.shape[0], i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, xp.shape[3]),
+                (1, stride, stride, 1),
+            )
+            yield i, j, view
+
+
+def _conv_depthwise_taps(x, kernel, stride, padding):
+    kh, kw = kernel.shape[:2]
+    out = None
+    for i, j, view in _taps(x, kh, kw, stride, padding):
+        term = view * kernel[i, j, 0]
+        out = term if out is None else out + term
+    return out
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_dense(x, kernel, stride, padding):
+    return _conv_xla(x, kernel, stride, padding, 1)
+
+
+def _conv_dense_fwd(x, kernel, stride, padding):
+    return _conv_xla(x, kernel, stride, padding, 1), (x, kernel)
+
+
+def _conv_dense_bwd(stride, padding, residuals, g):
+    x, kernel = residuals
+    _, vjp_x = jax.vjp(lambda x_: _conv_xla(x_, kernel, stride, padding, 1), x)
+    (dx,) = vjp_x(g)
+    kh, kw = kernel.shape[:2]
+    views = _taps(x, kh, kw, stride, padding)
+    taps = [jnp.einsum("bhwc,bhwo->co", view, g) for _, _, view in views]
+    return dx, jnp.stack(taps).reshape(kernel.shape)
+
+
+_conv_dense.defvjp(_conv_dense_fwd, _conv_dense_bwd)

@@ -1,0 +1,145 @@
+"""The original ``models/net.py`` in Flax NNX: conv blocks, ``SSH``, ``FPN`` and ``MobileNetV1``.
+
+Block constructors return ``nnx.Sequential`` with the same layer indices as the original's
+``nn.Sequential`` (activations are parameter-free modules), so ``body.stage1.1.3.weight`` in a
+torch state dict is ``body.stage1.layers[1].layers[3].kernel`` here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retinaface_jax.models.layers import BatchNorm2d, Conv2d, LeakyReLU, Linear
+
+
+def conv_bn(inp: int, oup: int, stride: int = 1, leaky: float = 0.0, *, rngs: nnx.Rngs):
+    """3x3 conv (padding 1, no bias) -> BatchNorm -> LeakyReLU(leaky)."""
+    return nnx.Sequential(
+        Conv2d(inp, oup, 3, stride, 1, bias=False, rngs=rngs), BatchNorm2d(oup), LeakyReLU(leaky)
+    )
+
+
+def conv_bn_no_relu(inp: int, oup: int, stride: int = 1, *, rngs: nnx.Rngs):
+    """3x3 conv (padding 1, no bias) -> BatchNorm."""
+    return nnx.Sequential(Conv2d(inp, oup, 3, stride, 1, bias=False, rngs=rngs), BatchNorm2d(oup))
+
+
+def conv_bn1X1(inp: int, oup: int, stride: int = 1, leaky: float = 0.0, *, rngs: nnx.Rngs):
+    """1x1 conv (no bias) -> BatchNorm -> LeakyReLU(leaky)."""
+    return nnx.Sequential(
+        Conv2d(inp, oup, 1, stride, 0, bias=False, rngs=rngs), BatchNorm2d(oup), LeakyReLU(leaky)
+    )
+
+
+def conv_dw(inp: int, oup: int, stride: int, leaky: float = 0.1, *, rngs: nnx.Rngs):
+    """Depthwise-separable block: 3x3 depthwise -> BN -> act -> 1x1 pointwise -> BN -> act."""
+    return nnx.Sequential(
+        Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False, rngs=rngs),
+        BatchNorm2d(inp),
+        LeakyReLU(leaky),
+        Conv2d(inp, oup, 1, 1, 0, bias=False, rngs=rngs),
+        BatchNorm2d(oup),
+        LeakyReLU(leaky),
+    )
+
+
+def _context_slope(out_channels: int) -> float:
+    """The original's rule for FPN/SSH: LeakyReLU(0.1) for narrow heads (<= 64), else ReLU."""
+    return 0.1 if out_channels <= 64 else 0.0
+
+
+class SSH(nnx.Module):
+    """Single Stage Headless context module: 3x3, 5x5 (two 3x3) and 7x7 (three 3x3) branches."""
+
+    def __init__(self, in_channel: int, out_channel: int, *, rngs: nnx.Rngs):
+        if out_channel % 4:
+            raise ValueError(f"SSH: out_channel must be divisible by 4, got {out_channel}")
+        leaky = _context_slope(out_channel)
+        q = out_channel // 4
+        self.conv3X3 = conv_bn_no_relu(in_channel, out_channel // 2, 1, rngs=rngs)
+        self.conv5X5_1 = conv_bn(in_channel, q, 1, leaky, rngs=rngs)
+        self.conv5X5_2 = conv_bn_no_relu(q, q, 1, rngs=rngs)
+        self.conv7X7_2 = conv_bn(q, q, 1, leaky, rngs=rngs)
+        self.conv7x7_3 = conv_bn_no_relu(q, q, 1, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c5_1 = self.conv5X5_1(x)
+        c7_2 = self.conv7X7_2(c5_1)
+        out = jnp.concatenate([self.conv3X3(x), self.conv5X5_2(c5_1), self.conv7x7_3(c7_2)], -1)
+        return jax.nn.relu(out)
+
+
+def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """``F.interpolate(x, size, mode='nearest')`` for NHWC: source index floor(dst * in / out).
+
+    The scale is computed in float32 as torch does, so odd sizes map exactly as in the original.
+    """
+
+    def index(n_in: int, n_out: int) -> np.ndarray:
+        scale = np.float32(n_in) / np.float32(n_out)
+        idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
+        return np.minimum(idx, n_in - 1)
+
+    h, w = x.shape[1], x.shape[2]
+    if (h, w) == tuple(size):
+        return x
+    x = jnp.take(x, index(h, size[0]), axis=1)
+    return jnp.take(x, index(w, size[1]), axis=2)
+
+
+class FPN(nnx.Module):
+    """Feature pyramid: 1x1 laterals, top-down nearest upsampling to each lateral, 3x3 merges."""
+
+    def __init__(self, in_channels_list: list[int], out_channels: int, *, rngs: nnx.Rngs):
+        leaky = _context_slope(out_channels)
+        c1, c2, c3 = in_channels_list
+        self.output1 = conv_bn1X1(c1, out_channels, 1, leaky, rngs=rngs)
+        self.output2 = conv_bn1X1(c2, out_channels, 1, leaky, rngs=rngs)
+        self.output3 = conv_bn1X1(c3, out_channels, 1, leaky, rngs=rngs)
+        self.merge1 = conv_bn(out_channels, out_channels, 1, leaky, rngs=rngs)
+        self.merge2 = conv_bn(out_channels, out_channels, 1, leaky, rngs=rngs)
+
+    def __call__(self, features: list[jax.Array]) -> list[jax.Array]:
+        o1, o2, o3 = (m(f) for m, f in zip((self.output1, self.output2, self.output3), features))
+        o2 = self.merge2(o2 + upsample_nearest(o3, o2.shape[1:3]))
+        o1 = self.merge1(o1 + upsample_nearest(o2, o1.shape[1:3]))
+        return [o1, o2, o3]
+
+
+class MobileNetV1(nnx.Module):
+    """MobileNetV1 x0.25 as in the original: ``stage1``-``stage3`` (strides 8, 16, 32).
+
+    ``include_top=True`` adds the ImageNet average pool + ``fc`` classifier, used only to load and
+    check the pretrained backbone checkpoint; RetinaFace uses the three stages.
+    """
+
+    def __init__(self, include_top: bool = False, *, rngs: nnx.Rngs):
+        r = rngs
+        self.stage1 = nnx.Sequential(
+            conv_bn(3, 8, 2, leaky=0.1, rngs=r),
+            conv_dw(8, 16, 1, rngs=r),
+            conv_dw(16, 32, 2, rngs=r),
+            conv_dw(32, 32, 1, rngs=r),
+            conv_dw(32, 64, 2, rngs=r),
+            conv_dw(64, 64, 1, rngs=r),
+        )
+        self.stage2 = nnx.Sequential(
+            conv_dw(64, 128, 2, rngs=r), *(conv_dw(128, 128, 1, rngs=r) for _ in range(5))
+        )
+        self.stage3 = nnx.Sequential(conv_dw(128, 256, 2, rngs=r), conv_dw(256, 256, 1, rngs=r))
+        self.fc = nnx.data(Linear(256, 1000, rngs=r) if include_top else None)
+
+    def features(self, x: jax.Array) -> list[jax.Array]:
+        """Stage outputs at strides 8, 16, 32 (the original's IntermediateLayerGetter)."""
+        s1 = self.stage1(x)
+        s2 = self.stage2(s1)
+        return [s1, s2, self.stage3(s2)]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """ImageNet logits ``[B, 1000]`` (needs ``include_top=True``)."""
+        if self.fc is None:
+            raise ValueError("MobileNetV1 was built without the classifier (include_top=False)")
+        return self.fc(jnp.mean(self.features(x)[-1], axis=(1, 2)))

@@ -1,0 +1,154 @@
+"""``load_model`` / ``load_backbone``: weights from the original's checkpoints or our own.
+
+Sources accepted by ``load_model``:
+- an original checkpoint file (``.pth``/``.tar``; legacy or zip torch format; optionally wrapped
+  in ``{'state_dict': ...}`` and/or with ``module.`` prefixes), read by our torch-free reader;
+- a mapping of torch state-dict names to numpy arrays (torch layout);
+- a native checkpoint directory (``python -m retinaface_jax.convert``, ``save_native``);
+- a training work directory (its latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retinaface_jax.config import RetinaFaceConfig, get_config
+from retinaface_jax.models.retinaface import RetinaFace
+from retinaface_jax.weights.names import slots
+
+StateDict = Mapping[str, Any]
+
+
+class WeightsError(ValueError):
+    """Weights that do not fit the model: lists every missing/unexpected key and wrong shape."""
+
+
+def infer_backbone(state_dict: StateDict) -> str:
+    """``'mobilenet0.25'`` or ``'resnet50'`` from the state-dict names."""
+    keys = list(state_dict)
+    if any(k.startswith(("body.stage1.", "stage1.")) for k in keys):
+        return "mobilenet0.25"
+    if any(k.startswith(("body.layer1.", "layer1.", "body.conv1.")) for k in keys):
+        return "resnet50"
+    raise WeightsError(
+        "cannot infer the backbone: expected keys starting with 'body.stage1.' (mobilenet0.25) or "
+        f"'body.layer1.' (resnet50); first keys are {keys[:5]}"
+    )
+
+
+def _clean(state_dict: StateDict, source: str) -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in state_dict.items():
+        k = k[len("module.") :] if k.startswith("module.") else k
+        if k.endswith("num_batches_tracked"):
+            continue
+        try:
+            out[k] = np.asarray(v)
+        except Exception as e:  # noqa: BLE001 - report the key, whatever the value was
+            raise WeightsError(f"{source}: value of {k!r} is not an array ({e})") from None
+    return out
+
+
+def assign_state_dict(
+    module: nnx.Module,
+    state_dict: StateDict,
+    *,
+    prefix: str = "",
+    ignore: tuple[str, ...] = (),
+    source: str = "weights",
+) -> None:
+    """Copy torch-layout tensors into ``module``; one error lists every mismatch.
+
+    ``prefix`` is prepended to our names (e.g. ``'body'`` to load a backbone-only state dict stored
+    without it); keys starting with any of ``ignore`` are skipped (e.g. the ImageNet ``fc.``).
+    """
+    sd = _clean(state_dict, source)
+    table = dict(slots(module))
+    full = {(f"{prefix}.{k}" if prefix else k): k for k in table}
+    wanted = {name for name in sd if not name.startswith(ignore)}
+    missing = sorted(n for n in full if n not in wanted)
+    unexpected = sorted(n for n in wanted if n not in full)
+    wrong = []
+    for name in sorted(wanted & set(full)):
+        slot = table[full[name]]
+        have = tuple(np.shape(slot.to_torch(np.asarray(getattr(slot.module, slot.attr)[...]))))
+        if tuple(sd[name].shape) != have:
+            wrong.append(f"{name}: got {tuple(sd[name].shape)}, expected {have}")
+    if missing or unexpected or wrong:
+        parts = [f"{source} does not fit the model"]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        if wrong:
+            parts.append(f"wrong shapes ({len(wrong)}): {wrong}")
+        raise WeightsError("\n  ".join(parts))
+    for name, ours in full.items():
+        slot = table[ours]
+        value = slot.to_ours(sd[name].astype(np.float32))
+        getattr(slot.module, slot.attr)[...] = jnp.asarray(np.ascontiguousarray(value))
+
+
+def _read_checkpoint_file(path: Path) -> dict[str, np.ndarray]:
+    from retinaface_jax.weights.torch_reader import read_state_dict
+
+    return read_state_dict(path)
+
+
+def load_model(
+    source: str | os.PathLike | StateDict,
+    backbone: str | None = None,
+    cfg: RetinaFaceConfig | None = None,
+) -> RetinaFace:
+    """A ``RetinaFace`` with weights from ``source``, in inference mode (BatchNorm running stats).
+
+    ``backbone`` (``'mobilenet0.25'``/``'resnet50'``) is inferred from the keys when not given;
+    ``cfg`` overrides the preset of that backbone.
+    """
+    if isinstance(source, Mapping):
+        sd, label = source, "state dict"
+    else:
+        path = Path(source)
+        if path.is_dir():
+            from retinaface_jax.weights.native import load_native
+
+            model = load_native(path, backbone=backbone, cfg=cfg)
+            model.eval()
+            return model
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"weights not found: {path} (expected a .pth file or a directory)"
+            )
+        sd, label = _read_checkpoint_file(path), str(path)
+    sd = _clean(sd, label)
+    name = backbone or (cfg.backbone if cfg is not None else infer_backbone(sd))
+    cfg = cfg if cfg is not None else get_config(name)
+    if backbone is not None and get_config(backbone).backbone != cfg.backbone:
+        raise WeightsError(f"backbone {backbone!r} contradicts cfg.backbone {cfg.backbone!r}")
+    model = RetinaFace(cfg)
+    assign_state_dict(model, sd, source=label)
+    model.eval()
+    return model
+
+
+def load_backbone(model: nnx.Module, source: str | os.PathLike | StateDict) -> nnx.Module:
+    """Load an ImageNet-pretrained backbone into ``model.body`` (or into a bare backbone).
+
+    ``source``: the original's ``mobilenetV1X0.25_pretrain.tar`` or a torchvision ResNet50 ``.pth``
+    (the classifier ``fc.*`` is ignored unless the module has one). Returns ``model``.
+    """
+    if isinstance(source, Mapping):
+        sd, label = _clean(source, "state dict"), "state dict"
+    else:
+        sd, label = _read_checkpoint_file(Path(source)), str(source)
+    body = getattr(model, "body", model)
+    has_fc = getattr(body, "fc", None) is not None
+    assign_state_dict(body, sd, ignore=() if has_fc else ("fc.",), source=label)
+    return model
