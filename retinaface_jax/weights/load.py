@@ -22,6 +22,7 @@ from flax import nnx
 from retinaface_jax.config import RetinaFaceConfig, get_config
 from retinaface_jax.models.retinaface import RetinaFace
 from retinaface_jax.weights.names import slots
+from retinaface_jax.weights.torch_reader import read_state_dict
 
 StateDict = Mapping[str, Any]
 
@@ -43,19 +44,6 @@ def infer_backbone(state_dict: StateDict) -> str:
     )
 
 
-def _clean(state_dict: StateDict, source: str) -> dict[str, np.ndarray]:
-    out = {}
-    for k, v in state_dict.items():
-        k = k[len("module.") :] if k.startswith("module.") else k
-        if k.endswith("num_batches_tracked"):
-            continue
-        try:
-            out[k] = np.asarray(v)
-        except Exception as e:  # noqa: BLE001 - report the key, whatever the value was
-            raise WeightsError(f"{source}: value of {k!r} is not an array ({e})") from None
-    return out
-
-
 def assign_state_dict(
     module: nnx.Module,
     state_dict: StateDict,
@@ -69,7 +57,7 @@ def assign_state_dict(
     ``prefix`` is prepended to our names (e.g. ``'body'`` to load a backbone-only state dict stored
     without it); keys starting with any of ``ignore`` are skipped (e.g. the ImageNet ``fc.``).
     """
-    sd = _clean(state_dict, source)
+    sd = read_state_dict(state_dict)
     table = dict(slots(module))
     full = {(f"{prefix}.{k}" if prefix else k): k for k in table}
     wanted = {name for name in sd if not name.startswith(ignore)}
@@ -96,12 +84,6 @@ def assign_state_dict(
         getattr(slot.module, slot.attr)[...] = jnp.asarray(np.ascontiguousarray(value))
 
 
-def _read_checkpoint_file(path: Path) -> dict[str, np.ndarray]:
-    from retinaface_jax.weights.torch_reader import read_state_dict
-
-    return read_state_dict(path)
-
-
 def load_model(
     source: str | os.PathLike | StateDict,
     backbone: str | None = None,
@@ -126,8 +108,8 @@ def load_model(
             raise FileNotFoundError(
                 f"weights not found: {path} (expected a .pth file or a directory)"
             )
-        sd, label = _read_checkpoint_file(path), str(path)
-    sd = _clean(sd, label)
+        sd, label = path, str(path)
+    sd = read_state_dict(sd)
     name = backbone or (cfg.backbone if cfg is not None else infer_backbone(sd))
     cfg = cfg if cfg is not None else get_config(name)
     if backbone is not None and get_config(backbone).backbone != cfg.backbone:
@@ -144,10 +126,8 @@ def load_backbone(model: nnx.Module, source: str | os.PathLike | StateDict) -> n
     ``source``: the original's ``mobilenetV1X0.25_pretrain.tar`` or a torchvision ResNet50 ``.pth``
     (the classifier ``fc.*`` is ignored unless the module has one). Returns ``model``.
     """
-    if isinstance(source, Mapping):
-        sd, label = _clean(source, "state dict"), "state dict"
-    else:
-        sd, label = _read_checkpoint_file(Path(source)), str(source)
+    label = "state dict" if isinstance(source, Mapping) else str(source)
+    sd = read_state_dict(source)
     body = getattr(model, "body", model)
     has_fc = getattr(body, "fc", None) is not None
     assign_state_dict(body, sd, ignore=() if has_fc else ("fc.",), source=label)

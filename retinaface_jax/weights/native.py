@@ -45,7 +45,7 @@ def save_native(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / CONFIG_FILE).write_text(dump_config(cfg))
-        state = jax.tree.map(np.asarray, nnx.state(model).to_pure_dict())
+        state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / STATE_DIR, state)
         checkpointer.wait_until_finished()
@@ -79,7 +79,7 @@ def load_native(
     if backbone is not None and get_config(backbone).backbone != cfg.backbone:
         raise ValueError(f"{p}: holds a {cfg.backbone} model, but backbone={backbone!r} was asked")
     model = RetinaFace(cfg)
-    target = jax.tree.map(np.asarray, nnx.state(model).to_pure_dict())
+    target = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
     if state is None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         state = ocp.StandardCheckpointer().restore(p / STATE_DIR, abstract)

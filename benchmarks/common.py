@@ -1,0 +1,63 @@
+"""Shared benchmark plumbing: locating ../shared, the ONNX anchor, timing, machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """``$RETINAFACE_SHARED`` or ``../shared`` beside the repository (must exist)."""
+    root = Path(os.environ.get("RETINAFACE_SHARED", REPO.parent / "shared"))
+    if not (root / "anchors").is_dir():
+        raise SystemExit(f"shared data not found at {root}: set RETINAFACE_SHARED")
+    return root
+
+
+def machine() -> str:
+    """One line naming the machine the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import jax
+
+    return (
+        f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}, "
+        f"jax {jax.__version__} ({jax.default_backend()})"
+    )
+
+
+def onnx_anchor(shared: Path):
+    """An onnxruntime session of the original model (the speed anchor) and a run function."""
+    import onnxruntime as ort
+
+    path = shared / "anchors/retinaface_mobilenet0.25_reference.onnx"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def forward(x_nhwc: np.ndarray):
+        return session.run(None, {"input": np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))})
+
+    return session, forward
+
+
+def best_time(fn: Callable[[], object], repeats: int, min_seconds: float = 0.0) -> float:
+    """Median seconds per call over ``repeats`` calls (at least ``min_seconds`` of calls)."""
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))

@@ -1,0 +1,59 @@
+"""Forward-pass speed: our jitted mobilenet0.25 RetinaFace vs the ONNX export of the original.
+
+Both run in this process on the same inputs (BGR minus mean, float32); prints per-call medians,
+their ratio (ours / anchor; < 1 means we are faster) and our compile time.
+
+    python benchmarks/forward.py [--repeats 10] [--sizes 640x480,1024x624,1920x1080] [--batches 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+from common import best_time, machine, onnx_anchor, shared_dir
+
+from retinaface_jax import load_model
+from retinaface_jax.models.conv_ops import get_conv_impl
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--sizes", default="640x480,1024x624,1920x1080", help="WxH list")
+    p.add_argument("--batches", default="1,8")
+    args = p.parse_args()
+    shared = shared_dir()
+    model = load_model(shared / "data/weights/mobilenet0.25_Final.pth")
+    _, anchor = onnx_anchor(shared)
+    forward = jax.jit(lambda m, x: m(x))
+    print(f"machine: {machine()}; conv formulation: {get_conv_impl()}")
+    print(
+        f"{'input':>16} {'ours ms':>9} {'onnx ms':>9} {'ratio':>7} {'compile s':>10} {'max|d conf|':>12}"
+    )
+    rng = np.random.default_rng(0)
+    for size in args.sizes.split(","):
+        w, h = (int(v) for v in size.split("x"))
+        for b in (int(v) for v in args.batches.split(",")):
+            x = (rng.uniform(0, 255, (b, h, w, 3)) - (104, 117, 123)).astype(np.float32)
+            t0 = time.perf_counter()
+            compiled = forward.lower(model, x).compile()
+            compile_s = time.perf_counter() - t0
+            xj = jax.device_put(x)
+            ours_out = compiled(model, xj)
+            ref = anchor(x)
+            conf = np.asarray(jax.nn.softmax(ours_out[1], -1))
+            diff = float(np.max(np.abs(conf - ref[1])))
+            reps = max(3, args.repeats // b)
+            ours = best_time(lambda c=compiled, v=xj: jax.block_until_ready(c(model, v)), reps)
+            onnx = best_time(lambda v=x: anchor(v), reps)
+            print(
+                f"{w}x{h} b{b:<3d} {ours * 1e3:9.1f} {onnx * 1e3:9.1f} {ours / onnx:7.2f} "
+                f"{compile_s:10.1f} {diff:12.1e}"
+            )
+
+
+if __name__ == "__main__":
+    main()
