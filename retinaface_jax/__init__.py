@@ -1,6 +1,6 @@
 """retinaface_jax: RetinaFace face detection (boxes + five landmarks) in JAX / Flax NNX.
 
-Public API (imported lazily, so ``import retinaface_jax`` stays cheap):
+Public API (mostly imported lazily, so ``import retinaface_jax`` stays cheap):
 ``RetinaFace``, ``load_model``, ``load_backbone``, ``prior_box``, ``match``, ``multibox_loss``,
 ``Detector``, ``Face``, ``align_faces``, ``widerface_ap``, ``get_config``, ``cfg_mnet``, ``cfg_re50``,
 ``RetinaFaceConfig``.
@@ -21,16 +21,18 @@ _EXPORTS = {
     "RetinaFace": "retinaface_jax.models.retinaface",
     "load_model": "retinaface_jax.weights.load",
     "load_backbone": "retinaface_jax.weights.load",
-    "prior_box": "retinaface_jax.prior_box",
-    "match": "retinaface_jax.multibox_loss",
-    "multibox_loss": "retinaface_jax.multibox_loss",
     "Detector": "retinaface_jax.inference.detector",
     "Face": "retinaface_jax.inference.face",
     "align_faces": "retinaface_jax.inference.align",
     "widerface_ap": "retinaface_jax.evaluate.widerface_ap",
 }
 
-__all__ = sorted(_EXPORTS)
+# Functions that share their module's name are imported eagerly: importing the submodule binds the
+# package attribute to the module, which would shadow a lazily exported function of the same name.
+from retinaface_jax.multibox_loss import match, multibox_loss  # noqa: E402
+from retinaface_jax.prior_box import prior_box  # noqa: E402
+
+__all__ = sorted([*_EXPORTS, "match", "multibox_loss", "prior_box"])
 
 
 def __getattr__(name: str) -> Any:
