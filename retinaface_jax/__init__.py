@@ -29,8 +29,8 @@ _EXPORTS = {
 
 # Functions that share their module's name are imported eagerly: importing the submodule binds the
 # package attribute to the module, which would shadow a lazily exported function of the same name.
-from retinaface_jax.multibox_loss import match, multibox_loss  # noqa: E402
-from retinaface_jax.prior_box import prior_box  # noqa: E402
+from retinaface_jax.multibox_loss import match, multibox_loss  # noqa: E402, F401
+from retinaface_jax.prior_box import prior_box  # noqa: E402, F401
 
 __all__ = sorted([*_EXPORTS, "match", "multibox_loss", "prior_box"])
 
