@@ -283,7 +283,9 @@ def multibox_loss(
     - ``loss_landm``: smooth L1 (summed) of landmark offsets on priors matched to faces with
       landmarks (label 1),
     - ``loss_c``: cross entropy (summed) over positives (class 1) and, per image, the
-      ``min(neg_pos_ratio * num_pos, P - 1)`` negatives with the largest background loss,
+      ``min(neg_pos_ratio * num_pos, P - 1)`` negatives with the largest background loss
+      (an image with no face at all counts as ``num_pos = 1`` here, so it trains as a pure
+      negative; the original crashes on such images),
     ``loss_l`` and ``loss_c`` divided by ``max(total positives, 1)``, ``loss_landm`` by
     ``max(total positives with landmarks, 1)``. Train on ``cfg.loc_weight * loss_l + loss_c +
     loss_landm``.
@@ -320,7 +322,11 @@ def multibox_loss(
 
     # hard negative mining on the background loss, positives excluded (ranked as zero loss)
     mining = jax.lax.stop_gradient(jnp.where(pos, 0.0, ce))
-    num_neg = jnp.minimum(cfg.neg_pos_ratio * num_pos, num_priors - 1)
+    # An image without any face (the original crashes on those) mines neg_pos_ratio negatives, as
+    # if it had one positive, so it trains as a pure negative. Images that have faces keep the
+    # original's count, even when every face was too small to match (then 7 * 0 = 0).
+    num_pos_for_mining = jnp.where(valid.any(axis=1), num_pos, 1)
+    num_neg = jnp.minimum(cfg.neg_pos_ratio * num_pos_for_mining, num_priors - 1)
     neg = _hard_negatives(mining, num_neg)
     loss_c = jnp.where(pos | neg, ce, 0.0).sum(axis=1)  # [B]
 

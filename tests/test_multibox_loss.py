@@ -241,14 +241,21 @@ def _loss_and_grad(preds, priors, targets, valid):
     return float(value), [float(x) for x in parts], grads
 
 
-def test_no_faces_is_finite_and_zero():
+def test_no_faces_trains_as_pure_negatives():
+    """An image without faces mines neg_pos_ratio hard negatives (as if it had one positive)."""
     priors, _ = _small_setup()
     rng = np.random.default_rng(0)
     preds = _random_preds(rng, 2, len(priors))
     targets = np.zeros((2, 3, 15), np.float32)
     value, parts, grads = _loss_and_grad(preds, priors, targets, np.zeros((2, 3), bool))
-    assert parts == [0.0, 0.0, 0.0] and value == 0.0
+    conf = np.asarray(preds[1], np.float64)
+    background_ce = np.log(np.exp(conf).sum(-1)) - conf[..., 0]  # [B, P]
+    k = cfg_mnet.neg_pos_ratio
+    expected = np.sort(background_ce, axis=1)[:, ::-1][:, :k].sum()  # N = max(0 positives, 1)
+    assert parts[0] == 0.0 and parts[2] == 0.0
+    np.testing.assert_allclose(parts[1], expected, rtol=1e-5)
     assert all(bool(jnp.isfinite(g).all()) for g in grads)
+    assert float(jnp.abs(grads[1]).sum()) > 0
 
 
 def test_degenerate_boxes_are_finite_and_ignored():
