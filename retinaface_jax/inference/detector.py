@@ -1,0 +1,275 @@
+"""``Detector``: RetinaFace detection on images of any size, batched, jitted, exact.
+
+Pipeline per image: load (path/array -> BGR) -> resize rule -> pad into a size bucket
+(``buckets``; uint8 stays uint8) -> one jitted program per (batch, bucket, top_k, masked)
+[mean subtraction -> model with the padded region masked (``padding``) -> decode -> score filter
+-> top-k] -> exact greedy NMS (numpy, the original's arithmetic) -> ``keep_top_k`` ->
+:class:`Face` objects in input pixels, highest score first.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retinaface_jax.config import RetinaFaceConfig, get_config
+from retinaface_jax.inference import buckets
+from retinaface_jax.inference.compile_cache import enable_compilation_cache
+from retinaface_jax.inference.face import Face
+from retinaface_jax.inference.padding import mask_padded, masked_for_padding, valid_region
+from retinaface_jax.inference.postprocess import (
+    finish_image,
+    pixel_priors,
+    prior_valid_mask,
+    select_candidates,
+)
+from retinaface_jax.inference.preprocess import (
+    ImageInput,
+    load_image,
+    resize_factor,
+    resize_image,
+)
+
+_UNSET: Any = object()
+
+
+def _detect_program(
+    leaves, images, valid_hw, resize, conf_threshold, *, graphdef, treedef, cfg, k, masked
+):
+    """The jitted part: mean subtraction -> model -> decode -> score filter -> top-k.
+
+    ``leaves``: the model state's flat leaves (flattened once, cheap to pass); ``images``: a padded
+    bucket batch (uint8 or float32 BGR); ``valid_hw``: each image's unpadded size. ``masked``
+    zeroes the padded region at every padded convolution (``inference.padding``).
+    """
+    state = jax.tree.unflatten(treedef, leaves)
+    model = nnx.merge(graphdef, state)
+    x = images.astype(jnp.float32) - jnp.asarray(cfg.rgb_mean, jnp.float32)
+    if masked:
+        model = masked_for_padding(model)
+        with valid_region(valid_hw, images.shape[1:3]):
+            x = mask_padded(x)  # the padded border is zero after mean subtraction
+            loc, conf, landms = model(x)
+    else:
+        loc, conf, landms = model(x)
+    priors_np, strides_np = pixel_priors(cfg, images.shape[1], images.shape[2])
+    priors, strides = jnp.asarray(priors_np), jnp.asarray(strides_np)
+    valid = prior_valid_mask(priors, strides, valid_hw)
+    return select_candidates(
+        loc, conf, landms, priors, valid, resize, conf_threshold, tuple(cfg.variance), k
+    )
+
+
+class Detector:
+    """Face detector around a RetinaFace model (eval mode).
+
+    ``target_size`` / ``max_size`` choose the scale (see ``preprocess.resize_factor``): both None
+    (default) = original scale; ``target_size=1600, max_size=2150`` = the original WIDER FACE
+    evaluation rule; ``max_size=N`` alone = long side scaled to exactly N. ``batch_size`` caps the
+    padded batch of :meth:`detect_batch`. ``exact_sizes=True`` disables size buckets (one program
+    per distinct input size). Padding is exact (``inference.padding``).
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        cfg: RetinaFaceConfig | None = None,
+        *,
+        target_size: int | None = None,
+        max_size: int | None = None,
+        batch_size: int = 8,
+        exact_sizes: bool = False,
+        compilation_cache: bool = True,
+    ):
+        self.cfg = cfg or getattr(model, "cfg", None) or get_config("mobilenet0.25")
+        if hasattr(model, "eval"):
+            model.eval()
+        self.graphdef, self.state = nnx.split(model)
+        # Static parts are bound once: hashing a GraphDef on every call costs milliseconds.
+        self._leaves, treedef = jax.tree.flatten(self.state)
+        self._program = jax.jit(
+            functools.partial(
+                _detect_program, graphdef=self.graphdef, treedef=treedef, cfg=self.cfg
+            ),
+            static_argnames=("k", "masked"),
+        )
+        resize_factor(100, 100, target_size, max_size)  # validates the options
+        self.target_size, self.max_size = target_size, max_size
+        if batch_size <= 0:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
+        self.batch_size = batch_size
+        self.exact_sizes = exact_sizes
+        self.cache_dir = enable_compilation_cache() if compilation_cache else None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        source: str | os.PathLike = "mobilenet0.25",
+        *,
+        backbone: str | None = None,
+        target_size: int | None = None,
+        max_size: int | None = None,
+        batch_size: int = 8,
+        exact_sizes: bool = False,
+        base_url: str | None = None,
+        progress: bool = True,
+    ) -> Detector:
+        """A detector from an official name (``'mobilenet0.25'``, ``'resnet50'``; fetched and
+        cached, see ``weights.download``), an original ``.pth``/``.tar`` file or a native dir."""
+        from retinaface_jax.weights.cache import load_pretrained
+
+        enable_compilation_cache()  # before loading: model construction runs small programs too
+        model, cfg = load_pretrained(
+            source, backbone=backbone, base_url=base_url, progress=progress
+        )
+        return cls(
+            model,
+            cfg,
+            target_size=target_size,
+            max_size=max_size,
+            batch_size=batch_size,
+            exact_sizes=exact_sizes,
+        )
+
+    # -- public API ------------------------------------------------------------------------
+    def detect(
+        self,
+        image: ImageInput,
+        conf_threshold: float | None = None,
+        nms_threshold: float | None = None,
+        top_k: int | None = _UNSET,
+        keep_top_k: int | None = _UNSET,
+        rgb: bool = False,
+    ) -> list[Face]:
+        """Faces in one image (path or array; BGR unless ``rgb``), highest score first.
+
+        Defaults come from the config (0.02, 0.4, 5000, 750); ``top_k=None`` / ``keep_top_k=None``
+        mean no limit (the original test_widerface.py).
+        """
+        return self.detect_batch(
+            [image], conf_threshold, nms_threshold, top_k, keep_top_k, rgb=rgb
+        )[0]
+
+    def detect_batch(
+        self,
+        images: Sequence[ImageInput],
+        conf_threshold: float | None = None,
+        nms_threshold: float | None = None,
+        top_k: int | None = _UNSET,
+        keep_top_k: int | None = _UNSET,
+        rgb: bool = False,
+    ) -> list[list[Face]]:
+        """:meth:`detect` for many images of any sizes; results in input order."""
+        cfg = self.cfg
+        conf_threshold = cfg.conf_threshold if conf_threshold is None else float(conf_threshold)
+        nms_threshold = cfg.nms_threshold if nms_threshold is None else float(nms_threshold)
+        top_k = cfg.top_k if top_k is _UNSET else top_k
+        keep_top_k = cfg.keep_top_k if keep_top_k is _UNSET else keep_top_k
+        for field, v in (("top_k", top_k), ("keep_top_k", keep_top_k)):
+            if v is not None and (not isinstance(v, int | np.integer) or v <= 0):
+                raise ValueError(f"{field}: expected a positive int or None, got {v!r}")
+        images = list(images)
+        out: list[list[Face]] = []
+        window = max(64, 8 * self.batch_size)  # bounded memory for long lists of paths
+        for start in range(0, len(images), window):
+            prepared = [self.prepare(img, rgb=rgb) for img in images[start : start + window]]
+            faces: list[list[Face]] = [[] for _ in prepared]
+            # dispatch every batch first (JAX runs them asynchronously), then do the host-side
+            # NMS of each batch while the later ones are still computing
+            pending = [
+                (idxs, self.dispatch([prepared[i] for i in idxs], conf_threshold, top_k))
+                for idxs in self._groups(prepared)
+            ]
+            for idxs, outputs in pending:
+                rows = self.finish(outputs, len(idxs), nms_threshold, keep_top_k)
+                for i, r in zip(idxs, rows, strict=True):
+                    faces[i] = [Face.from_row(row) for row in r]
+            out.extend(faces)
+        return out
+
+    # -- building blocks (used by the CLI and benchmarks) -----------------------------------
+    def prepare(self, image: ImageInput, rgb: bool = False, name: str | None = None):
+        """Image -> ``(resized BGR image [h, w, 3] (uint8, or float32 if resized), resize)``.
+
+        The mean subtraction happens inside the jitted program.
+        """
+        img = load_image(image, rgb=rgb, name=name)
+        resize = resize_factor(img.shape[0], img.shape[1], self.target_size, self.max_size)
+        return resize_image(img, resize), resize
+
+    def bucket_of(self, height: int, width: int) -> tuple[int, int]:
+        """The padded shape a network input of ``height x width`` runs at."""
+        return buckets.bucket_shape(height, width, exact=self.exact_sizes)
+
+    def _groups(self, prepared) -> list[list[int]]:
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, (x, _) in enumerate(prepared):
+            by_bucket.setdefault(self.bucket_of(*x.shape[:2]), []).append(i)
+        # full batches run at batch_size; the remainder one by one, so each bucket needs at most
+        # two programs (batch_size and 1) and no compute is wasted on padded batch slots
+        groups = []
+        for idxs in by_bucket.values():
+            full = len(idxs) - len(idxs) % self.batch_size
+            groups += [idxs[s : s + self.batch_size] for s in range(0, full, self.batch_size)]
+            groups += [[i] for i in idxs[full:]]
+        return groups
+
+    def run_prepared(
+        self,
+        prepared: Sequence[tuple[np.ndarray, float]],
+        conf_threshold: float,
+        nms_threshold: float,
+        top_k: int | None,
+        keep_top_k: int | None,
+    ) -> list[np.ndarray]:
+        """Run one batch of prepared inputs (same bucket) -> ``[K, 15]`` rows per image."""
+        outputs = self.dispatch(prepared, conf_threshold, top_k)
+        return self.finish(outputs, len(prepared), nms_threshold, keep_top_k)
+
+    def dispatch(
+        self, prepared: Sequence[tuple[np.ndarray, float]], conf_threshold: float, top_k: int | None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Pad one batch (same bucket) and start its jitted program; returns device arrays."""
+        n = len(prepared)
+        hb, wb = self.bucket_of(*prepared[0][0].shape[:2])
+        bp = buckets.bucket_batch(n, max(self.batch_size, n))
+        dtype = np.uint8 if all(x.dtype == np.uint8 for x, _ in prepared) else np.float32
+        batch = np.zeros((bp, hb, wb, 3), dtype=dtype)
+        valid_hw = np.zeros((bp, 2), dtype=np.int32)
+        resize = np.ones((bp,), dtype=np.float32)
+        for j, (x, r) in enumerate(prepared):
+            h, w = x.shape[:2]
+            if (hb, wb) != self.bucket_of(h, w):
+                raise ValueError(f"input {h}x{w} is not in bucket {hb}x{wb}")
+            batch[j, :h, :w] = x
+            valid_hw[j] = (h, w)
+            resize[j] = r
+        valid_hw[n:] = valid_hw[0]
+        num_priors = len(pixel_priors(self.cfg, hb, wb)[1])
+        k = num_priors if top_k is None else min(int(top_k), num_priors)
+        # mask only when some image is smaller than the bucket (an exact fit needs no mask)
+        masked = not self.exact_sizes and any(x.shape[:2] != (hb, wb) for x, _ in prepared)
+        return self._program(
+            self._leaves, batch, valid_hw, resize, np.float32(conf_threshold), k=k, masked=masked
+        )
+
+    @staticmethod
+    def finish(
+        outputs: tuple[jax.Array, jax.Array, jax.Array],
+        n: int,
+        nms_threshold: float,
+        keep_top_k: int | None,
+    ) -> list[np.ndarray]:
+        """Device results of :meth:`dispatch` -> NMS -> ``[K, 15]`` rows for the first ``n``."""
+        scores, boxes, landms = jax.device_get(outputs)
+        return [
+            finish_image(scores[j], boxes[j], landms[j], nms_threshold, keep_top_k)
+            for j in range(n)
+        ]

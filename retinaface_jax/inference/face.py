@@ -1,0 +1,50 @@
+"""``Face``: one detection (box, score, five landmarks) in input-image pixels."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Face:
+    """A detected face.
+
+    ``box``: ``[4]`` float32 ``(x1, y1, x2, y2)`` in input pixels; ``score``: face probability;
+    ``landmarks``: ``[5, 2]`` float32 ``(x, y)`` for left eye, right eye, nose, left and right
+    mouth corner (the original's order; "left" is the image-left side).
+    """
+
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict: ``box`` [4], ``score``, ``landmarks`` [5][2] (plain floats)."""
+        return {
+            "box": [float(v) for v in self.box],
+            "score": float(self.score),
+            "landmarks": [[float(x), float(y)] for x, y in self.landmarks],
+        }
+
+    @classmethod
+    def from_row(cls, row: np.ndarray) -> Face:
+        """From one original-layout row ``[x1, y1, x2, y2, score, 10 landmark coords]``."""
+        row = np.asarray(row, dtype=np.float32)
+        return cls(
+            box=row[:4].copy(), score=float(row[4]), landmarks=row[5:15].reshape(5, 2).copy()
+        )
+
+    def to_row(self) -> np.ndarray:
+        """The original's ``[15]`` row layout (inverse of :meth:`from_row`)."""
+        return np.concatenate([self.box, [self.score], self.landmarks.reshape(-1)]).astype(
+            np.float32
+        )
+
+    def __repr__(self) -> str:
+        x1, y1, x2, y2 = (round(float(v), 1) for v in self.box)
+        return f"Face(box=({x1}, {y1}, {x2}, {y2}), score={self.score:.4f})"

@@ -1,0 +1,109 @@
+"""Image input normalisation, resize rules and Face serialisation."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from retinaface_jax.inference.face import Face
+from retinaface_jax.inference.preprocess import (
+    ImageError,
+    load_image,
+    resize_factor,
+    to_network_input,
+)
+
+RNG = np.random.default_rng(0)
+BGR = RNG.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+
+
+def test_arrays_bgr_rgb_gray_bgra_16bit():
+    np.testing.assert_array_equal(load_image(BGR), BGR)
+    np.testing.assert_array_equal(load_image(BGR[:, :, ::-1], rgb=True), BGR)
+    gray = BGR[:, :, 0]
+    for g in (gray, gray[:, :, None]):
+        out = load_image(g)
+        assert out.shape == (20, 30, 3) and (out == gray[:, :, None]).all()
+    bgra = np.concatenate([BGR, np.full((20, 30, 1), 7, np.uint8)], axis=2)
+    np.testing.assert_array_equal(load_image(bgra), BGR)
+    rgba = np.concatenate([BGR[:, :, ::-1], np.zeros((20, 30, 1), np.uint8)], axis=2)
+    np.testing.assert_array_equal(load_image(rgba, rgb=True), BGR)
+    b16 = BGR.astype(np.uint16) * 257
+    np.testing.assert_array_equal(load_image(b16), BGR)
+    assert load_image(BGR.astype(np.float64)).dtype == np.float32
+
+
+def test_files_any_depth(tmp_path):
+    cv2.imwrite(str(tmp_path / "c.png"), BGR)
+    cv2.imwrite(str(tmp_path / "g.png"), BGR[:, :, 1])
+    cv2.imwrite(str(tmp_path / "a.png"), np.dstack([BGR, np.full((20, 30), 9, np.uint8)]))
+    cv2.imwrite(str(tmp_path / "w.png"), BGR.astype(np.uint16) * 257)
+    np.testing.assert_array_equal(load_image(tmp_path / "c.png"), BGR)
+    np.testing.assert_array_equal(load_image(str(tmp_path / "g.png"))[:, :, 2], BGR[:, :, 1])
+    np.testing.assert_array_equal(load_image(tmp_path / "a.png"), BGR)
+    np.testing.assert_array_equal(load_image(tmp_path / "w.png"), BGR)
+    # rgb=True does not apply to files (always decoded as BGR)
+    np.testing.assert_array_equal(load_image(tmp_path / "c.png", rgb=True), BGR)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (np.zeros((0, 5, 3), np.uint8), "empty"),
+        (np.zeros(10, np.uint8), "shape"),
+        (np.zeros((4, 4, 2), np.uint8), "shape"),
+        (np.zeros((2, 4, 4, 3), np.uint8), "shape"),
+        (np.array([["a", "b"]]), "numeric"),
+        (np.zeros((4, 4), bool), "numeric"),
+        (np.full((4, 4), np.nan), "NaN"),
+        (np.full((4, 4), 300, np.int32), "0..255"),
+        ([[1, 2], [3, 4]], "numpy array"),
+    ],
+)
+def test_bad_arrays_clear_errors(bad, match):
+    with pytest.raises(ImageError, match=match):
+        load_image(bad)
+
+
+def test_bad_files_named(tmp_path):
+    (tmp_path / "notes.jpg").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name in ("notes.jpg", "empty.png", "missing.jpg"):
+        with pytest.raises(ImageError, match=name):
+            load_image(tmp_path / name)
+
+
+def test_resize_rules():
+    assert resize_factor(480, 640) == 1.0
+    # test_widerface.py: short side -> 1600 unless the long side would exceed 2150
+    assert resize_factor(600, 800, 1600, 2150) == pytest.approx(1600 / 600)
+    assert resize_factor(768, 1024, 1600, 2150) == pytest.approx(1600 / 768)
+    assert resize_factor(600, 1100, 1600, 2150) == pytest.approx(2150 / 1100)
+    assert resize_factor(480, 640, max_size=1280) == pytest.approx(2.0)
+    assert resize_factor(480, 640, target_size=240) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="max_size"):
+        resize_factor(10, 10, max_size=0)
+
+
+def test_network_input_resizes_float_and_subtracts_mean():
+    x = to_network_input(BGR, 1.0, (104, 117, 123))
+    np.testing.assert_array_equal(x, BGR.astype(np.float32) - np.float32([104, 117, 123]))
+    y = to_network_input(BGR, 2.0, (0, 0, 0))
+    ref = cv2.resize(
+        BGR.astype(np.float32), None, None, fx=2.0, fy=2.0, interpolation=cv2.INTER_LINEAR
+    )
+    np.testing.assert_array_equal(y, ref)
+    assert y.shape == (40, 60, 3)
+
+
+def test_face_to_dict_json_roundtrip():
+    row = np.arange(15, dtype=np.float32)
+    f = Face.from_row(row)
+    d = json.loads(json.dumps(f.to_dict()))
+    assert d["box"] == [0, 1, 2, 3] and d["score"] == 4.0
+    assert d["landmarks"] == [[5, 6], [7, 8], [9, 10], [11, 12], [13, 14]]
+    np.testing.assert_array_equal(f.to_row(), row)
+    assert f.landmarks.shape == (5, 2)
