@@ -31,6 +31,14 @@ class WeightsError(ValueError):
     """Weights that do not fit the model: lists every missing/unexpected key and wrong shape."""
 
 
+def abstract_model(cfg: RetinaFaceConfig) -> RetinaFace:
+    """A ``RetinaFace`` whose variables are shapes only (no random init: instant to build).
+
+    Every variable must be assigned before use; loading does exactly that.
+    """
+    return nnx.eval_shape(lambda: RetinaFace(cfg))
+
+
 def infer_backbone(state_dict: StateDict) -> str:
     """``'mobilenet0.25'`` or ``'resnet50'`` from the state-dict names."""
     keys = list(state_dict)
@@ -66,7 +74,8 @@ def assign_state_dict(
     wrong = []
     for name in sorted(wanted & set(full)):
         slot = table[full[name]]
-        have = tuple(np.shape(slot.to_torch(np.asarray(getattr(slot.module, slot.attr)[...]))))
+        ours_shape = getattr(slot.module, slot.attr).shape
+        have = tuple(slot.to_torch(np.broadcast_to(np.float32(0), ours_shape)).shape)
         if tuple(sd[name].shape) != have:
             wrong.append(f"{name}: got {tuple(sd[name].shape)}, expected {have}")
     if missing or unexpected or wrong:
@@ -81,7 +90,7 @@ def assign_state_dict(
     for name, ours in full.items():
         slot = table[ours]
         value = slot.to_ours(sd[name].astype(np.float32))
-        getattr(slot.module, slot.attr)[...] = jnp.asarray(np.ascontiguousarray(value))
+        getattr(slot.module, slot.attr).set_value(jnp.asarray(np.ascontiguousarray(value)))
 
 
 def load_model(
@@ -114,7 +123,7 @@ def load_model(
     cfg = cfg if cfg is not None else get_config(name)
     if backbone is not None and get_config(backbone).backbone != cfg.backbone:
         raise WeightsError(f"backbone {backbone!r} contradicts cfg.backbone {cfg.backbone!r}")
-    model = RetinaFace(cfg)
+    model = abstract_model(cfg)  # every variable is then assigned from the state dict
     assign_state_dict(model, sd, source=label)
     model.eval()
     return model

@@ -17,12 +17,14 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from retinaface_jax.config import RetinaFaceConfig, dump_config, get_config
 from retinaface_jax.models.retinaface import RetinaFace
+from retinaface_jax.weights.load import abstract_model
 
 CONFIG_FILE = "config.toml"
 STATE_DIR = "state"
@@ -78,19 +80,21 @@ def load_native(
     cfg = cfg if cfg is not None else cfg_found
     if backbone is not None and get_config(backbone).backbone != cfg.backbone:
         raise ValueError(f"{p}: holds a {cfg.backbone} model, but backbone={backbone!r} was asked")
-    model = RetinaFace(cfg)
-    target = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    model = abstract_model(cfg)
+    target = nnx.to_pure_dict(nnx.state(model))  # ShapeDtypeStructs
     if state is None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        state = ocp.StandardCheckpointer().restore(p / STATE_DIR, abstract)
+        state = ocp.StandardCheckpointer().restore(p / STATE_DIR, target)
     _check_tree(target, state, str(p))
-    nnx.update(model, state)
+    nnx.update(model, jax.tree.map(jnp.asarray, state))
     return model
 
 
 def _check_tree(want: dict, got: dict, source: str) -> None:
-    w = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(want)}
-    g = {jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(got)}
+    def shapes(tree: dict) -> dict[str, tuple]:
+        leaves = jax.tree_util.tree_leaves_with_path(tree)
+        return {jax.tree_util.keystr(k): tuple(getattr(v, "shape", np.shape(v))) for k, v in leaves}
+
+    w, g = shapes(want), shapes(got)
     bad = sorted(k for k in w.keys() | g.keys() if w.get(k) != g.get(k))
     if bad:
         detail = [f"{k}: expected {w.get(k)}, got {g.get(k)}" for k in bad[:20]]
