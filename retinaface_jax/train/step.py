@@ -1,0 +1,94 @@
+"""One jitted, data-parallel training step: model -> MultiBoxLoss -> gradients -> optax.
+
+The model runs as a pure function of ``(params, batch_stats)`` through its NNX graphdef; the priors
+for the (static) training size are a numpy constant baked into the compiled step. Under a
+``('data',)`` mesh the state is replicated and the batch sharded, so XLA turns the batch means
+(loss normalisation, BatchNorm statistics) into cross-device reductions and the result does not
+depend on the number of devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from retinaface_jax.config import RetinaFaceConfig
+from retinaface_jax.multibox_loss import multibox_loss
+from retinaface_jax.prior_box import prior_box
+from retinaface_jax.train.sharding import data_sharded, replicated
+from retinaface_jax.train.state import TrainState, merge_model
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+
+
+def make_loss_fn(
+    graphdef: nnx.GraphDef, cfg: RetinaFaceConfig, image_size: int
+) -> Callable[..., tuple[jax.Array, tuple[Any, Metrics]]]:
+    """``(params, batch_stats, batch) -> (total, (new_batch_stats, parts))``, pure."""
+    priors = np.asarray(prior_box(cfg, (image_size, image_size)))
+
+    def loss_fn(params: Any, batch_stats: Any, batch: Batch) -> tuple[jax.Array, Any]:
+        model = merge_model(graphdef, params, batch_stats)
+        predictions = model(batch["image"])
+        loss_l, loss_c, loss_landm = multibox_loss(
+            predictions, priors, batch["targets"], batch["valid"], cfg
+        )
+        total = cfg.loc_weight * loss_l + loss_c + loss_landm
+        new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+        parts = {"loss": total, "loss_l": loss_l, "loss_c": loss_c, "loss_landm": loss_landm}
+        return total, (new_stats, parts)
+
+    return loss_fn
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    cfg: RetinaFaceConfig,
+    image_size: int,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule | None = None,
+    mesh: Mesh | None = None,
+    donate: bool = True,
+) -> StepFn:
+    """The jitted ``step(state, batch) -> (state, metrics)``.
+
+    ``batch``: ``image [B,S,S,3]`` float32, ``targets [B,M,15]``, ``valid [B,M]``. ``metrics``:
+    scalar ``loss`` (``loc_weight * loss_l + loss_c + loss_landm``), its three parts and ``lr``
+    (the rate used for this update, when ``schedule`` is given). With ``mesh`` the state is kept
+    replicated and the batch is expected sharded along ``'data'``. ``donate`` reuses the input
+    state's buffers (do not touch the old state afterwards).
+    """
+    loss_fn = make_loss_fn(graphdef, cfg, image_size)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        (_, (new_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        new_state = state.replace(
+            step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
+        )
+        return new_state, metrics
+
+    donate_argnums = (0,) if donate else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    rep, dat = replicated(mesh), data_sharded(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(rep, dat),
+        out_shardings=(rep, rep),
+        donate_argnums=donate_argnums,
+    )
