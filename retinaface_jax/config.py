@@ -25,6 +25,11 @@ _ALIASES = {
 }
 
 
+def canonical_backbone(name: str) -> str | None:
+    """``'mobilenet0.25'`` or ``'resnet50'`` for any accepted alias (``'mobilenet'``, ``'re50'``...), else None."""
+    return _ALIASES.get(str(name).lower())
+
+
 @dataclasses.dataclass(frozen=True)
 class RetinaFaceConfig:
     """Everything that defines a RetinaFace model, its priors, loss, training recipe and detection."""

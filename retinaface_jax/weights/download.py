@@ -59,9 +59,9 @@ OFFICIAL = {
 
 def official_name(source: str) -> str | None:
     """The canonical backbone name if ``source`` names an official model, else None."""
-    from retinaface_jax.config import _ALIASES  # the one table of backbone name aliases
+    from retinaface_jax.config import canonical_backbone
 
-    return _ALIASES.get(str(source).lower())
+    return canonical_backbone(source)
 
 
 def cache_dir() -> Path:
