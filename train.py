@@ -2,7 +2,10 @@
 
 import sys
 
-from retinaface_jax.train.cli import main
+from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc
 
 if __name__ == "__main__":
+    reexec_with_tuned_malloc()  # keeps XLA's per-step CPU buffers mapped; see the module
+    from retinaface_jax.train.cli import main
+
     sys.exit(main())

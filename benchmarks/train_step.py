@@ -14,6 +14,7 @@ about 6.5 anchor forwards per trained image on a 2-core CPU. The last line is ``
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from flax import nnx
 from retinaface_jax.config import get_config
 from retinaface_jax.data.labels import load_records
 from retinaface_jax.data.pipeline import make_train_iterator
+from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc
 from retinaface_jax.models.retinaface import RetinaFace
 from retinaface_jax.train.optimizer import make_optimizer
 from retinaface_jax.train.schedule import learning_rate_schedule
@@ -82,6 +84,7 @@ def time_step(cfg, batch: dict, steps: int) -> tuple[float, float]:
 
 
 def main() -> None:
+    reexec_with_tuned_malloc()  # as train.py does
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
     p.add_argument("--steps", type=int, default=3, help="timed steps per batch size")
@@ -91,7 +94,8 @@ def main() -> None:
     args = p.parse_args()
     shared = shared_dir()
     sizes = [int(b) for b in args.batches.split(",")]
-    print(machine())
+    tuned = os.environ.get("MALLOC_ARENA_MAX")
+    print(f"{machine()}; malloc tuning: {'on' if tuned else 'off'}")
 
     before = anchor_forward_seconds(shared, args.size, args.anchor_repeats)
     print(f"anchor forward (onnxruntime) {args.size}x{args.size}: {before * 1e3:.1f} ms/image")

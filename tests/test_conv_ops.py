@@ -11,9 +11,12 @@ from retinaface_jax.models import conv_ops
 
 CASES = {
     "dense 3x3": (3, 1, 1, 1, 32, 16),
+    "dense 3x3 wide": (3, 1, 1, 1, 16, 64),
     "dense 3x3 stride 2": (3, 2, 1, 1, 32, 16),
     "narrow stem stride 2": (3, 2, 1, 1, 3, 8),
+    "depthwise": (3, 1, 1, 16, 16, 16),
     "depthwise stride 2": (3, 2, 1, 16, 16, 16),
+    "depthwise 5x5 stride 2 pad 1": (5, 2, 1, 8, 8, 8),
     "1x1 stride 2": (1, 2, 0, 1, 16, 32),
     "7x7 stride 2": (7, 2, 3, 1, 32, 8),
 }

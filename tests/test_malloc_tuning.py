@@ -1,0 +1,53 @@
+"""train.py re-executes itself once with glibc malloc settings that keep XLA's buffers mapped."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from retinaface_jax.malloc_tuning import OPT_OUT, TUNED_ENV
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+
+SCRIPT = (
+    "import os, json, sys\n"
+    "from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc\n"
+    "print('start', flush=True)\n"
+    "reexec_with_tuned_malloc()\n"
+    "print(json.dumps({k: os.environ.get(k) for k in %r}))\n" % (sorted(TUNED_ENV),)
+)
+
+
+def run(extra_env: dict[str, str]) -> tuple[int, dict]:
+    env = {k: v for k, v in os.environ.items() if k not in TUNED_ENV and k != OPT_OUT}
+    env.pop("RETINAFACE_MALLOC_TUNED", None)
+    env.update(extra_env)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    return out.count("start"), json.loads(out[-1])
+
+
+def test_reexecutes_once_with_tuned_env():
+    starts, seen = run({})
+    assert starts == 2  # the original process and its one replacement
+    assert seen == TUNED_ENV
+
+
+def test_user_values_are_kept():
+    starts, seen = run({"MALLOC_ARENA_MAX": "4"})
+    assert starts == 2
+    assert seen["MALLOC_ARENA_MAX"] == "4"
+    assert seen["MALLOC_MMAP_THRESHOLD_"] == TUNED_ENV["MALLOC_MMAP_THRESHOLD_"]
+
+
+def test_opt_out_and_already_tuned_do_nothing():
+    assert run({OPT_OUT: "1"}) == (1, dict.fromkeys(TUNED_ENV))
+    assert run(dict(TUNED_ENV)) == (1, TUNED_ENV)
