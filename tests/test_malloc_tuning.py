@@ -21,7 +21,7 @@ SCRIPT = (
     "from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc\n"
     "print('start', flush=True)\n"
     "reexec_with_tuned_malloc()\n"
-    "print(json.dumps({k: os.environ.get(k) for k in %r}))\n" % (sorted(TUNED_ENV),)
+    f"print(json.dumps({{k: os.environ.get(k) for k in {sorted(TUNED_ENV)!r}}}))\n"
 )
 
 

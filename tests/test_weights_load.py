@@ -43,7 +43,10 @@ def test_mapping_round_trip_and_inference_mode(mnet_sd):
 
 def test_wrappers_prefixes_and_formats(tmp_path, mnet_sd):
     ref = outputs(load_model(mnet_sd), X)
-    wrapped = {"epoch": 3, "state_dict": OrderedDict((f"module.{k}", tensor(v)) for k, v in mnet_sd.items())}
+    wrapped = {
+        "epoch": 3,
+        "state_dict": OrderedDict((f"module.{k}", tensor(v)) for k, v in mnet_sd.items()),
+    }
     for writer in (write_legacy, write_zip):
         path = writer(tmp_path / f"{writer.__name__}.pth", wrapped)
         for a, b in zip(outputs(load_model(path), X), ref):
@@ -97,7 +100,9 @@ def test_imagenet_backbone(shared):
         np.asarray(model.body.stage2.layers[0].layers[3].kernel[...]),
         sd["stage2.0.3.weight"].transpose(2, 3, 1, 0),
     )
-    classifier = load_backbone(MobileNetV1(include_top=True, rngs=__import__("flax").nnx.Rngs(0)), path)
+    classifier = load_backbone(
+        MobileNetV1(include_top=True, rngs=__import__("flax").nnx.Rngs(0)), path
+    )
     classifier.eval()
     logits = classifier(X[:, :, :64] / 58.0)
     assert logits.shape == (1, 1000) and np.isfinite(np.asarray(logits)).all()
