@@ -33,9 +33,10 @@ def machine() -> str:
         pass
     import jax
 
+    tuned = "on" if os.environ.get("MALLOC_ARENA_MAX") else "off"
     return (
         f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}, "
-        f"jax {jax.__version__} ({jax.default_backend()})"
+        f"jax {jax.__version__} ({jax.default_backend()}), malloc tuning {tuned}"
     )
 
 

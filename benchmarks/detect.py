@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 from common import REPO, best_time, machine, onnx_anchor, shared_dir
 
+from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc
+
 SHARED = shared_dir()
 WEIGHTS = SHARED / "data" / "weights" / "mobilenet0.25_Final.pth"
 IMAGE = SHARED / "data" / "images" / "biubug6_curve_test.jpg"
@@ -147,6 +149,7 @@ def bench_cli() -> None:
 
 
 def main() -> None:
+    reexec_with_tuned_malloc()  # as train.py and detect.py do
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--val-limit", type=int, default=None, help="use only the first N val images")
     ap.add_argument("--repeats", type=int, default=30)

@@ -16,10 +16,12 @@ import numpy as np
 from common import best_time, machine, onnx_anchor, shared_dir
 
 from retinaface_jax import load_model
+from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc
 from retinaface_jax.models.conv_ops import get_conv_impl
 
 
 def main() -> None:
+    reexec_with_tuned_malloc()  # as train.py and detect.py do
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--sizes", default="640x480,1024x624,1920x1080", help="WxH list")

@@ -14,7 +14,6 @@ about 6.5 anchor forwards per trained image on a 2-core CPU. The last line is ``
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 from pathlib import Path
@@ -94,8 +93,7 @@ def main() -> None:
     args = p.parse_args()
     shared = shared_dir()
     sizes = [int(b) for b in args.batches.split(",")]
-    tuned = os.environ.get("MALLOC_ARENA_MAX")
-    print(f"{machine()}; malloc tuning: {'on' if tuned else 'off'}")
+    print(machine())
 
     before = anchor_forward_seconds(shared, args.size, args.anchor_repeats)
     print(f"anchor forward (onnxruntime) {args.size}x{args.size}: {before * 1e3:.1f} ms/image")

@@ -2,7 +2,8 @@
 
 XLA's CPU convolutions are slow for the shapes RetinaFace uses: grouped (depthwise) convolution
 and the weight gradient of dense convolutions in particular. On CPU we therefore write
-- a depthwise k x k convolution as k*k shifted multiply-adds,
+- a depthwise k x k convolution as k*k shifted multiply-adds, with a custom VJP that keeps only
+  the input as residual (autodiff would store the k*k shifted views),
 - a 1 x 1 convolution as a matmul (einsum),
 - a dense k x k convolution with XLA's forward and input gradient, and for wide outputs its
   weight gradient as k*k matmuls (one per kernel tap; XLA's is up to 4x slower there),
