@@ -24,7 +24,7 @@ from jax import lax
 
 _IMPLS = ("auto", "xla", "taps")
 _MIN_TAP_CHANNELS = 16  # narrower inputs (the RGB stem) use _conv_narrow
-_XLA_DW_MAX_COUT = 32  # dense convs with at most this many outputs take XLA's weight gradient
+_XLA_DW_MAX_COUT = 16  # dense convs with at most this many outputs take XLA's weight gradient
 _impl = "auto"
 
 
@@ -202,9 +202,9 @@ def _conv_dense_fwd(x, kernel, stride, padding):
 def _conv_dense_bwd(stride, padding, residuals, g):
     """XLA's input gradient; the weight gradient from XLA for narrow outputs, else per tap.
 
-    Measured on a 2-core x86 CPU at batch 8, 80x80: XLA's weight gradient is fast for
-    ``cout <= 32`` (64->16: 26 ms) but collapses for 64 outputs (64->64: 714 ms), where one
-    ``_matmul_tn`` per tap costs 164 ms (93 ms with the malloc tuning of ``malloc_tuning``).
+    Measured on a 2-core x86 CPU at batch 8, 80x80 (with ``malloc_tuning``): XLA's weight
+    gradient wins for narrow outputs (64->16: 29 vs 82 ms; 16->16: 7 vs 18 ms) and loses for wider
+    ones (64->32: 92 vs 60 ms; 64->64: ~700 vs 93 ms) against one ``_matmul_tn`` per tap.
     """
     x, kernel = residuals
     kh, kw, cin, cout = kernel.shape
