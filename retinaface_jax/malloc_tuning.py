@@ -26,7 +26,7 @@ _MARKER = "RETINAFACE_MALLOC_TUNED"
 
 def malloc_tuning_applies() -> bool:
     """True on Linux with glibc when the tuned variables are missing and the user did not opt out."""
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or not sys.executable:
         return False
     if os.environ.get(OPT_OUT) or os.environ.get(_MARKER):
         return False
