@@ -33,7 +33,9 @@ def machine() -> str:
         pass
     import jax
 
-    tuned = "on" if os.environ.get("MALLOC_ARENA_MAX") else "off"
+    from retinaface_jax.malloc_tuning import TUNED_ENV
+
+    tuned = "on" if all(name in os.environ for name in TUNED_ENV) else "off"
     return (
         f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}, "
         f"jax {jax.__version__} ({jax.default_backend()}), malloc tuning {tuned}"

@@ -87,7 +87,7 @@ _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def _matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a.T @ b`` for tall ``a [P, C]``, ``b [P, O]``: the weight gradient of a 1x1 convolution.
+    """``a.T @ b`` for tall ``a [P, C]``, ``b [P, O]``: a weight gradient (1x1 conv, or one tap).
 
     XLA on CPU transposes a whole operand for this dot (usually fused into the producer of the
     activation gradient), and those transposed writes cost more than the matmul. Transposing
@@ -160,12 +160,13 @@ def _conv_depthwise_bwd(stride, padding, residuals, g):
     """Both gradients as tap loops, keeping only ``x`` as residual.
 
     Plain autodiff of the forward would store the nine shifted views of ``x`` (nine copies of the
-    activation). Here ``dx`` is the depthwise convolution of ``g`` (dilated by the stride, padded by
-    ``k - 1 - padding``) with the flipped kernel, and ``dkernel[i, j]`` is the sum over batch and
-    space of ``view_ij * g``: fused reductions that read ``x`` and ``g`` without copying them.
+    activation) from the forward to the backward pass. Here ``dx`` is the depthwise convolution
+    of ``g`` (dilated by the stride, padded by ``k - 1 - padding``) with the flipped kernel, and
+    ``dkernel[i, j]`` is the sum over batch and space of ``view_ij * g``. XLA's CPU reductions
+    still materialise each view, but only here, one at a time.
     """
-    # The barrier keeps XLA from merging these views with the forward's (CSE), which would force
-    # all nine to be materialised.
+    # The barrier keeps XLA from merging these views with the forward's (CSE), which would
+    # compute them during the forward pass and keep all nine alive until this point.
     x, kernel = lax.optimization_barrier(residuals)
     kh, kw = kernel.shape[:2]
     h, w = x.shape[1], x.shape[2]
@@ -208,11 +209,11 @@ def _conv_dense_bwd(stride, padding, residuals, g):
     """
     x, kernel = residuals
     kh, kw, cin, cout = kernel.shape
+    _, vjp = jax.vjp(lambda x_, k_: _conv_xla(x_, k_, stride, padding, 1), x, kernel)
+    dx, dk = vjp(g)
     if cout <= _XLA_DW_MAX_COUT:
-        _, vjp = jax.vjp(lambda x_, k_: _conv_xla(x_, k_, stride, padding, 1), x, kernel)
-        return vjp(g)
-    _, vjp_x = jax.vjp(lambda x_: _conv_xla(x_, kernel, stride, padding, 1), x)
-    (dx,) = vjp_x(g)
+        return dx, dk
+    # XLA drops its (unused) weight gradient from the program
     g2 = g.reshape(-1, cout)
     taps = [
         _matmul_tn(view.reshape(-1, cin), g2) for _, _, view in _taps(x, kh, kw, stride, padding)

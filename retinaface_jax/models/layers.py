@@ -109,8 +109,7 @@ def batch_norm_train(x, scale, bias, eps: float):
     ``sum(g * xhat)``) and one elementwise pass. Autodiff through the two-pass variance produced
     about twice as many reductions over the activation, a large part of a CPU train step.
     """
-    mean, var = _batch_stats(x)
-    return _affine(x, mean, jax.lax.rsqrt(var + eps), scale, bias), mean, var
+    return _batch_norm_fwd(x, scale, bias, eps)[0]
 
 
 def _batch_norm_fwd(x, scale, bias, eps):
