@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from retinaface_jax.models.reductions import channel_sums
+
 _IMPLS = ("auto", "xla", "taps")
 _MIN_TAP_CHANNELS = 16  # narrower inputs (the RGB stem) use _conv_narrow
 _XLA_DW_MAX_COUT = 16  # dense convs with at most this many outputs take XLA's weight gradient
@@ -162,8 +164,8 @@ def _conv_depthwise_bwd(stride, padding, residuals, g):
     Plain autodiff of the forward would store the nine shifted views of ``x`` (nine copies of the
     activation) from the forward to the backward pass. Here ``dx`` is the depthwise convolution
     of ``g`` (dilated by the stride, padded by ``k - 1 - padding``) with the flipped kernel, and
-    ``dkernel[i, j]`` is the sum over batch and space of ``view_ij * g``. XLA's CPU reductions
-    still materialise each view, but only here, one at a time.
+    ``dkernel[i, j]`` is the sum over batch and space of ``view_ij * g``, computed by
+    ``channel_sums`` so the views and products are never stored.
     """
     # The barrier keeps XLA from merging these views with the forward's (CSE), which would
     # compute them during the forward pass and keep all nine alive until this point.
@@ -184,7 +186,8 @@ def _conv_depthwise_bwd(stride, padding, residuals, g):
     )
     flipped = kernel[::-1, ::-1]
     dx = _tap_sum(_taps(gd, kh, kw, 1, 0), flipped)
-    dk = [jnp.sum(view * g, axis=(0, 1, 2)) for _, _, view in _taps(x, kh, kw, stride, padding)]
+    views = [view for _, _, view in _taps(x, kh, kw, stride, padding)]
+    dk = channel_sums(lambda rows: [v[:, rows] * g[:, rows] for v in views], ho)
     return dx, jnp.stack(dk).reshape(kernel.shape)
 
 

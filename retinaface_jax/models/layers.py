@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from retinaface_jax.models.conv_ops import conv2d
+from retinaface_jax.models.conv_ops import conv2d, get_conv_impl
+from retinaface_jax.models.reductions import channel_sums
 
 
 def _uniform(key: jax.Array, shape: tuple[int, ...], bound: float) -> jax.Array:
@@ -106,7 +107,7 @@ def batch_norm_train(x, scale, bias, eps: float):
     """Training-mode BatchNorm over every axis but the last: ``(y, batch mean, biased variance)``.
 
     The custom VJP is the textbook backward: two full-size reductions (``sum(g)`` and
-    ``sum(g * xhat)``) and one elementwise pass. Autodiff through the two-pass variance produced
+    ``sum(g * xhat)``, as ``reductions.channel_sums``) and one elementwise pass. Autodiff through the two-pass variance produced
     about twice as many reductions over the activation, a large part of a CPU train step.
     """
     return _batch_norm_fwd(x, scale, bias, eps)[0]
@@ -124,8 +125,15 @@ def _batch_norm_bwd(eps, residuals, cotangents):
     axes = tuple(range(x.ndim - 1))
     n = math.prod(x.shape[:-1])
     xc = x - mean
-    d_bias = jnp.sum(g, axes)
-    d_scale = jnp.sum(g * xc, axes) * inv
+    if x.ndim == 4:  # NHWC: the CPU formulation sums row groups first (see reductions.py)
+
+        def terms(rows: slice) -> list[jax.Array]:
+            return [g[:, rows], g[:, rows] * xc[:, rows]]
+
+        d_bias, d_scale = channel_sums(terms, x.shape[1], get_conv_impl() == "taps")
+    else:
+        d_bias, d_scale = jnp.sum(g, axes), jnp.sum(g * xc, axes)
+    d_scale = d_scale * inv
     # d/dx of y (through mean and variance), plus the (usually zero) cotangents of the statistics
     dx = (scale * inv) * (g - (d_bias + xc * (inv * d_scale)) / n)
     dx = dx + (g_mean + 2.0 * g_var * xc) / n

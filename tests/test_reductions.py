@@ -1,0 +1,38 @@
+"""``channel_sums``: the row-grouped CPU form equals the plain per-channel sum for any height."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from retinaface_jax.models import reductions
+
+
+@pytest.mark.parametrize("h", [1, 2, 3, 4, 5, 9, 53])
+@pytest.mark.parametrize("row_first", [True, False])
+def test_channel_sums_match_plain_sums(h: int, row_first: bool) -> None:
+    rng = np.random.default_rng(h)
+    a = rng.normal(size=(2, h, 7, 5)).astype(np.float32)
+    b = rng.normal(size=(2, h, 7, 5)).astype(np.float32)
+
+    @jax.jit
+    def sums(a, b):
+        return reductions.channel_sums(lambda r: [a[:, r], a[:, r] * b[:, r]], h, row_first)
+
+    got_a, got_ab = sums(a, b)
+    np.testing.assert_allclose(got_a, a.sum((0, 1, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_ab, (a * b).sum((0, 1, 2)), rtol=1e-5, atol=1e-5)
+    assert got_a.shape == (5,)
+
+
+def test_channel_sums_keeps_trailing_axes() -> None:
+    x = jnp.arange(2 * 6 * 3 * 4 * 2, dtype=jnp.float32).reshape(2, 6, 3, 4, 2)
+    (got,) = reductions.channel_sums(lambda r: [x[:, r]], 6)
+    np.testing.assert_allclose(got, x.sum((0, 1, 2)))
+
+
+def test_channel_sums_rejects_empty_height() -> None:
+    with pytest.raises(ValueError, match="h=0"):
+        reductions.channel_sums(lambda r: [jnp.zeros((1, 0, 1, 1))], 0)
