@@ -97,9 +97,20 @@ def _affine(x, mean, inv, scale, bias):
 
 
 def _batch_stats(x):
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axes)
-    return mean, jnp.mean(jnp.square(x - mean), axes)
+    """Batch mean and biased variance per channel (two passes: the mean, then squared deviations).
+
+    NHWC inputs go through ``channel_sums`` (row-grouped on CPU; see reductions.py).
+    """
+    if x.ndim != 4:
+        axes = tuple(range(x.ndim - 1))
+        mean = jnp.mean(x, axes)
+        return mean, jnp.mean(jnp.square(x - mean), axes)
+    h, n = x.shape[1], math.prod(x.shape[:-1])
+    row_first = get_conv_impl() == "taps"
+    (total,) = channel_sums(lambda rows: [x[:, rows]], h, row_first)
+    mean = total / n
+    (squares,) = channel_sums(lambda rows: [jnp.square(x[:, rows] - mean)], h, row_first)
+    return mean, squares / n
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
