@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -35,7 +36,7 @@ from retinaface_jax.train.state import create_train_state
 from retinaface_jax.train.step import make_train_step
 
 
-def anchor_forward(shared: Path, size: int):
+def anchor_forward(shared: Path, size: int) -> Callable[[], object]:
     """A zero-argument call of the onnxruntime forward on one size x size image (warmed up)."""
     _, forward = onnx_anchor(shared)
     x = np.random.default_rng(0).normal(0, 50, (1, size, size, 3)).astype(np.float32)
@@ -59,7 +60,9 @@ def pipeline_batches(shared: Path, cfg, batch: int, count: int, workers: int) ->
     return [first, *out], rate
 
 
-def time_step(cfg, batch: dict, steps: int, anchor, anchor_calls: int) -> tuple[float, list, list]:
+def time_step(
+    cfg, batch: dict, steps: int, anchor: Callable[[], object], anchor_calls: int
+) -> tuple[float, list[float], list[float]]:
     """(compile seconds, seconds per step, seconds per anchor forward) of the jitted train step.
 
     After every timed step the anchor forward runs ``anchor_calls`` times, so both sides of the

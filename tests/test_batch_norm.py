@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from retinaface_jax.models.layers import batch_norm_train
 
@@ -34,3 +35,8 @@ def test_batch_norm_custom_vjp_matches_autodiff():
     np.testing.assert_allclose(float(va), float(vb), rtol=1e-5)
     for a, b in zip(ga, gb):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_train_refuses_non_nhwc_input():
+    with pytest.raises(ValueError, match="expected an NHWC input"):
+        batch_norm_train(jnp.ones((4, 6)), jnp.ones(6), jnp.zeros(6), 1e-5)

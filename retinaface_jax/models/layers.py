@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from retinaface_jax.models.conv_ops import conv2d, get_conv_impl
+from retinaface_jax.models.conv_ops import conv2d
 from retinaface_jax.models.reductions import channel_sums
 
 
@@ -97,29 +97,24 @@ def _affine(x, mean, inv, scale, bias):
 
 
 def _batch_stats(x):
-    """Batch mean and biased variance per channel (two passes: the mean, then squared deviations).
-
-    NHWC inputs go through ``channel_sums`` (row-grouped on CPU; see reductions.py).
-    """
+    """Batch mean and biased variance per channel (two passes: the mean, then squared deviations)."""
     if x.ndim != 4:
-        axes = tuple(range(x.ndim - 1))
-        mean = jnp.mean(x, axes)
-        return mean, jnp.mean(jnp.square(x - mean), axes)
+        raise ValueError(f"BatchNorm2d: expected an NHWC input, got shape {x.shape}")
     h, n = x.shape[1], math.prod(x.shape[:-1])
-    row_first = get_conv_impl() == "taps"
-    (total,) = channel_sums(lambda rows: [x[:, rows]], h, row_first)
+    (total,) = channel_sums(lambda rows: [x[:, rows]], h)
     mean = total / n
-    (squares,) = channel_sums(lambda rows: [jnp.square(x[:, rows] - mean)], h, row_first)
+    (squares,) = channel_sums(lambda rows: [jnp.square(x[:, rows] - mean)], h)
     return mean, squares / n
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(x, scale, bias, eps: float):
-    """Training-mode BatchNorm over every axis but the last: ``(y, batch mean, biased variance)``.
+    """Training-mode BatchNorm of NHWC ``x``: ``(y, batch mean, biased variance)`` per channel.
 
     The custom VJP is the textbook backward: two full-size reductions (``sum(g)`` and
-    ``sum(g * xhat)``, as ``reductions.channel_sums``) and one elementwise pass. Autodiff through the two-pass variance produced
-    about twice as many reductions over the activation, a large part of a CPU train step.
+    ``sum(g * xhat)``) and one elementwise pass. Autodiff through the two-pass variance produced
+    about twice as many reductions over the activation, a large part of a CPU train step. Every
+    per-channel sum goes through ``reductions.channel_sums``.
     """
     return _batch_norm_fwd(x, scale, bias, eps)[0]
 
@@ -133,17 +128,9 @@ def _batch_norm_fwd(x, scale, bias, eps):
 def _batch_norm_bwd(eps, residuals, cotangents):
     x, mean, inv, scale = residuals
     g, g_mean, g_var = cotangents
-    axes = tuple(range(x.ndim - 1))
     n = math.prod(x.shape[:-1])
     xc = x - mean
-    if x.ndim == 4:  # NHWC: the CPU formulation sums row groups first (see reductions.py)
-
-        def terms(rows: slice) -> list[jax.Array]:
-            return [g[:, rows], g[:, rows] * xc[:, rows]]
-
-        d_bias, d_scale = channel_sums(terms, x.shape[1], get_conv_impl() == "taps")
-    else:
-        d_bias, d_scale = jnp.sum(g, axes), jnp.sum(g * xc, axes)
+    d_bias, d_scale = channel_sums(lambda rows: [g[:, rows], g[:, rows] * xc[:, rows]], x.shape[1])
     d_scale = d_scale * inv
     # d/dx of y (through mean and variance), plus the (usually zero) cotangents of the statistics
     dx = (scale * inv) * (g - (d_bias + xc * (inv * d_scale)) / n)

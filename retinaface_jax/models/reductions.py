@@ -1,19 +1,18 @@
 """Per-channel sums over batch and space, in a form XLA's CPU backend runs in a few memory passes.
 
-Training needs many sums of full-size tensors over ``(N, H, W)``: the depthwise kernel gradient
-(one per kernel tap), the BatchNorm batch statistics and the BatchNorm backward (``sum(g)``,
-``sum(g * xhat)``). Written as
-``jnp.sum(a * b, axis=(0, 1, 2))``, XLA on CPU hands the reduction to YNNPACK, which first
-materialises the product's operands (shifted views included): about four passes over memory per
-sum. :func:`channel_sums` instead
+Training needs many sums of full-size NHWC tensors over ``(N, H, W)``: the depthwise kernel
+gradient (one per kernel tap), the BatchNorm batch statistics and the BatchNorm backward
+(``sum(g)``, ``sum(g * xhat)``). Written as ``jnp.sum(a * b, axis=(0, 1, 2))``, XLA on CPU hands
+the reduction to YNNPACK, which first materialises the product's operands (shifted views included):
+about four passes over memory per sum. :func:`channel_sums` instead
 - adds ``ROW_GROUP`` rows of every term in one elementwise loop (XLA fuses the slices and products
   into it, and splits it over the CPU threads), so no full-size operand is stored, then
 - reduces the ``ROW_GROUP``-times smaller partials with a matrix-vector product against ones. A
   plain ``jnp.sum`` there would let the YNNPACK fusion pull the first stage back in (and
   materialise every row slice); the dot keeps the two stages apart.
 On a 2-core x86 CPU this made the mobilenet0.25 train step ~10 % faster (batch 8, 640x640: 9.3-9.7
-anchor forwards per image before, 8.4 after, ``benchmarks/train_step.py``). Other
-backends fuse a product into its reduction anyway and take the plain sum (``row_first=False``).
+anchor forwards per image before, 8.4 after, ``benchmarks/train_step.py``). GPU and TPU fuse a
+product into its reduction anyway and take the plain sum.
 """
 
 from __future__ import annotations
@@ -44,14 +43,17 @@ def _sum_leading(p: jax.Array) -> jax.Array:
 
 
 def channel_sums(
-    terms: Callable[[slice], Sequence[jax.Array]], h: int, row_first: bool = True
+    terms: Callable[[slice], Sequence[jax.Array]], h: int, row_first: bool | None = None
 ) -> list[jax.Array]:
     """``[sum over (N, H, W) of t for t in terms(all rows)]`` for NHWC terms with ``h`` rows.
 
     ``terms(rows)`` must return the terms restricted to the rows ``rows`` (a ``slice``), e.g.
     ``lambda r: [g[:, r], g[:, r] * x[:, r]]``; it is called ``ROW_GROUP`` times with strided
-    slices. ``row_first=False`` computes the plain ``jnp.sum`` of ``terms(slice(None))``.
+    slices. ``row_first`` (default: on the CPU backend) chooses the row-grouped form; otherwise
+    this is the plain ``jnp.sum`` of ``terms(slice(None))``.
     """
+    if row_first is None:
+        row_first = jax.default_backend() == "cpu"
     if not row_first:
         return [jnp.sum(t, axis=(0, 1, 2)) for t in terms(slice(None))]
     totals: list[jax.Array] | None = None
