@@ -1,7 +1,10 @@
 """Forward-pass speed: our jitted mobilenet0.25 RetinaFace vs the ONNX export of the original.
 
 Both run in this process on the same inputs (BGR minus mean, float32); prints per-call medians,
-their ratio (ours / anchor; < 1 means we are faster) and our compile time.
+their ratio (ours / anchor; < 1 means we are faster) and our compile time. Ours is jitted as
+``Detector`` jits it: with ``retinaface_jax.compiler_options()`` and called on the model state's
+flat leaves (calling a jitted function with the ``nnx.Module`` itself costs ~3 ms per call, to
+flatten its graph).
 
     python benchmarks/forward.py [--repeats 10] [--sizes 640x480,1024x624,1920x1080] [--batches 1,8]
 """
@@ -14,8 +17,9 @@ import time
 import jax
 import numpy as np
 from common import best_time, machine, onnx_anchor, shared_dir
+from flax import nnx
 
-from retinaface_jax import load_model
+from retinaface_jax import compiler_options, load_model
 from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc
 from retinaface_jax.models.conv_ops import get_conv_impl
 
@@ -30,7 +34,13 @@ def main() -> None:
     shared = shared_dir()
     model = load_model(shared / "data/weights/mobilenet0.25_Final.pth")
     _, anchor = onnx_anchor(shared)
-    forward = jax.jit(lambda m, x: m(x))
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)
+
+    def apply(leaves, x):
+        return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(x)
+
+    forward = jax.jit(apply, compiler_options=compiler_options())
     print(f"machine: {machine()}; conv formulation: {get_conv_impl()}")
     print(
         f"{'input':>16} {'ours ms':>9} {'onnx ms':>9} {'ratio':>7} {'compile s':>10} {'max|d conf|':>12}"
@@ -41,15 +51,15 @@ def main() -> None:
         for b in (int(v) for v in args.batches.split(",")):
             x = (rng.uniform(0, 255, (b, h, w, 3)) - (104, 117, 123)).astype(np.float32)
             t0 = time.perf_counter()
-            compiled = forward.lower(model, x).compile()
+            compiled = forward.lower(leaves, x).compile()
             compile_s = time.perf_counter() - t0
             xj = jax.device_put(x)
-            ours_out = compiled(model, xj)
+            ours_out = compiled(leaves, xj)
             ref = anchor(x)
             conf = np.asarray(jax.nn.softmax(ours_out[1], -1))
             diff = float(np.max(np.abs(conf - ref[1])))
             reps = max(3, args.repeats // b)
-            ours = best_time(lambda c=compiled, v=xj: jax.block_until_ready(c(model, v)), reps)
+            ours = best_time(lambda c=compiled, v=xj: jax.block_until_ready(c(leaves, v)), reps)
             onnx = best_time(lambda v=x: anchor(v), reps)
             print(
                 f"{w}x{h} b{b:<3d} {ours * 1e3:9.1f} {onnx * 1e3:9.1f} {ours / onnx:7.2f} "

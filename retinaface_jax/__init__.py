@@ -3,7 +3,7 @@
 Public API (mostly imported lazily, so ``import retinaface_jax`` stays cheap):
 ``RetinaFace``, ``load_model``, ``load_backbone``, ``prior_box``, ``match``, ``multibox_loss``,
 ``Detector``, ``Face``, ``align_faces``, ``widerface_ap``, ``get_config``, ``cfg_mnet``, ``cfg_re50``,
-``RetinaFaceConfig``.
+``RetinaFaceConfig``, ``compiler_options``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ _EXPORTS = {
     "Face": "retinaface_jax.inference.face",
     "align_faces": "retinaface_jax.inference.align",
     "widerface_ap": "retinaface_jax.evaluate.widerface_ap",
+    "compiler_options": "retinaface_jax.xla_options",
 }
 
 # Functions that share their module's name are imported eagerly: importing the submodule binds the

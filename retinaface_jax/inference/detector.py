@@ -36,6 +36,7 @@ from retinaface_jax.inference.preprocess import (
     resize_factor,
     resize_image,
 )
+from retinaface_jax.xla_options import compiler_options
 
 _UNSET: Any = object()
 
@@ -99,6 +100,7 @@ class Detector:
                 _detect_program, graphdef=self.graphdef, treedef=treedef, cfg=self.cfg
             ),
             static_argnames=("k", "masked"),
+            compiler_options=compiler_options(),
         )
         resize_factor(100, 100, target_size, max_size)  # validates the options
         self.target_size, self.max_size = target_size, max_size

@@ -1,17 +1,23 @@
 """2-D convolution (NHWC input, HWIO kernel, explicit padding) with a per-backend formulation.
 
-XLA's CPU convolutions are slow for the shapes RetinaFace uses: grouped (depthwise) convolution
-and the weight gradient of dense convolutions in particular. On CPU we therefore write
+XLA's CPU convolutions are slow for some of the shapes RetinaFace uses, grouped (depthwise)
+convolution in particular. On CPU we therefore write
 - a depthwise k x k convolution as k*k shifted multiply-adds, with a custom VJP that keeps only
   the input as residual (autodiff would store the k*k shifted views),
-- a 1 x 1 convolution as a matmul (einsum), its weight gradient as a blocked ``x.T @ g``
-  (``_matmul_tn``: XLA's whole-operand transposes cost more than the matmul),
-- a dense k x k convolution with XLA's forward and input gradient, and for wide outputs its
-  weight gradient as k*k ``_matmul_tn`` (one per kernel tap; XLA's is up to 4x slower there),
+- a 1 x 1 convolution as a matmul (einsum), with its weight gradient as one 2-D matmul,
 - a dense convolution of a narrow input (the 3-channel stem) as k*k*C broadcast multiply-adds
   (one fused loop, ~6x faster than XLA's forward), with XLA's gradients,
-which compute the same function with the same parameters. On GPU/TPU ``lax.conv`` is the fast path
-and is used unchanged. ``set_conv_impl`` forces one formulation (tests compare both).
+and leave other dense convolutions, forward and both gradients, to XLA. That last choice assumes
+the program is compiled with ``retinaface_jax.compiler_options()`` (as the detector's and the
+train step's are), which keeps XLA's own convolution kernels. Measured on a 2-core x86 CPU with
+those options (mobilenet0.25, 640x640): XLA's gradients for every dense convolution and plain
+``x.T @ g`` 1x1 weight gradients instead of our earlier per-tap and blocked matmuls took the
+train step from 1.47 to 1.23 s at batch 8 and from 6.4-6.9 to 5.5-5.7 s at batch 32; against
+the code before the options, 1.35 -> 1.13 s at batch 8. (Under
+XLA's default YNNPACK kernels the opposite held: 64->64 at 80x80, ~700 ms for XLA's weight
+gradient against 93 ms per tap.) All formulations compute the same function with the same
+parameters. On GPU/TPU ``lax.conv`` is the fast path and is used unchanged. ``set_conv_impl``
+forces one formulation (tests compare both).
 """
 
 from __future__ import annotations
@@ -26,7 +32,6 @@ from retinaface_jax.models.reductions import channel_sums
 
 _IMPLS = ("auto", "xla", "taps")
 _MIN_TAP_CHANNELS = 16  # narrower inputs (the RGB stem) use _conv_narrow
-_XLA_DW_MAX_COUT = 16  # dense convs with at most this many outputs take XLA's weight gradient
 _impl = "auto"
 
 
@@ -61,7 +66,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: i
                 xs = _pad(x, padding)[:, ::stride, ::stride, :]
             return _pointwise(xs, kernel[0, 0])
         if cin >= _MIN_TAP_CHANNELS:
-            return _conv_dense(x, kernel, stride, padding)
+            return _conv_xla(x, kernel, stride, padding, 1)
         return _conv_narrow(x, kernel, stride, padding)
     if groups == cin == cout and cin_g == 1:
         return _conv_depthwise_taps(x, kernel, stride, padding)
@@ -79,33 +84,18 @@ def _pointwise_fwd(x, w):
 
 
 def _pointwise_bwd(residuals, g):
+    """The weight gradient as one 2-D ``x.T @ g``.
+
+    Autodiff of the einsum contracts the three leading axes of the 4-D operands instead, which
+    XLA's CPU backend lowers far worse: the train step (batch 8, 640x640, 2-core x86) took 1.63 s
+    that way against 1.20 s with this VJP.
+    """
     x, w = residuals
-    return jnp.einsum("bhwo,co->bhwc", g, w), _matmul_tn(
-        x.reshape(-1, w.shape[0]), g.reshape(-1, w.shape[1])
-    )
+    dw = x.reshape(-1, w.shape[0]).T @ g.reshape(-1, w.shape[1])
+    return jnp.einsum("bhwo,co->bhwc", g, w), dw
 
 
 _pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
-
-
-def _matmul_tn(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a.T @ b`` for tall ``a [P, C]``, ``b [P, O]``: a weight gradient (1x1 conv, or one tap).
-
-    XLA on CPU transposes a whole operand for this dot (usually fused into the producer of the
-    activation gradient), and those transposed writes cost more than the matmul. Transposing
-    blocks of rows instead (one batched matmul over the blocks, then a sum) made the mobilenet0.25
-    train step 1.77 -> 1.43 s at batch 8, 640x640, on a 2-core x86 CPU.
-    """
-    p = a.shape[0]
-    block = next((r for r in (1024, 512, 256, 128) if p % r == 0 and p > r), None)
-    if block is None:
-        return a.T @ b
-    n = p // block
-    a_t = a.reshape(n, block, a.shape[1]).transpose(0, 2, 1)
-    partial_sums = lax.dot_general(
-        a_t, b.reshape(n, block, b.shape[1]), (((2,), (1,)), ((0,), (0,)))
-    )
-    return partial_sums.sum(0)
 
 
 def _conv_xla(x, kernel, stride, padding, groups):
@@ -192,39 +182,6 @@ def _conv_depthwise_bwd(stride, padding, residuals, g):
 
 
 _conv_depthwise_taps.defvjp(_conv_depthwise_fwd, _conv_depthwise_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_dense(x, kernel, stride, padding):
-    return _conv_xla(x, kernel, stride, padding, 1)
-
-
-def _conv_dense_fwd(x, kernel, stride, padding):
-    return _conv_xla(x, kernel, stride, padding, 1), (x, kernel)
-
-
-def _conv_dense_bwd(stride, padding, residuals, g):
-    """XLA's input gradient; the weight gradient from XLA for narrow outputs, else per tap.
-
-    Measured on a 2-core x86 CPU at batch 8, 80x80 (with ``malloc_tuning``): XLA's weight
-    gradient wins for narrow outputs (64->16: 29 vs 82 ms; 16->16: 7 vs 18 ms) and loses for wider
-    ones (64->32: 92 vs 60 ms; 64->64: ~700 vs 93 ms) against one ``_matmul_tn`` per tap.
-    """
-    x, kernel = residuals
-    kh, kw, cin, cout = kernel.shape
-    _, vjp = jax.vjp(lambda x_, k_: _conv_xla(x_, k_, stride, padding, 1), x, kernel)
-    dx, dk = vjp(g)
-    if cout <= _XLA_DW_MAX_COUT:
-        return dx, dk
-    # XLA drops its (unused) weight gradient from the program
-    g2 = g.reshape(-1, cout)
-    taps = [
-        _matmul_tn(view.reshape(-1, cin), g2) for _, _, view in _taps(x, kh, kw, stride, padding)
-    ]
-    return dx, jnp.stack(taps).reshape(kernel.shape)
-
-
-_conv_dense.defvjp(_conv_dense_fwd, _conv_dense_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -24,6 +24,7 @@ from retinaface_jax.multibox_loss import multibox_loss
 from retinaface_jax.prior_box import prior_box
 from retinaface_jax.train.sharding import data_sharded, replicated
 from retinaface_jax.train.state import TrainState, merge_model
+from retinaface_jax.xla_options import compiler_options
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -83,12 +84,14 @@ def make_train_step(
         return new_state, metrics
 
     donate_argnums = (0,) if donate else ()
+    options = compiler_options()
     if mesh is None:
-        return jax.jit(step, donate_argnums=donate_argnums)
+        return jax.jit(step, donate_argnums=donate_argnums, compiler_options=options)
     rep, dat = replicated(mesh), data_sharded(mesh)
     return jax.jit(
         step,
         in_shardings=(rep, dat),
         out_shardings=(rep, rep),
         donate_argnums=donate_argnums,
+        compiler_options=options,
     )
