@@ -3,11 +3,12 @@
 XLA's CPU backend hands convolutions, matmuls and reductions to YNNPACK by default. For this
 model's shapes (small channel counts, large spatial sizes) YNNPACK's convolutions and their
 weight gradients are markedly slower than XLA's own (Eigen) kernels. Measured on a 2-core x86
-CPU, in one process, alternating the variants: the mobilenet0.25 forward at 640x480 went 30.4 ->
-24.4 ms, and the train step at batch 8, 640x640 1.35 -> 1.13 s/step (together with the
-formulation changes in ``models.conv_ops`` that XLA's own kernels allow). Our jitted programs (the detector's,
-the train step) are compiled with these options; pass ``compiler_options=compiler_options()`` to
-your own ``jax.jit`` on CPU for the same effect. Other backends get ``None`` (nothing changes).
+CPU, in one process, alternating the variants: the mobilenet0.25 forward at 640x480 went
+30.4 -> 24.4 ms, and the train step at batch 8, 640x640 1.35 -> 1.13 s/step (together with the
+formulation changes in ``models.conv_ops`` that XLA's own kernels allow). Our jitted programs
+(the detector's, the train step) are compiled with these options; pass
+``compiler_options=compiler_options()`` to your own ``jax.jit`` on CPU for the same effect.
+Other backends get ``None`` (nothing changes).
 
 The option is an XLA debug flag. If a future jaxlib no longer knows it, :func:`compiler_options`
 warns once and returns ``None``, so programs still compile (at the default speed).
@@ -19,7 +20,7 @@ import functools
 import warnings
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 CPU_OPTIONS: dict[str, str] = {
     # an empty list: no YNNPACK fusions (convolutions, matmuls, reductions run on XLA's kernels)
@@ -40,11 +41,13 @@ def compiler_options(backend: str | None = None) -> dict[str, str] | None:
 
 @functools.cache
 def _cpu_options_supported() -> bool:
-    """Compile a tiny program with ``CPU_OPTIONS`` once; False (with a warning) if XLA refuses."""
+    """Compile a tiny CPU program with ``CPU_OPTIONS`` once; False (with a warning) if XLA refuses.
+
+    The probe runs on a CPU device even when another backend is the default.
+    """
     try:
-        jax.jit(lambda x: x + 1).lower(jnp.zeros((2,), jnp.float32)).compile(
-            compiler_options=dict(CPU_OPTIONS)
-        )
+        x = jax.device_put(np.zeros((2,), np.float32), jax.devices("cpu")[0])
+        jax.jit(lambda v: v + 1).lower(x).compile(compiler_options=dict(CPU_OPTIONS))
     except Exception as err:  # XLA reports an unknown option as a runtime error
         warnings.warn(
             f"XLA does not accept the CPU compiler options {CPU_OPTIONS} ({err}); "

@@ -13,11 +13,11 @@ train step's are), which keeps XLA's own convolution kernels. Measured on a 2-co
 those options (mobilenet0.25, 640x640): XLA's gradients for every dense convolution and plain
 ``x.T @ g`` 1x1 weight gradients instead of our earlier per-tap and blocked matmuls took the
 train step from 1.47 to 1.23 s at batch 8 and from 6.4-6.9 to 5.5-5.7 s at batch 32; against
-the code before the options, 1.35 -> 1.13 s at batch 8. (Under
-XLA's default YNNPACK kernels the opposite held: 64->64 at 80x80, ~700 ms for XLA's weight
-gradient against 93 ms per tap.) All formulations compute the same function with the same
-parameters. On GPU/TPU ``lax.conv`` is the fast path and is used unchanged. ``set_conv_impl``
-forces one formulation (tests compare both).
+the code before the options, 1.35 -> 1.13 s at batch 8. (Under XLA's default YNNPACK kernels
+the opposite held: 64->64 at 80x80, ~700 ms for XLA's weight gradient against 93 ms per tap.)
+All formulations compute the same function with the same parameters. On GPU/TPU ``lax.conv``
+is the fast path and is used unchanged. ``set_conv_impl`` forces one formulation (tests compare
+both).
 """
 
 from __future__ import annotations
