@@ -64,3 +64,20 @@ def best_time(fn: Callable[[], object], repeats: int, min_seconds: float = 0.0) 
         fn()
         times.append(time.perf_counter() - t)
     return float(np.median(times))
+
+
+def alternating_medians(
+    fns: dict[str, Callable[[], object]], calls: int, block: int = 10
+) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating blocks of ``block`` calls.
+
+    Both sides of a ratio then see the same background load (this shared machine drifts by tens
+    of percent within minutes). Blocks, not call-by-call interleaving: onnxruntime's worker
+    threads keep spinning for a while after a run and would slow whatever runs right after it;
+    only the first call of a block sees that, and the median ignores it.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(max(1, -(-calls // block))):
+        for name, fn in fns.items():
+            times[name] += [best_time(fn, 1) for _ in range(block)]
+    return {name: float(np.median(t)) for name, t in times.items()}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from common import REPO, best_time, machine, onnx_anchor, shared_dir
+from common import REPO, alternating_medians, machine, onnx_anchor, shared_dir
 
 from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc
 
@@ -52,13 +52,10 @@ def bench_640(det, anchor_forward, repeats: int) -> None:
     for _ in range(3):
         det.detect(img)
         anchor_forward(x)
-    # alternating blocks of 10 calls, so both see the same background load; not call-by-call
-    # interleaving: onnxruntime's worker threads keep spinning after a run and would slow ours
-    ours_t, anchor_t = [], []
-    for _ in range(max(1, repeats // 10)):
-        ours_t += [best_time(lambda: det.detect(img), 1) for _ in range(10)]
-        anchor_t += [best_time(lambda: anchor_forward(x), 1) for _ in range(10)]
-    ours, anchor = float(np.median(ours_t)), float(np.median(anchor_t))
+    t = alternating_medians(
+        {"ours": lambda: det.detect(img), "anchor": lambda: anchor_forward(x)}, repeats
+    )
+    ours, anchor = t["ours"], t["anchor"]
     n = len(det.detect(img))
     print(
         f"\n[640x480 batch 1] input: {IMAGE.name} resized to 640x480, {n} faces (default "

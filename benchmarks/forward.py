@@ -1,12 +1,14 @@
 """Forward-pass speed: our jitted mobilenet0.25 RetinaFace vs the ONNX export of the original.
 
-Both run in this process on the same inputs (BGR minus mean, float32); prints per-call medians,
+Both run in this process on the same inputs (BGR minus mean, float32), timed in alternating blocks
+(``common.alternating_medians``; ``--repeats`` calls each at batch 1, ``repeats / batch`` at batch
+B); prints per-call medians,
 their ratio (ours / anchor; < 1 means we are faster) and our compile time. Ours is jitted as
 ``Detector`` jits it: with ``retinaface_jax.compiler_options()`` and called on the model state's
 flat leaves (calling a jitted function with the ``nnx.Module`` itself costs ~3 ms per call, to
 flatten its graph).
 
-    python benchmarks/forward.py [--repeats 10] [--sizes 640x480,1024x624,1920x1080] [--batches 1,8]
+    python benchmarks/forward.py [--repeats 40] [--sizes 640x480,1024x624,1920x1080] [--batches 1,8]
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 
 import jax
 import numpy as np
-from common import best_time, machine, onnx_anchor, shared_dir
+from common import alternating_medians, machine, onnx_anchor, shared_dir
 from flax import nnx
 
 from retinaface_jax import compiler_options, load_model
@@ -27,7 +29,7 @@ from retinaface_jax.models.conv_ops import get_conv_impl
 def main() -> None:
     reexec_with_tuned_malloc()  # as train.py and detect.py do
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--sizes", default="640x480,1024x624,1920x1080", help="WxH list")
     p.add_argument("--batches", default="1,8")
     args = p.parse_args()
@@ -58,9 +60,16 @@ def main() -> None:
             ref = anchor(x)
             conf = np.asarray(jax.nn.softmax(ours_out[1], -1))
             diff = float(np.max(np.abs(conf - ref[1])))
-            reps = max(3, args.repeats // b)
-            ours = best_time(lambda c=compiled, v=xj: jax.block_until_ready(c(leaves, v)), reps)
-            onnx = best_time(lambda v=x: anchor(v), reps)
+            reps = max(4, args.repeats // b)
+            t = alternating_medians(
+                {
+                    "ours": lambda c=compiled, v=xj: jax.block_until_ready(c(leaves, v)),
+                    "onnx": lambda v=x: anchor(v),
+                },
+                reps,
+                block=max(2, min(10, reps // 4)),
+            )
+            ours, onnx = t["ours"], t["onnx"]
             print(
                 f"{w}x{h} b{b:<3d} {ours * 1e3:9.1f} {onnx * 1e3:9.1f} {ours / onnx:7.2f} "
                 f"{compile_s:10.1f} {diff:12.1e}"

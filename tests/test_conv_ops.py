@@ -17,6 +17,8 @@ CASES = {
     "depthwise": (3, 1, 1, 16, 16, 16),
     "depthwise stride 2": (3, 2, 1, 16, 16, 16),
     "depthwise 5x5 stride 2 pad 1": (5, 2, 1, 8, 8, 8),
+    "depthwise 8 channels (flattened rows)": (3, 1, 1, 8, 8, 8),
+    "depthwise 5x5 4 channels pad 1 (flattened rows)": (5, 1, 1, 4, 4, 4),
     "1x1 stride 2": (1, 2, 0, 1, 16, 32),
     "7x7 stride 2": (7, 2, 3, 1, 32, 8),
 }
@@ -41,10 +43,20 @@ def test_formulations_agree(case):
         finally:
             conv_ops.set_conv_impl("auto")
 
+    def forward(impl):  # not differentiated: the inference forms (custom VJP primal)
+        conv_ops.set_conv_impl(impl)
+        try:
+            return jax.jit(lambda x, w: conv_ops.conv2d(x, w, stride, pad, groups))(x, w)
+        finally:
+            conv_ops.set_conv_impl("auto")
+
     (va, ga), (vb, gb) = run("xla"), run("taps")
     np.testing.assert_allclose(float(va), float(vb), rtol=1e-5, atol=1e-4)
     for a, b in zip(ga, gb):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+    ya, yb = forward("xla"), forward("taps")
+    assert ya.shape == yb.shape
+    np.testing.assert_allclose(np.asarray(ya), np.asarray(yb), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_impl_is_refused():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from test_detect_helpers import FakeRetinaFace, fake_detector, reference_postprocess, softmax
@@ -9,7 +10,7 @@ from test_detect_helpers import FakeRetinaFace, fake_detector, reference_postpro
 from retinaface_jax.config import get_config
 from retinaface_jax.inference import buckets
 from retinaface_jax.inference.detector import Detector
-from retinaface_jax.inference.postprocess import nms, pixel_priors
+from retinaface_jax.inference.postprocess import greedy_nms, nms_rows, pixel_priors
 from retinaface_jax.inference.preprocess import resize_factor, to_network_input
 from retinaface_jax.prior_box import prior_box
 
@@ -37,24 +38,60 @@ def _py_cpu_nms(dets, thresh):
         h = np.maximum(0.0, np.minimum(y2[i], y2[o]) - np.maximum(y1[i], y1[o]) + 1)
         inter = w * h
         order = o[inter / (areas[i] + areas[o] - inter) <= thresh]
-    return np.array(keep)
+    return np.array(keep, dtype=np.int64)
+
+
+def _kept(dets, thr, max_keep=None, pad_to=512):
+    """Indices kept by the jitted ``greedy_nms`` for sorted ``dets`` padded with -inf rows."""
+    n = len(dets)
+    scores = np.full(pad_to, -np.inf, np.float32)
+    boxes = np.zeros((pad_to, 4), np.float32)
+    scores[:n], boxes[:n] = dets[:, 4], dets[:, :4]
+    keep, count = jax.jit(greedy_nms, static_argnums=3)(
+        scores, boxes, np.float32(thr), max_keep or pad_to
+    )
+    return np.asarray(keep)[: int(count)]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_nms_matches_original_greedy(seed):
     rng = np.random.default_rng(seed)
     dets = _random_dets(rng, 400)
-    for thr in (0.3, 0.4, 0.7):
-        np.testing.assert_array_equal(nms(dets, thr), _py_cpu_nms(dets, thr))
-    np.testing.assert_array_equal(nms(dets, 0.4, max_keep=5), _py_cpu_nms(dets, 0.4)[:5])
+    dets[::7, 2] = dets[::7, 0] - 3  # some inverted boxes (negative areas), handled as numpy does
+    dets[5::11, :4] = dets[4::11, :4][: len(dets[5::11])]  # exact duplicates: IoU exactly 1
+    for thr in (0.3, 0.4, 0.7, 1.0):
+        np.testing.assert_array_equal(_kept(dets, thr), _py_cpu_nms(dets, thr))
+    np.testing.assert_array_equal(_kept(dets, 0.4, max_keep=5), _py_cpu_nms(dets, 0.4)[:5])
 
 
 def test_nms_plus_one_area_convention():
     # two 10x10 boxes (pixels 0..9) shifted by 5: with +1 areas IoU = 50/150 = 1/3
     dets = np.array([[0, 0, 9, 9, 0.9], [5, 0, 14, 9, 0.8]], np.float32)
-    assert nms(dets, 0.34).tolist() == [0, 1]
-    assert nms(dets, 0.33).tolist() == [0]
-    assert nms(np.zeros((0, 5), np.float32), 0.4).tolist() == []
+    assert _kept(dets, 0.34).tolist() == [0, 1]
+    assert _kept(dets, 0.33).tolist() == [0]
+    assert _kept(np.zeros((0, 5), np.float32), 0.4).tolist() == []
+
+
+@pytest.mark.parametrize("max_keep", [750, 5000])
+def test_nms_rows_batched_on_every_prefix_length(max_keep):
+    """Images whose candidate counts need different prefix branches, in one batch and alone."""
+    rng = np.random.default_rng(3)
+    k = 5000
+    counts = [0, 37, 300, 1500, 4999]
+    scores = np.full((len(counts), k), -np.inf, np.float32)
+    boxes = rng.uniform(0, 50, (len(counts), k, 4)).astype(np.float32)
+    landms = rng.uniform(0, 300, (len(counts), k, 10)).astype(np.float32)
+    refs = []
+    for j, n in enumerate(counts):
+        d = _random_dets(rng, n)
+        scores[j, :n], boxes[j, :n] = d[:, 4], d[:, :4]
+        keep = _py_cpu_nms(d, 0.4)[:max_keep]
+        refs.append(np.concatenate([d[keep], landms[j, keep]], axis=1))
+    run = jax.jit(nms_rows, static_argnums=4)
+    for idx in (list(range(len(counts))), [1], [3]):
+        rows, count = run(scores[idx], boxes[idx], landms[idx], np.float32(0.4), max_keep)
+        for r, c, j in zip(np.asarray(rows), np.asarray(count), idx, strict=True):
+            np.testing.assert_array_equal(r[:c], refs[j])
 
 
 @pytest.mark.parametrize("hw", [(640, 640), (481, 643), (33, 47), (1080, 1920)])

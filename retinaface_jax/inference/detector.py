@@ -25,7 +25,7 @@ from retinaface_jax.inference.compile_cache import enable_compilation_cache
 from retinaface_jax.inference.face import Face
 from retinaface_jax.inference.padding import mask_padded, masked_for_padding, valid_region
 from retinaface_jax.inference.postprocess import (
-    finish_image,
+    nms_rows,
     pixel_priors,
     prior_valid_mask,
     select_candidates,
@@ -42,9 +42,21 @@ _UNSET: Any = object()
 
 
 def _detect_program(
-    leaves, images, valid_hw, resize, conf_threshold, *, graphdef, treedef, cfg, k, masked
+    leaves,
+    images,
+    valid_hw,
+    resize,
+    conf_threshold,
+    nms_threshold,
+    *,
+    graphdef,
+    treedef,
+    cfg,
+    k,
+    max_keep,
+    masked,
 ):
-    """The jitted part: mean subtraction -> model -> decode -> score filter -> top-k.
+    """The jitted part: mean subtraction -> model -> decode -> score filter -> top-k -> NMS.
 
     ``leaves``: the model state's flat leaves (flattened once, cheap to pass); ``images``: a padded
     bucket batch (uint8 or float32 BGR); ``valid_hw``: each image's unpadded size. ``masked``
@@ -63,9 +75,10 @@ def _detect_program(
     priors_np, strides_np = pixel_priors(cfg, images.shape[1], images.shape[2])
     priors, strides = jnp.asarray(priors_np), jnp.asarray(strides_np)
     valid = prior_valid_mask(priors, strides, valid_hw)
-    return select_candidates(
+    scores, boxes, lm = select_candidates(
         loc, conf, landms, priors, valid, resize, conf_threshold, tuple(cfg.variance), k
     )
+    return nms_rows(scores, boxes, lm, nms_threshold, max_keep)
 
 
 class Detector:
@@ -99,7 +112,7 @@ class Detector:
             functools.partial(
                 _detect_program, graphdef=self.graphdef, treedef=treedef, cfg=self.cfg
             ),
-            static_argnames=("k", "masked"),
+            static_argnames=("k", "max_keep", "masked"),
             compiler_options=compiler_options(),
         )
         resize_factor(100, 100, target_size, max_size)  # validates the options
@@ -183,14 +196,23 @@ class Detector:
         for start in range(0, len(images), window):
             prepared = [self.prepare(img, rgb=rgb) for img in images[start : start + window]]
             faces: list[list[Face]] = [[] for _ in prepared]
-            # dispatch every batch first (JAX runs them asynchronously), then do the host-side
-            # NMS of each batch while the later ones are still computing
+            # dispatch every batch first (JAX runs them asynchronously), then collect each
+            # batch's rows while the later ones are still computing
             pending = [
-                (idxs, self.dispatch([prepared[i] for i in idxs], conf_threshold, top_k))
+                (
+                    idxs,
+                    self.dispatch(
+                        [prepared[i] for i in idxs],
+                        conf_threshold,
+                        nms_threshold,
+                        top_k,
+                        keep_top_k,
+                    ),
+                )
                 for idxs in self._groups(prepared)
             ]
             for idxs, outputs in pending:
-                rows = self.finish(outputs, len(idxs), nms_threshold, keep_top_k)
+                rows = self.finish(outputs, len(idxs))
                 for i, r in zip(idxs, rows, strict=True):
                     faces[i] = [Face.from_row(row) for row in r]
             out.extend(faces)
@@ -232,13 +254,19 @@ class Detector:
         keep_top_k: int | None,
     ) -> list[np.ndarray]:
         """Run one batch of prepared inputs (same bucket) -> ``[K, 15]`` rows per image."""
-        outputs = self.dispatch(prepared, conf_threshold, top_k)
-        return self.finish(outputs, len(prepared), nms_threshold, keep_top_k)
+        outputs = self.dispatch(prepared, conf_threshold, nms_threshold, top_k, keep_top_k)
+        return self.finish(outputs, len(prepared))
 
     def dispatch(
-        self, prepared: Sequence[tuple[np.ndarray, float]], conf_threshold: float, top_k: int | None
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Pad one batch (same bucket) and start its jitted program; returns device arrays."""
+        self,
+        prepared: Sequence[tuple[np.ndarray, float]],
+        conf_threshold: float,
+        nms_threshold: float,
+        top_k: int | None,
+        keep_top_k: int | None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Pad one batch (same bucket) and start its jitted program; returns device arrays
+        ``(rows [B, max_keep, 15], count [B])``."""
         n = len(prepared)
         hb, wb = self.bucket_of(*prepared[0][0].shape[:2])
         bp = buckets.bucket_batch(n, max(self.batch_size, n))
@@ -256,22 +284,23 @@ class Detector:
         valid_hw[n:] = valid_hw[0]
         num_priors = len(pixel_priors(self.cfg, hb, wb)[1])
         k = num_priors if top_k is None else min(int(top_k), num_priors)
+        max_keep = k if keep_top_k is None else min(int(keep_top_k), k)
         # mask only when some image is smaller than the bucket (an exact fit needs no mask)
         masked = not self.exact_sizes and any(x.shape[:2] != (hb, wb) for x, _ in prepared)
         return self._program(
-            self._leaves, batch, valid_hw, resize, np.float32(conf_threshold), k=k, masked=masked
+            self._leaves,
+            batch,
+            valid_hw,
+            resize,
+            np.float32(conf_threshold),
+            np.float32(nms_threshold),
+            k=k,
+            max_keep=max_keep,
+            masked=masked,
         )
 
     @staticmethod
-    def finish(
-        outputs: tuple[jax.Array, jax.Array, jax.Array],
-        n: int,
-        nms_threshold: float,
-        keep_top_k: int | None,
-    ) -> list[np.ndarray]:
-        """Device results of :meth:`dispatch` -> NMS -> ``[K, 15]`` rows for the first ``n``."""
-        scores, boxes, landms = jax.device_get(outputs)
-        return [
-            finish_image(scores[j], boxes[j], landms[j], nms_threshold, keep_top_k)
-            for j in range(n)
-        ]
+    def finish(outputs: tuple[jax.Array, jax.Array], n: int) -> list[np.ndarray]:
+        """Device results of :meth:`dispatch` -> ``[K, 15]`` float32 rows for the first ``n``."""
+        rows, count = jax.device_get(outputs)
+        return [np.asarray(rows[j, : count[j]], dtype=np.float32) for j in range(n)]

@@ -3,8 +3,11 @@
 The original detect.py pipeline is: decode every prior, keep ``score > conf_threshold``, sort by
 score and keep ``top_k``, greedy NMS (``py_cpu_nms``, IoU with the ``+1`` pixel area convention,
 suppress ``IoU > nms_threshold``), keep ``keep_top_k``. :func:`select_candidates` runs the first
-three steps inside a jitted program on padded, masked arrays; :func:`nms` is the greedy step in
-float32 numpy with the original's arithmetic, so the kept set and its order are the original's.
+three steps inside a jitted program on padded, masked arrays, and :func:`nms_rows` the greedy
+step, in the same program, with the original's float32 arithmetic, so the kept set and its order
+are the original's (equal scores keep ``top_k``'s order, lower prior index first; the original
+orders ties by numpy's unstable ``argsort``). Host-side numpy NMS took 4.5-5 ms per 640x480
+image (1,185 candidates, 124 kept); the jitted loop takes 0.9 ms (2-core x86 CPU).
 """
 
 from __future__ import annotations
@@ -85,44 +88,84 @@ def select_candidates(
     return top, boxes, lm
 
 
-def nms(dets: np.ndarray, threshold: float, max_keep: int | None = None) -> np.ndarray:
-    """Greedy NMS of ``dets [N, 5]`` (x1, y1, x2, y2, score) sorted by score descending.
+def greedy_nms(
+    scores: jax.Array, boxes: jax.Array, threshold: jax.Array, max_keep: int
+) -> tuple[jax.Array, jax.Array]:
+    """Greedy NMS of one image's candidates, sorted by score descending (``-inf`` = no candidate).
 
-    The original's ``py_cpu_nms`` arithmetic in float32 (areas ``(x2 - x1 + 1) * (y2 - y1 + 1)``,
-    keep a box only if ``IoU <= threshold`` against every earlier kept box). Returns kept row
-    indices in output order; stops early once ``max_keep`` are kept (greedy, so the first
-    ``max_keep`` are the same either way). Plain 1-D numpy per kept box measured fastest here
-    (block-wise and stacked variants were slower on real detections).
+    ``scores [K]``, ``boxes [K, 4]`` -> ``(keep [max_keep] int32, count)``: kept row indices in
+    output order, ``-1`` after ``count``. The original ``py_cpu_nms`` arithmetic in float32:
+    areas ``(x2 - x1 + 1) * (y2 - y1 + 1)``, a box survives only if ``IoU <= threshold`` against
+    every earlier kept box (a NaN IoU suppresses, as ``ovr <= thresh`` does in numpy). One loop
+    step per kept box, each a few fused vector operations over ``K``; XLA's CPU backend emits
+    these without contracting into FMAs and divides exactly, so the decisions are numpy's.
     """
-    dets = np.asarray(dets, dtype=np.float32)
-    x1, y1, x2, y2 = (np.ascontiguousarray(dets[:, c]) for c in range(4))
-    one = np.float32(1)
-    zero = np.float32(0)
+    x1, y1, x2, y2 = (boxes[:, c] for c in range(4))
+    one = jnp.float32(1)
     areas = (x2 - x1 + one) * (y2 - y1 + one)
-    order = np.arange(dets.shape[0])
-    keep: list[int] = []
-    limit = dets.shape[0] if max_keep is None else max_keep
-    while order.size > 0 and len(keep) < limit:
-        i = order[0]
-        keep.append(int(i))
-        rest = order[1:]
-        w = np.maximum(zero, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + one)
-        h = np.maximum(zero, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + one)
+    position = jnp.arange(scores.shape[0])
+
+    def cond(carry):
+        _, _, count, i = carry
+        return (count < max_keep) & (i >= 0)
+
+    def body(carry):
+        active, keep, count, i = carry
+        w = jnp.maximum(0.0, jnp.minimum(x2[i], x2) - jnp.maximum(x1[i], x1) + one)
+        h = jnp.maximum(0.0, jnp.minimum(y2[i], y2) - jnp.maximum(y1[i], y1) + one)
         inter = w * h
-        ovr = inter / (areas[i] + areas[rest] - inter)
-        order = rest[ovr <= threshold]
-    return np.asarray(keep, dtype=np.int64)
+        ovr = inter / (areas[i] + areas - inter)
+        active = active & (position > i) & (ovr <= threshold)
+        nxt = jnp.argmax(active)
+        return active, keep.at[count].set(i), count + 1, jnp.where(active[nxt], nxt, -1)
+
+    active = jnp.isfinite(scores)
+    first = jnp.where(active[0], 0, -1).astype(jnp.int32)
+    keep = jnp.full((max_keep,), -1, jnp.int32)
+    _, keep, count, _ = jax.lax.while_loop(cond, body, (active, keep, jnp.int32(0), first))
+    return keep, count
 
 
-def finish_image(
-    scores: np.ndarray,
-    boxes: np.ndarray,
-    landms: np.ndarray,
-    nms_threshold: float,
-    keep_top_k: int | None,
-) -> np.ndarray:
-    """One image's sorted candidates -> ``[K, 15]`` rows (box, score, 10 landmark coords) after NMS."""
-    n = int(np.count_nonzero(np.isfinite(scores)))
-    dets = np.concatenate([boxes[:n], scores[:n, None]], axis=1).astype(np.float32)
-    keep = nms(dets, nms_threshold, keep_top_k)
-    return np.concatenate([dets[keep], landms[:n][keep].astype(np.float32)], axis=1)
+def _prefix_sizes(k: int) -> list[int]:
+    """Static candidate-prefix lengths NMS may run on: 256, 1024, 4096, ... below ``k``, and ``k``."""
+    sizes, s = [], 256
+    while s < k:
+        sizes.append(s)
+        s *= 4
+    return sizes + [k]
+
+
+def nms_rows(
+    scores: jax.Array,
+    boxes: jax.Array,
+    landms: jax.Array,
+    threshold: jax.Array,
+    max_keep: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Batched :func:`greedy_nms` on sorted candidates -> the original's detection rows.
+
+    ``scores [B, K]`` (``-inf`` where none), ``boxes [B, K, 4]``, ``landms [B, K, 10]`` ->
+    ``(rows [B, max_keep, 15], count [B])`` with rows ``[x1, y1, x2, y2, score, landmarks]`` in
+    output order (rows past ``count`` are filler). Candidates are a prefix (sorted, ``-inf``
+    last), so the loop runs on the shortest static prefix (:func:`_prefix_sizes`) holding every
+    image's candidates: its cost per kept box scales with that length, not with ``K``.
+    """
+    k = scores.shape[1]
+    sizes = _prefix_sizes(k)
+
+    def run_on_prefix(n: int):
+        def run(scores, boxes):
+            keep, count = jax.vmap(greedy_nms, in_axes=(0, 0, None, None))(
+                scores[:, :n], boxes[:, :n], threshold, min(max_keep, n)
+            )
+            pad = max_keep - keep.shape[1]
+            return jnp.pad(keep, ((0, 0), (0, pad)), constant_values=-1), count
+
+        return run
+
+    longest = jnp.max(jnp.sum(jnp.isfinite(scores), axis=1))
+    branch = jnp.sum(jnp.asarray(sizes[:-1]) < longest)
+    keep, count = jax.lax.switch(branch, [run_on_prefix(n) for n in sizes], scores, boxes)
+    rows = jnp.concatenate([boxes, scores[..., None], landms], axis=-1)
+    rows = jnp.take_along_axis(rows, jnp.maximum(keep, 0)[..., None], axis=1)
+    return rows, count
