@@ -67,17 +67,19 @@ def best_time(fn: Callable[[], object], repeats: int, min_seconds: float = 0.0) 
 
 
 def alternating_medians(
-    fns: dict[str, Callable[[], object]], calls: int, block: int = 10
+    fns: dict[str, Callable[[], object]], calls: int, block: int = 10, settle: float = 0.2
 ) -> dict[str, float]:
     """Median seconds per call of each function, timed in alternating blocks of ``block`` calls.
 
     Both sides of a ratio then see the same background load (this shared machine drifts by tens
-    of percent within minutes). Blocks, not call-by-call interleaving: onnxruntime's worker
-    threads keep spinning for a while after a run and would slow whatever runs right after it;
-    only the first call of a block sees that, and the median ignores it.
+    of percent within minutes). Blocks with a ``settle`` pause before each, not call-by-call
+    interleaving: onnxruntime's worker threads keep spinning after a run and slow whatever runs
+    next (measured: our 640x480 forward took 45 ms right after an anchor run, 34 ms after a
+    50 ms pause, 30 ms with no anchor run in between).
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(max(1, -(-calls // block))):
         for name, fn in fns.items():
+            time.sleep(settle)
             times[name] += [best_time(fn, 1) for _ in range(block)]
     return {name: float(np.median(t)) for name, t in times.items()}

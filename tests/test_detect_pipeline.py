@@ -72,12 +72,11 @@ def test_nms_plus_one_area_convention():
     assert _kept(np.zeros((0, 5), np.float32), 0.4).tolist() == []
 
 
-@pytest.mark.parametrize("max_keep", [750, 5000])
-def test_nms_rows_batched_on_every_prefix_length(max_keep):
+@pytest.mark.parametrize("k,max_keep", [(5000, 750), (5000, 5000), (600, 600)])
+def test_nms_rows_batched_on_every_prefix_length(k, max_keep):
     """Images whose candidate counts need different prefix branches, in one batch and alone."""
     rng = np.random.default_rng(3)
-    k = 5000
-    counts = [0, 37, 300, 1500, 4999]
+    counts = [c for c in (0, 37, 300, 1500, 2048, 2049, 4999) if c <= k]
     scores = np.full((len(counts), k), -np.inf, np.float32)
     boxes = rng.uniform(0, 50, (len(counts), k, 4)).astype(np.float32)
     landms = rng.uniform(0, 300, (len(counts), k, 10)).astype(np.float32)
@@ -88,7 +87,7 @@ def test_nms_rows_batched_on_every_prefix_length(max_keep):
         keep = _py_cpu_nms(d, 0.4)[:max_keep]
         refs.append(np.concatenate([d[keep], landms[j, keep]], axis=1))
     run = jax.jit(nms_rows, static_argnums=4)
-    for idx in (list(range(len(counts))), [1], [3]):
+    for idx in (list(range(len(counts))), [1], [len(counts) - 1]):
         rows, count = run(scores[idx], boxes[idx], landms[idx], np.float32(0.4), max_keep)
         for r, c, j in zip(np.asarray(rows), np.asarray(count), idx, strict=True):
             np.testing.assert_array_equal(r[:c], refs[j])

@@ -1,10 +1,10 @@
 """``Detector``: RetinaFace detection on images of any size, batched, jitted, exact.
 
 Pipeline per image: load (path/array -> BGR) -> resize rule -> pad into a size bucket
-(``buckets``; uint8 stays uint8) -> one jitted program per (batch, bucket, top_k, masked)
-[mean subtraction -> model with the padded region masked (``padding``) -> decode -> score filter
--> top-k] -> exact greedy NMS (numpy, the original's arithmetic) -> ``keep_top_k`` ->
-:class:`Face` objects in input pixels, highest score first.
+(``buckets``; uint8 stays uint8) -> one jitted program per (batch, bucket, top_k, keep_top_k,
+masked) [mean subtraction -> model with the padded region masked (``padding``) -> decode -> score
+filter -> top-k -> exact greedy NMS (the original's arithmetic) -> ``keep_top_k``] -> :class:`Face`
+objects in input pixels, highest score first.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,15 @@ from retinaface_jax.inference.preprocess import (
 from retinaface_jax.xla_options import compiler_options
 
 _UNSET: Any = object()
+
+
+class Limits(NamedTuple):
+    """The original detect.py's post-processing parameters (``None`` = no limit)."""
+
+    conf_threshold: float
+    nms_threshold: float
+    top_k: int | None
+    keep_top_k: int | None
 
 
 def _detect_program(
@@ -183,11 +192,13 @@ class Detector:
     ) -> list[list[Face]]:
         """:meth:`detect` for many images of any sizes; results in input order."""
         cfg = self.cfg
-        conf_threshold = cfg.conf_threshold if conf_threshold is None else float(conf_threshold)
-        nms_threshold = cfg.nms_threshold if nms_threshold is None else float(nms_threshold)
-        top_k = cfg.top_k if top_k is _UNSET else top_k
-        keep_top_k = cfg.keep_top_k if keep_top_k is _UNSET else keep_top_k
-        for field, v in (("top_k", top_k), ("keep_top_k", keep_top_k)):
+        limits = Limits(
+            cfg.conf_threshold if conf_threshold is None else float(conf_threshold),
+            cfg.nms_threshold if nms_threshold is None else float(nms_threshold),
+            cfg.top_k if top_k is _UNSET else top_k,
+            cfg.keep_top_k if keep_top_k is _UNSET else keep_top_k,
+        )
+        for field, v in (("top_k", limits.top_k), ("keep_top_k", limits.keep_top_k)):
             if v is not None and (not isinstance(v, int | np.integer) or v <= 0):
                 raise ValueError(f"{field}: expected a positive int or None, got {v!r}")
         images = list(images)
@@ -199,16 +210,7 @@ class Detector:
             # dispatch every batch first (JAX runs them asynchronously), then collect each
             # batch's rows while the later ones are still computing
             pending = [
-                (
-                    idxs,
-                    self.dispatch(
-                        [prepared[i] for i in idxs],
-                        conf_threshold,
-                        nms_threshold,
-                        top_k,
-                        keep_top_k,
-                    ),
-                )
+                (idxs, self.dispatch([prepared[i] for i in idxs], limits))
                 for idxs in self._groups(prepared)
             ]
             for idxs, outputs in pending:
@@ -246,24 +248,13 @@ class Detector:
         return groups
 
     def run_prepared(
-        self,
-        prepared: Sequence[tuple[np.ndarray, float]],
-        conf_threshold: float,
-        nms_threshold: float,
-        top_k: int | None,
-        keep_top_k: int | None,
+        self, prepared: Sequence[tuple[np.ndarray, float]], limits: Limits
     ) -> list[np.ndarray]:
         """Run one batch of prepared inputs (same bucket) -> ``[K, 15]`` rows per image."""
-        outputs = self.dispatch(prepared, conf_threshold, nms_threshold, top_k, keep_top_k)
-        return self.finish(outputs, len(prepared))
+        return self.finish(self.dispatch(prepared, limits), len(prepared))
 
     def dispatch(
-        self,
-        prepared: Sequence[tuple[np.ndarray, float]],
-        conf_threshold: float,
-        nms_threshold: float,
-        top_k: int | None,
-        keep_top_k: int | None,
+        self, prepared: Sequence[tuple[np.ndarray, float]], limits: Limits
     ) -> tuple[jax.Array, jax.Array]:
         """Pad one batch (same bucket) and start its jitted program; returns device arrays
         ``(rows [B, max_keep, 15], count [B])``."""
@@ -283,8 +274,8 @@ class Detector:
             resize[j] = r
         valid_hw[n:] = valid_hw[0]
         num_priors = len(pixel_priors(self.cfg, hb, wb)[1])
-        k = num_priors if top_k is None else min(int(top_k), num_priors)
-        max_keep = k if keep_top_k is None else min(int(keep_top_k), k)
+        k = num_priors if limits.top_k is None else min(int(limits.top_k), num_priors)
+        max_keep = k if limits.keep_top_k is None else min(int(limits.keep_top_k), k)
         # mask only when some image is smaller than the bucket (an exact fit needs no mask)
         masked = not self.exact_sizes and any(x.shape[:2] != (hb, wb) for x, _ in prepared)
         return self._program(
@@ -292,8 +283,8 @@ class Detector:
             batch,
             valid_hw,
             resize,
-            np.float32(conf_threshold),
-            np.float32(nms_threshold),
+            np.float32(limits.conf_threshold),
+            np.float32(limits.nms_threshold),
             k=k,
             max_keep=max_keep,
             masked=masked,
