@@ -65,7 +65,9 @@ def test_train_step_and_detector_are_compiled_with_the_options():
         np.array([[64, 64]], np.int32),
         np.ones((1,), np.float32),
         np.float32(0.5),
+        np.float32(0.4),
         k=10,
+        max_keep=5,
         masked=False,
     )
     assert "__ynn_fusion" not in lowered.compile().as_text()
