@@ -158,10 +158,14 @@ def nms_rows(
     sizes = _prefix_sizes(k)
 
     def run_on_prefix(n: int):
+        def one_image(args):
+            return greedy_nms(*args, threshold, min(max_keep, n))
+
         def run(scores, boxes):
-            keep, count = jax.vmap(greedy_nms, in_axes=(0, 0, None, None))(
-                scores[:, :n], boxes[:, :n], threshold, min(max_keep, n)
-            )
+            # one image after another: a vmapped loop would run every image for as many steps as
+            # the one with the most kept faces (detect_batch on 120 val images, batch 8: 17.5
+            # images/s vmapped, 19.9 this way; same detections)
+            keep, count = jax.lax.map(one_image, (scores[:, :n], boxes[:, :n]))
             pad = max_keep - keep.shape[1]
             return jnp.pad(keep, ((0, 0), (0, pad)), constant_values=-1), count
 
