@@ -19,11 +19,11 @@ import time
 import jax
 import numpy as np
 from common import alternating_medians, machine, onnx_anchor, shared_dir
-from flax import nnx
 
 from retinaface_jax import compiler_options, load_model
 from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc
 from retinaface_jax.models.conv_ops import get_conv_impl
+from retinaface_jax.models.flat_state import flat_state
 
 
 def main() -> None:
@@ -36,13 +36,8 @@ def main() -> None:
     shared = shared_dir()
     model = load_model(shared / "data/weights/mobilenet0.25_Final.pth")
     _, anchor = onnx_anchor(shared)
-    graphdef, state = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(state)
-
-    def apply(leaves, x):
-        return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))(x)
-
-    forward = jax.jit(apply, compiler_options=compiler_options())
+    leaves, rebuild = flat_state(model)
+    forward = jax.jit(lambda leaves, x: rebuild(leaves)(x), compiler_options=compiler_options())
     print(f"machine: {machine()}; conv formulation: {get_conv_impl()}")
     print(
         f"{'input':>16} {'ours ms':>9} {'onnx ms':>9} {'ratio':>7} {'compile s':>10} {'max|d conf|':>12}"

@@ -36,6 +36,7 @@ from retinaface_jax.inference.preprocess import (
     resize_factor,
     resize_image,
 )
+from retinaface_jax.models.flat_state import flat_state
 from retinaface_jax.xla_options import compiler_options
 
 _UNSET: Any = object()
@@ -58,8 +59,7 @@ def _detect_program(
     conf_threshold,
     nms_threshold,
     *,
-    graphdef,
-    treedef,
+    rebuild,
     cfg,
     k,
     max_keep,
@@ -67,12 +67,11 @@ def _detect_program(
 ):
     """The jitted part: mean subtraction -> model -> decode -> score filter -> top-k -> NMS.
 
-    ``leaves``: the model state's flat leaves (flattened once, cheap to pass); ``images``: a padded
+    ``leaves``: the model state's flat leaves (``flat_state``, cheap to pass); ``images``: a padded
     bucket batch (uint8 or float32 BGR); ``valid_hw``: each image's unpadded size. ``masked``
     zeroes the padded region at every padded convolution (``inference.padding``).
     """
-    state = jax.tree.unflatten(treedef, leaves)
-    model = nnx.merge(graphdef, state)
+    model = rebuild(leaves)
     x = images.astype(jnp.float32) - jnp.asarray(cfg.rgb_mean, jnp.float32)
     if masked:
         model = masked_for_padding(model)
@@ -114,13 +113,10 @@ class Detector:
         self.cfg = cfg or getattr(model, "cfg", None) or get_config("mobilenet0.25")
         if hasattr(model, "eval"):
             model.eval()
-        self.graphdef, self.state = nnx.split(model)
         # Static parts are bound once: hashing a GraphDef on every call costs milliseconds.
-        self._leaves, treedef = jax.tree.flatten(self.state)
+        self._leaves, rebuild = flat_state(model)
         self._program = jax.jit(
-            functools.partial(
-                _detect_program, graphdef=self.graphdef, treedef=treedef, cfg=self.cfg
-            ),
+            functools.partial(_detect_program, rebuild=rebuild, cfg=self.cfg),
             static_argnames=("k", "max_keep", "masked"),
             compiler_options=compiler_options(),
         )

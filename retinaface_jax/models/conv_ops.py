@@ -177,7 +177,7 @@ def _conv_depthwise_taps(x, kernel, stride, padding):
     """
     kh, kw, _, c = kernel.shape
     if stride != 1 or c > _MAX_FLAT_CHANNELS:
-        return _tap_sum(_taps(x, kh, kw, stride, padding), kernel)
+        return _depthwise_nhwc(x, kernel, stride, padding)
     xp = _pad(x, padding)
     b, hp, wp, _ = xp.shape
     wo = wp - kw + 1
@@ -185,9 +185,13 @@ def _conv_depthwise_taps(x, kernel, stride, padding):
     return _tap_sum(_flat_taps(xp, kh, kw), rows).reshape(b, hp - kh + 1, wo, c)
 
 
-def _conv_depthwise_fwd(x, kernel, stride, padding):
+def _depthwise_nhwc(x, kernel, stride, padding):
     kh, kw = kernel.shape[:2]
-    return _tap_sum(_taps(x, kh, kw, stride, padding), kernel), (x, kernel)
+    return _tap_sum(_taps(x, kh, kw, stride, padding), kernel)
+
+
+def _conv_depthwise_fwd(x, kernel, stride, padding):
+    return _depthwise_nhwc(x, kernel, stride, padding), (x, kernel)
 
 
 def _conv_depthwise_bwd(stride, padding, residuals, g):
