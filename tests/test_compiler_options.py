@@ -14,6 +14,7 @@ from retinaface_jax.config import get_config
 from retinaface_jax.models.retinaface import RetinaFace
 from retinaface_jax.train.optimizer import make_optimizer
 from retinaface_jax.train.schedule import learning_rate_schedule
+from retinaface_jax.train.sharding import make_mesh, replicate, shard_batch
 from retinaface_jax.train.state import create_train_state
 from retinaface_jax.train.step import make_train_step
 
@@ -70,6 +71,25 @@ def test_train_step_and_detector_are_compiled_with_the_options():
         max_keep=5,
         masked=False,
     )
+    assert "__ynn_fusion" not in lowered.compile().as_text()
+
+
+def test_data_parallel_train_step_gets_the_options_of_its_mesh_platform(monkeypatch):
+    # JAX's default backend says nothing about the mesh the step runs on; the mesh's devices do
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    mesh = make_mesh(jax.devices("cpu"))
+    n = mesh.devices.size
+    cfg = get_config("mobilenet0.25", image_size=32, batch_size=n)
+    schedule = learning_rate_schedule(cfg, steps_per_epoch=10)
+    tx = make_optimizer(cfg, schedule)
+    graphdef, state = create_train_state(RetinaFace(cfg, rngs=nnx.Rngs(0)), tx)
+    batch = {
+        "image": np.zeros((n, 32, 32, 3), np.float32),
+        "targets": np.zeros((n, 2, 15), np.float32),
+        "valid": np.zeros((n, 2), bool),
+    }
+    step = make_train_step(graphdef, cfg, 32, tx, schedule, mesh=mesh, donate=False)
+    lowered = step.lower(replicate(state, mesh), shard_batch(batch, mesh))
     assert "__ynn_fusion" not in lowered.compile().as_text()
 
 

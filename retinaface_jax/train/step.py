@@ -84,7 +84,8 @@ def make_train_step(
         return new_state, metrics
 
     donate_argnums = (0,) if donate else ()
-    options = compiler_options()
+    # the options of the platform the step runs on: the mesh's devices, else JAX's default backend
+    options = compiler_options(None if mesh is None else mesh.devices.flat[0].platform)
     if mesh is None:
         return jax.jit(step, donate_argnums=donate_argnums, compiler_options=options)
     rep, dat = replicated(mesh), data_sharded(mesh)
