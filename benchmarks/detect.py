@@ -24,7 +24,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from common import REPO, alternating_medians, machine, onnx_anchor, shared_dir
+from common import REPO, alternating_medians, machine, onnx_anchor, shared_dir, warm_up
 
 from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc
 
@@ -49,12 +49,9 @@ def anchor_input(image: np.ndarray) -> np.ndarray:
 def bench_640(det, anchor_forward, repeats: int) -> None:
     img = cv2.resize(cv2.imread(str(IMAGE)), (640, 480), interpolation=cv2.INTER_AREA)
     x = anchor_input(img)
-    for _ in range(3):
-        det.detect(img)
-        anchor_forward(x)
-    t = alternating_medians(
-        {"ours": lambda: det.detect(img), "anchor": lambda: anchor_forward(x)}, repeats
-    )
+    fns = {"ours": lambda: det.detect(img), "anchor": lambda: anchor_forward(x)}
+    warm_up(fns)
+    t = alternating_medians(fns, repeats)
     ours, anchor = t["ours"], t["anchor"]
     n = len(det.detect(img))
     print(

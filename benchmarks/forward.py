@@ -9,6 +9,10 @@ flat leaves (calling a jitted function with the ``nnx.Module`` itself costs ~3 m
 flatten its graph).
 
     python benchmarks/forward.py [--repeats 40] [--sizes 640x480,1024x624,1920x1080] [--batches 1,8]
+                                 [--cpus N]
+
+``--cpus 1`` pins the process to one CPU and gives onnxruntime one thread: a per-core comparison,
+which separates arithmetic efficiency from how well each side uses several cores.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 
 import jax
 import numpy as np
-from common import alternating_medians, machine, onnx_anchor, shared_dir
+from common import alternating_medians, machine, onnx_anchor, pin_cpus, shared_dir, warm_up
 
 from retinaface_jax import compiler_options, load_model
 from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc
@@ -32,13 +36,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--sizes", default="640x480,1024x624,1920x1080", help="WxH list")
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--cpus", type=int, default=None, help="use only N CPUs (anchor: N threads)")
     args = p.parse_args()
+    cpus = pin_cpus(args.cpus)  # before JAX creates its CPU client
     shared = shared_dir()
     model = load_model(shared / "data/weights/mobilenet0.25_Final.pth")
-    _, anchor = onnx_anchor(shared)
+    _, anchor = onnx_anchor(shared, threads=args.cpus)
     leaves, rebuild = flat_state(model)
     forward = jax.jit(lambda leaves, x: rebuild(leaves)(x), compiler_options=compiler_options())
-    print(f"machine: {machine()}; conv formulation: {get_conv_impl()}")
+    print(f"machine: {machine()}; conv formulation: {get_conv_impl()}; CPUs used: {cpus}")
     print(
         f"{'input':>16} {'ours ms':>9} {'onnx ms':>9} {'ratio':>7} {'compile s':>10} {'max|d conf|':>12}"
     )
@@ -56,14 +62,12 @@ def main() -> None:
             conf = np.asarray(jax.nn.softmax(ours_out[1], -1))
             diff = float(np.max(np.abs(conf - ref[1])))
             reps = max(4, args.repeats // b)
-            t = alternating_medians(
-                {
-                    "ours": lambda c=compiled, v=xj: jax.block_until_ready(c(leaves, v)),
-                    "onnx": lambda v=x: anchor(v),
-                },
-                reps,
-                block=max(2, min(10, reps // 4)),
-            )
+            fns = {
+                "ours": lambda c=compiled, v=xj: jax.block_until_ready(c(leaves, v)),
+                "onnx": lambda v=x: anchor(v),
+            }
+            warm_up(fns)
+            t = alternating_medians(fns, reps, block=max(2, min(10, reps // 4)))
             ours, onnx = t["ours"], t["onnx"]
             print(
                 f"{w}x{h} b{b:<3d} {ours * 1e3:9.1f} {onnx * 1e3:9.1f} {ours / onnx:7.2f} "
