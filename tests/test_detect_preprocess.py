@@ -107,3 +107,17 @@ def test_face_to_dict_json_roundtrip():
     assert d["landmarks"] == [[5, 6], [7, 8], [9, 10], [11, 12], [13, 14]]
     np.testing.assert_array_equal(f.to_row(), row)
     assert f.landmarks.shape == (5, 2)
+
+
+def test_faces_from_rows_equal_from_row_and_do_not_alias_the_input():
+    rows = np.random.default_rng(0).uniform(0, 100, (7, 15)).astype(np.float32)
+    faces = Face.from_rows(rows)
+    assert len(faces) == 7
+    for f, row in zip(faces, rows, strict=True):
+        g = Face.from_row(row)
+        np.testing.assert_array_equal(f.to_row(), g.to_row())
+        assert type(f.score) is float and f.score == g.score
+        assert f.box.shape == (4,) and f.landmarks.shape == (5, 2)
+    rows[:] = -1  # the caller's array is not shared with the faces
+    assert faces[0].box.min() >= 0 and faces[-1].landmarks.min() >= 0
+    assert Face.from_rows(np.zeros((0, 15), np.float32)) == []

@@ -212,7 +212,7 @@ class Detector:
             for idxs, outputs in pending:
                 rows = self.finish(outputs, len(idxs))
                 for i, r in zip(idxs, rows, strict=True):
-                    faces[i] = [Face.from_row(row) for row in r]
+                    faces[i] = Face.from_rows(r)
             out.extend(faces)
         return out
 
