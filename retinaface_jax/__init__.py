@@ -1,6 +1,7 @@
 """retinaface_jax: RetinaFace face detection (boxes + five landmarks) in JAX / Flax NNX.
 
-Public API (mostly imported lazily, so ``import retinaface_jax`` stays cheap):
+Public API (imported lazily on first use, so ``import retinaface_jax`` does not import JAX: scripts
+can re-execute themselves with tuned malloc settings, ``malloc_tuning``, before paying for it):
 ``RetinaFace``, ``load_model``, ``load_backbone``, ``prior_box``, ``match``, ``multibox_loss``,
 ``Detector``, ``Face``, ``align_faces``, ``widerface_ap``, ``get_config``, ``cfg_mnet``, ``cfg_re50``,
 ``RetinaFaceConfig``, ``compiler_options``.
@@ -26,14 +27,14 @@ _EXPORTS = {
     "align_faces": "retinaface_jax.inference.align",
     "widerface_ap": "retinaface_jax.evaluate.widerface_ap",
     "compiler_options": "retinaface_jax.xla_options",
+    "match": "retinaface_jax.loss",
+    "multibox_loss": "retinaface_jax.loss",
+    "prior_box": "retinaface_jax.priors",
 }
+# No export may share its module's name: importing a submodule binds the package attribute to the
+# module, which would shadow the lazily exported object of the same name.
 
-# Functions that share their module's name are imported eagerly: importing the submodule binds the
-# package attribute to the module, which would shadow a lazily exported function of the same name.
-from retinaface_jax.multibox_loss import match, multibox_loss  # noqa: E402, F401
-from retinaface_jax.prior_box import prior_box  # noqa: E402, F401
-
-__all__ = sorted([*_EXPORTS, "match", "multibox_loss", "prior_box"])
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

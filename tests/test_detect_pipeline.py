@@ -12,7 +12,7 @@ from retinaface_jax.inference import buckets
 from retinaface_jax.inference.detector import Detector
 from retinaface_jax.inference.postprocess import greedy_nms, nms_rows, pixel_priors
 from retinaface_jax.inference.preprocess import resize_factor, to_network_input
-from retinaface_jax.prior_box import prior_box
+from retinaface_jax.priors import prior_box
 
 CFG = get_config("mobilenet0.25")
 

@@ -13,8 +13,8 @@ from jax.sharding import PartitionSpec as PS
 
 from retinaface_jax.box_utils import encode, jaccard, point_form
 from retinaface_jax.config import cfg_mnet
-from retinaface_jax.multibox_loss import _best_overlaps, match, multibox_loss
-from retinaface_jax.prior_box import prior_box
+from retinaface_jax.loss import _best_overlaps, match, multibox_loss
+from retinaface_jax.priors import prior_box
 
 SEEDS = (0, 1, 2)
 LOSS_KEYS = ("loss_l", "loss_c", "loss_landm")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from retinaface_jax.config import cfg_mnet, cfg_re50
-from retinaface_jax.prior_box import prior_box
+from retinaface_jax.priors import prior_box
 
 
 def _naive_priors(min_sizes, steps, h: int, w: int) -> np.ndarray:

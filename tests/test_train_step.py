@@ -16,7 +16,7 @@ from flax import nnx
 
 from retinaface_jax.config import RetinaFaceConfig, get_config
 from retinaface_jax.models.layers import BatchNorm2d, Conv2d
-from retinaface_jax.prior_box import prior_box
+from retinaface_jax.priors import prior_box
 from retinaface_jax.train.optimizer import make_optimizer
 from retinaface_jax.train.schedule import learning_rate_schedule
 from retinaface_jax.train.sharding import make_mesh, replicate, shard_batch, to_host

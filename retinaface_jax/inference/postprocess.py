@@ -20,7 +20,7 @@ import numpy as np
 
 from retinaface_jax.box_utils import decode, decode_landm
 from retinaface_jax.config import RetinaFaceConfig
-from retinaface_jax.prior_box import prior_box
+from retinaface_jax.priors import prior_box
 
 
 @functools.lru_cache(maxsize=32)

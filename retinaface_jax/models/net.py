@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from retinaface_jax.models.layers import BatchNorm2d, Conv2d, LeakyReLU, Linear
+from retinaface_jax.models.layers import BatchNorm2d, Conv2d, LeakyReLU, Linear, initialized_at_once
 
 
 def conv_bn(inp: int, oup: int, stride: int = 1, leaky: float = 0.0, *, rngs: nnx.Rngs):
@@ -54,6 +54,7 @@ def _context_slope(out_channels: int) -> float:
 class SSH(nnx.Module):
     """Single Stage Headless context module: 3x3, 5x5 (two 3x3) and 7x7 (three 3x3) branches."""
 
+    @initialized_at_once
     def __init__(self, in_channel: int, out_channel: int, *, rngs: nnx.Rngs):
         if out_channel % 4:
             raise ValueError(f"SSH: out_channel must be divisible by 4, got {out_channel}")
@@ -93,6 +94,7 @@ def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 class FPN(nnx.Module):
     """Feature pyramid: 1x1 laterals, top-down nearest upsampling to each lateral, 3x3 merges."""
 
+    @initialized_at_once
     def __init__(self, in_channels_list: list[int], out_channels: int, *, rngs: nnx.Rngs):
         leaky = _context_slope(out_channels)
         c1, c2, c3 = in_channels_list
@@ -116,6 +118,7 @@ class MobileNetV1(nnx.Module):
     check the pretrained backbone checkpoint; RetinaFace uses the three stages.
     """
 
+    @initialized_at_once
     def __init__(self, include_top: bool = False, *, rngs: nnx.Rngs):
         r = rngs
         self.stage1 = nnx.Sequential(

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from retinaface_jax.models.layers import BatchNorm2d, Conv2d
+from retinaface_jax.models.layers import BatchNorm2d, Conv2d, initialized_at_once
 
 
 class Bottleneck(nnx.Module):
@@ -52,6 +52,7 @@ def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 class ResNet50(nnx.Module):
     """torchvision ResNet50 without the classifier; ``features(x)`` -> [layer2, layer3, layer4]."""
 
+    @initialized_at_once
     def __init__(self, *, rngs: nnx.Rngs):
         self.conv1 = Conv2d(3, 64, 7, 2, 3, bias=False, rngs=rngs)
         self.bn1 = BatchNorm2d(64)

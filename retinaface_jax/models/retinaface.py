@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from retinaface_jax.config import RetinaFaceConfig, get_config
-from retinaface_jax.models.layers import BatchNorm2d, Conv2d
+from retinaface_jax.models.layers import BatchNorm2d, Conv2d, initialized_at_once
 from retinaface_jax.models.net import FPN, SSH, MobileNetV1
 from retinaface_jax.models.resnet import ResNet50
 
@@ -55,11 +55,11 @@ def _heads(cls: type[_Head], cfg: RetinaFaceConfig, rngs: nnx.Rngs) -> nnx.List:
 class RetinaFace(nnx.Module):
     """The RetinaFace detector; attribute paths follow the original's state-dict names."""
 
+    @initialized_at_once
     def __init__(
         self, cfg: RetinaFaceConfig | str = "mobilenet0.25", *, rngs: nnx.Rngs | None = None
     ):
         cfg = get_config(cfg) if isinstance(cfg, str) else cfg
-        rngs = nnx.Rngs(0) if rngs is None else rngs
         self.cfg = cfg
         if cfg.backbone == "mobilenet0.25":
             self.body = MobileNetV1(rngs=rngs)

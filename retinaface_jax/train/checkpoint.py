@@ -161,11 +161,11 @@ def restore_model_state(
 
     This is how ``load_model(WORKDIR)`` loads the latest checkpoint of a training run.
     """
-    from retinaface_jax.models.retinaface import RetinaFace
+    from retinaface_jax.weights.load import abstract_model
 
     cfg, params, batch_stats, _ = load_checkpoint_variables(workdir, step)
     saved = {**_flat(params), **_flat(batch_stats)}
-    template = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: RetinaFace(cfg))))
+    template = nnx.to_pure_dict(nnx.state(abstract_model(cfg)))
     missing = []
 
     def pick(path: tuple, leaf: Any) -> Any:

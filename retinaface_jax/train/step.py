@@ -20,8 +20,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from retinaface_jax.config import RetinaFaceConfig
-from retinaface_jax.multibox_loss import multibox_loss
-from retinaface_jax.prior_box import prior_box
+from retinaface_jax.loss import multibox_loss
+from retinaface_jax.priors import prior_box
 from retinaface_jax.train.sharding import data_sharded, replicated
 from retinaface_jax.train.state import TrainState, merge_model
 from retinaface_jax.xla_options import compiler_options

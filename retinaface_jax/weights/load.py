@@ -15,11 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
 from retinaface_jax.config import RetinaFaceConfig, get_config
+from retinaface_jax.models.layers import abstract_init
 from retinaface_jax.models.retinaface import RetinaFace
 from retinaface_jax.weights.names import slots
 from retinaface_jax.weights.torch_reader import read_state_dict
@@ -32,11 +33,11 @@ class WeightsError(ValueError):
 
 
 def abstract_model(cfg: RetinaFaceConfig) -> RetinaFace:
-    """A ``RetinaFace`` whose variables are shapes only (no random init: instant to build).
-
-    Every variable must be assigned before use; loading does exactly that.
-    """
-    return nnx.eval_shape(lambda: RetinaFace(cfg))
+    """A ``RetinaFace`` whose variables are shapes only (``jax.ShapeDtypeStruct``; no random init,
+    nothing traced: instant to build). Every variable must be assigned before use; loading does
+    exactly that."""
+    with abstract_init():
+        return RetinaFace(cfg)
 
 
 def infer_backbone(state_dict: StateDict) -> str:
@@ -90,7 +91,8 @@ def assign_state_dict(
     for name, ours in full.items():
         slot = table[ours]
         value = slot.to_ours(sd[name].astype(np.float32))
-        getattr(slot.module, slot.attr).set_value(jnp.asarray(np.ascontiguousarray(value)))
+        # device_put, not jnp.asarray: outside a trace that compiles a copy program per shape
+        getattr(slot.module, slot.attr).set_value(jax.device_put(np.ascontiguousarray(value)))
 
 
 def load_model(
