@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from retinaface_jax.config import RetinaFaceConfig, get_config
+from retinaface_jax.config import RetinaFaceConfig, dump_config, get_config
 from retinaface_jax.inference import buckets
 from retinaface_jax.inference.compile_cache import enable_compilation_cache
 from retinaface_jax.inference.face import Face
@@ -36,7 +36,9 @@ from retinaface_jax.inference.preprocess import (
     resize_factor,
     resize_image,
 )
+from retinaface_jax.inference.program_cache import ExportedPrograms
 from retinaface_jax.models.flat_state import flat_state
+from retinaface_jax.weights.download import cache_dir
 from retinaface_jax.xla_options import compiler_options
 
 _UNSET: Any = object()
@@ -96,7 +98,9 @@ class Detector:
     (default) = original scale; ``target_size=1600, max_size=2150`` = the original WIDER FACE
     evaluation rule; ``max_size=N`` alone = long side scaled to exactly N. ``batch_size`` caps the
     padded batch of :meth:`detect_batch`. ``exact_sizes=True`` disables size buckets (one program
-    per distinct input size). Padding is exact (``inference.padding``).
+    per distinct input size). Padding is exact (``inference.padding``). ``compilation_cache``
+    (default on) keeps compiled programs (``compile_cache``) and exported ones
+    (``program_cache``) under the cache dir, so a new process neither recompiles nor retraces.
     """
 
     def __init__(
@@ -127,6 +131,16 @@ class Detector:
         self.batch_size = batch_size
         self.exact_sizes = exact_sizes
         self.cache_dir = enable_compilation_cache() if compilation_cache else None
+        # with the caches on, call programs exported to disk (no tracing in a new process)
+        self._run = self._program
+        if self.cache_dir is not None:
+            self._run = ExportedPrograms(
+                self._program,
+                cache_dir() / "programs",
+                self._leaves,
+                dump_config(self.cfg),
+                compiler_options(),
+            )
 
     @classmethod
     def from_pretrained(
@@ -274,7 +288,7 @@ class Detector:
         max_keep = k if limits.keep_top_k is None else min(int(limits.keep_top_k), k)
         # mask only when some image is smaller than the bucket (an exact fit needs no mask)
         masked = not self.exact_sizes and any(x.shape[:2] != (hb, wb) for x, _ in prepared)
-        return self._program(
+        return self._run(
             self._leaves,
             batch,
             valid_hw,

@@ -82,7 +82,9 @@ def load_native(
     model = abstract_model(cfg)
     target = nnx.to_pure_dict(nnx.state(model))  # ShapeDtypeStructs
     if state is None:
-        state = ocp.StandardCheckpointer().restore(p / STATE_DIR, target)
+        # numpy targets: orbax restores host arrays, 0.13 instead of 0.24-0.33 s for mobilenet0.25
+        host = jax.tree.map(lambda s: np.empty(s.shape, s.dtype), target)
+        state = ocp.StandardCheckpointer().restore(p / STATE_DIR, host)
     _check_tree(target, state, str(p))
     nnx.update(model, jax.device_put(state))  # not jnp.asarray: a compiled copy per shape
     return model
