@@ -44,8 +44,9 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
-def _signature(tree: Any) -> str:
-    return repr([(tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree)])
+def _signature(tree: Any) -> tuple[tuple[tuple[int, ...], str], ...]:
+    """``(shape, dtype)`` of every leaf: what a program's arguments look like."""
+    return tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(tree))
 
 
 class ExportedPrograms:
@@ -75,7 +76,7 @@ class ExportedPrograms:
                 source_digest(),
                 repr(sorted((compiler_options or {}).items())),
                 context,
-                _signature(fixed),
+                repr(_signature(fixed)),
             ]
         )
         self._programs: dict[tuple, Callable[..., Any]] = {}

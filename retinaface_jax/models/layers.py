@@ -233,8 +233,7 @@ def initialize(module: nnx.Module, rngs: nnx.Rngs) -> None:
     for _, m in nnx.iter_modules(module):
         if isinstance(m, BatchNorm2d):
             for name, value in BatchNorm2d.INITIAL.items():
-                var = getattr(m, name)
-                var.set_value(jax.device_put(np.full(var.shape, value, np.float32)))
+                getattr(m, name).set_value(_full(m.num_features, value))
         elif isinstance(m, (Conv2d, Linear)):
             bound = _torch_bound(m.kernel.shape)
             uniform += [(v, bound) for v in (m.kernel, m.bias) if v is not None]
