@@ -3,13 +3,14 @@
 Both run in this process on the same inputs (BGR minus mean, float32), timed in alternating blocks
 (``common.alternating_medians``; ``--repeats`` calls each at batch 1, ``repeats / batch`` at batch
 B); prints per-call medians,
-their ratio (ours / anchor; < 1 means we are faster) and our compile time. Ours is jitted as
-``Detector`` jits it: with ``retinaface_jax.compiler_options()`` and called on the model state's
-flat leaves (calling a jitted function with the ``nnx.Module`` itself costs ~3 ms per call, to
-flatten its graph).
+their ratio (ours / anchor; < 1 means we are faster) and our compile time. Ours runs as
+``Detector`` runs it: on our native CPU kernels when they build (``--kernels auto``, the default;
+``retinaface_jax.kernels``), else on XLA, jitted with ``retinaface_jax.compiler_options()`` and
+called on the model state's flat leaves (calling a jitted function with the ``nnx.Module`` itself
+costs ~3 ms per call, to flatten its graph). ``--kernels xla`` times the XLA formulation.
 
     python benchmarks/forward.py [--repeats 40] [--sizes 640x480,1024x624,1920x1080] [--batches 1,8]
-                                 [--cpus N]
+                                 [--cpus N] [--kernels auto|native|xla]
 
 ``--cpus 1`` pins the process to one CPU and gives onnxruntime one thread: a per-core comparison,
 which separates arithmetic efficiency from how well each side uses several cores.
@@ -25,9 +26,11 @@ import numpy as np
 from common import alternating_medians, machine, onnx_anchor, pin_cpus, shared_dir, warm_up
 
 from retinaface_jax import compiler_options, load_model
+from retinaface_jax.inference.detector import KERNEL_CHOICES, choose_kernels
 from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc
 from retinaface_jax.models.conv_ops import get_conv_impl
 from retinaface_jax.models.flat_state import flat_state
+from retinaface_jax.models.kernel_forward import kernel_forward, kernel_params
 
 
 def main() -> None:
@@ -37,14 +40,26 @@ def main() -> None:
     p.add_argument("--sizes", default="640x480,1024x624,1920x1080", help="WxH list")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--cpus", type=int, default=None, help="use only N CPUs (anchor: N threads)")
+    p.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES)
     args = p.parse_args()
     cpus = pin_cpus(args.cpus)  # before JAX creates its CPU client
     shared = shared_dir()
     model = load_model(shared / "data/weights/mobilenet0.25_Final.pth")
     _, anchor = onnx_anchor(shared, threads=args.cpus)
+    model.eval()
+    kernels = choose_kernels(args.kernels, model)
     leaves, rebuild = flat_state(model)
-    forward = jax.jit(lambda leaves, x: rebuild(leaves)(x), compiler_options=compiler_options())
-    print(f"machine: {machine()}; conv formulation: {get_conv_impl()}; CPUs used: {cpus}")
+    if kernels == "native":
+        params, plan = kernel_params(model)  # mobilenet0.25: the whole model on the kernels
+        leaves = jax.device_put(params)
+        forward = jax.jit(
+            lambda p, x: kernel_forward(plan, p, x), compiler_options=compiler_options()
+        )
+        formulation = "native CPU kernels"
+    else:
+        forward = jax.jit(lambda w, x: rebuild(w)(x), compiler_options=compiler_options())
+        formulation = f"XLA ({get_conv_impl()})"
+    print(f"machine: {machine()}; model on: {formulation}; CPUs used: {cpus}")
     print(
         f"{'input':>16} {'ours ms':>9} {'onnx ms':>9} {'ratio':>7} {'compile s':>10} {'max|d conf|':>12}"
     )

@@ -61,7 +61,7 @@ def test_train_step_and_detector_are_compiled_with_the_options():
     detector = retinaface_jax.Detector(model, cfg, compilation_cache=False)
     image = np.zeros((1, 64, 64, 3), np.uint8)
     lowered = detector._program.lower(
-        detector._leaves,
+        detector._weights,
         image,
         np.array([[64, 64]], np.int32),
         np.ones((1,), np.float32),

@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="cap the long side at M (alone: scale the long side to exactly M)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "native", "xla"),
+        default="auto",
+        help="auto: our native CPU kernels when JAX runs on the CPU and they build (once per "
+        "machine), else XLA; native: require them; xla: never use them",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -306,6 +313,7 @@ def main(argv: Sequence[str] | None = None, *, detector: Any = None) -> int:
             max_size=args.max_size,
             batch_size=args.batch_size,
             progress=not args.quiet,
+            kernels=args.kernels,
         )
     args.output.mkdir(parents=True, exist_ok=True)
     json_out: IO[str] | None

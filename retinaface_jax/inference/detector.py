@@ -25,6 +25,7 @@ from retinaface_jax.inference.compile_cache import enable_compilation_cache
 from retinaface_jax.inference.face import Face
 from retinaface_jax.inference.padding import mask_padded, masked_for_padding, valid_region
 from retinaface_jax.inference.postprocess import (
+    detections_native,
     nms_rows,
     pixel_priors,
     prior_valid_mask,
@@ -37,7 +38,10 @@ from retinaface_jax.inference.preprocess import (
     resize_image,
 )
 from retinaface_jax.inference.program_cache import ExportedPrograms
+from retinaface_jax.kernels.native import native_kernels_available
 from retinaface_jax.models.flat_state import flat_state
+from retinaface_jax.models.kernel_forward import kernel_forward, kernel_params
+from retinaface_jax.models.retinaface import RetinaFace
 from retinaface_jax.weights.download import cache_dir
 from retinaface_jax.xla_options import compiler_options
 
@@ -54,7 +58,7 @@ class Limits(NamedTuple):
 
 
 def _detect_program(
-    leaves,
+    weights,
     images,
     valid_hw,
     resize,
@@ -63,32 +67,77 @@ def _detect_program(
     *,
     rebuild,
     cfg,
+    plan,
     k,
     max_keep,
     masked,
 ):
     """The jitted part: mean subtraction -> model -> decode -> score filter -> top-k -> NMS.
 
-    ``leaves``: the model state's flat leaves (``flat_state``, cheap to pass); ``images``: a padded
-    bucket batch (uint8 or float32 BGR); ``valid_hw``: each image's unpadded size. ``masked``
-    zeroes the padded region at every padded convolution (``inference.padding``).
+    ``weights``: ``(leaves, kernel params)``. On XLA: the model state's flat leaves
+    (``flat_state``, cheap to pass) and None. On the native CPU kernels (``plan`` given): the
+    packed parameter buffer of ``kernel_forward.kernel_params``, with the leaves only when the
+    body runs on XLA (ResNet50), else ``[]``. ``images``: a padded bucket batch (uint8 or float32
+    BGR); ``valid_hw``: each image's unpadded size. ``masked`` zeroes the padded region at every
+    padded convolution (``inference.padding``).
     """
-    model = rebuild(leaves)
+    leaves, kparams = weights
+    model = rebuild(leaves) if leaves else None
     x = images.astype(jnp.float32) - jnp.asarray(cfg.rgb_mean, jnp.float32)
+
+    def forward(x):
+        if plan is not None:
+            return kernel_forward(plan, kparams, x, model.body.features if model else None)
+        return model(x)
+
     if masked:
-        model = masked_for_padding(model)
+        if model is not None:
+            model = masked_for_padding(model)
         with valid_region(valid_hw, images.shape[1:3]):
             x = mask_padded(x)  # the padded border is zero after mean subtraction
-            loc, conf, landms = model(x)
+            loc, conf, landms = forward(x)
     else:
-        loc, conf, landms = model(x)
+        loc, conf, landms = forward(x)
     priors_np, strides_np = pixel_priors(cfg, images.shape[1], images.shape[2])
     priors, strides = jnp.asarray(priors_np), jnp.asarray(strides_np)
     valid = prior_valid_mask(priors, strides, valid_hw)
+    variances = tuple(cfg.variance)
+    if plan is not None:  # top-k and NMS on the native kernels too
+        return detections_native(
+            loc,
+            conf,
+            landms,
+            priors,
+            valid,
+            resize,
+            conf_threshold,
+            variances,
+            k,
+            nms_threshold,
+            max_keep,
+        )
     scores, boxes, lm = select_candidates(
-        loc, conf, landms, priors, valid, resize, conf_threshold, tuple(cfg.variance), k
+        loc, conf, landms, priors, valid, resize, conf_threshold, variances, k
     )
     return nms_rows(scores, boxes, lm, nms_threshold, max_keep)
+
+
+KERNEL_CHOICES = ("auto", "native", "xla")
+
+
+def choose_kernels(kernels: str, model: nnx.Module) -> str:
+    """``'native'`` or ``'xla'``: what a :class:`Detector` built with ``kernels`` runs on."""
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels: expected one of {KERNEL_CHOICES}, got {kernels!r}")
+    if kernels == "xla":
+        return "xla"
+    if not isinstance(model, RetinaFace) or jax.default_backend() != "cpu":
+        usable, why = False, "they run only RetinaFace models on JAX's CPU backend"
+    else:
+        usable, why = native_kernels_available(), "they did not build (see the warning above)"
+    if kernels == "native" and not usable:
+        raise RuntimeError(f"kernels='native': the native CPU kernels are not usable: {why}")
+    return "native" if usable else "xla"
 
 
 class Detector:
@@ -101,6 +150,10 @@ class Detector:
     per distinct input size). Padding is exact (``inference.padding``). ``compilation_cache``
     (default on) keeps compiled programs (``compile_cache``) and exported ones
     (``program_cache``) under the cache dir, so a new process neither recompiles nor retraces.
+    ``kernels``: ``'auto'`` (default) runs the model on our native CPU kernels when JAX's backend
+    is the CPU and they build (``retinaface_jax.kernels``; compiled once per machine, ~5 s),
+    else on XLA; ``'native'`` requires them; ``'xla'`` never uses them. ``self.kernels`` says
+    which one runs.
     """
 
     def __init__(
@@ -113,14 +166,21 @@ class Detector:
         batch_size: int = 8,
         exact_sizes: bool = False,
         compilation_cache: bool = True,
+        kernels: str = "auto",
     ):
         self.cfg = cfg or getattr(model, "cfg", None) or get_config("mobilenet0.25")
         if hasattr(model, "eval"):
             model.eval()
+        self.kernels = choose_kernels(kernels, model)
         # Static parts are bound once: hashing a GraphDef on every call costs milliseconds.
-        self._leaves, rebuild = flat_state(model)
+        leaves, rebuild = flat_state(model)
+        self._weights, plan = (leaves, None), None
+        if self.kernels == "native":
+            kparams, plan = kernel_params(model)
+            # a MobileNetV1 body runs on the kernels too: no model leaves to pass
+            self._weights = ([] if plan.mobilenet_body else leaves, jax.device_put(kparams))
         self._program = jax.jit(
-            functools.partial(_detect_program, rebuild=rebuild, cfg=self.cfg),
+            functools.partial(_detect_program, rebuild=rebuild, cfg=self.cfg, plan=plan),
             static_argnames=("k", "max_keep", "masked"),
             compiler_options=compiler_options(),
         )
@@ -137,7 +197,7 @@ class Detector:
             self._run = ExportedPrograms(
                 self._program,
                 cache_dir() / "programs",
-                self._leaves,
+                self._weights,
                 dump_config(self.cfg),
                 compiler_options(),
             )
@@ -154,6 +214,7 @@ class Detector:
         exact_sizes: bool = False,
         base_url: str | None = None,
         progress: bool = True,
+        kernels: str = "auto",
     ) -> Detector:
         """A detector from an official name (``'mobilenet0.25'``, ``'resnet50'``; fetched and
         cached, see ``weights.download``), an original ``.pth``/``.tar`` file or a native dir."""
@@ -170,6 +231,7 @@ class Detector:
             max_size=max_size,
             batch_size=batch_size,
             exact_sizes=exact_sizes,
+            kernels=kernels,
         )
 
     # -- public API ------------------------------------------------------------------------
@@ -289,7 +351,7 @@ class Detector:
         # mask only when some image is smaller than the bucket (an exact fit needs no mask)
         masked = not self.exact_sizes and any(x.shape[:2] != (hb, wb) for x, _ in prepared)
         return self._run(
-            self._leaves,
+            self._weights,
             batch,
             valid_hw,
             resize,

@@ -29,6 +29,8 @@ import jax
 import jaxlib
 from jax import export
 
+from retinaface_jax.kernels.native import TARGETS
+
 log = logging.getLogger(__name__)
 
 SUFFIX = ".jaxexport"
@@ -36,10 +38,10 @@ SUFFIX = ".jaxexport"
 
 @functools.cache
 def source_digest() -> str:
-    """sha256 over this package's ``*.py`` files (relative path and content)."""
+    """sha256 over this package's ``*.py`` and ``*.cc`` files (relative path and content)."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted([*root.rglob("*.py"), *root.rglob("*.cc")]):
         h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 
@@ -102,7 +104,9 @@ class ExportedPrograms:
             except Exception as err:  # a truncated or foreign file: export again
                 log.warning("ignoring unreadable exported program %s (%s)", path, err)
         if exported is None:
-            exported = export.export(self.jitted)(*args, **static)
+            # our native CPU kernels are custom calls, which export refuses unless told
+            allowed = [export.DisabledSafetyCheck.custom_call(name) for name in TARGETS]
+            exported = export.export(self.jitted, disabled_checks=allowed)(*args, **static)
             _write_atomic(path, exported.serialize())
         return jax.jit(exported.call, compiler_options=self.compiler_options)
 

@@ -1,0 +1,515 @@
+// CPU convolution kernels for RetinaFace inference, as XLA FFI handlers (NHWC, float32).
+//
+// XLA's CPU backend runs a convolution as a GEMM thunk followed by separate fused loops for the
+// BatchNorm / activation epilogue, and writes depthwise convolutions as elementwise loops; for
+// this network's small channel counts that costs extra passes over memory and loses to
+// onnxruntime's MLAS. These kernels compute a whole conv -> BatchNorm -> activation layer (BN
+// folded into weights and bias by the caller) in one pass:
+//
+//   retinaface_conv:    dense k x k convolution, any stride / padding, + bias, then per channel
+//                       y = v > 0 ? v : v * slope[c]  (slope 0: ReLU, 0.1: LeakyReLU, 1: none).
+//                       The input may be a channel slice of a wider tensor (cin, cin_offset).
+//   retinaface_conv_dw: MobileNet's depthwise-separable block: 3x3 depthwise (pad 1) + bias +
+//                       activation, then 1x1 pointwise + bias + activation, one output row at a
+//                       time (the depthwise row stays in cache).
+//
+//   retinaface_topk_nms: the top_k best-scoring candidates, then greedy NMS with the float32
+//                       arithmetic of the original's py_cpu_nms (see RfTopkNmsImpl).
+//
+// All parameters of a model live in one float32 buffer (one argument of the XLA program instead
+// of ~130: dispatching a call flattens every argument); a kernel reads its layer's slices at the
+// offsets given as attributes. The buffer is built by retinaface_jax/kernels/ops.py. Weights are
+// packed as blocks of 16 output channels: [CO/16][K][16], then, if CO % 16 == 8, one [K][8]
+// block; K = kh*kw*cin ordered (kh, kw, cin). The inner loop is a 6-pixel x 16-channel register
+// tile (12 AVX2 accumulators) fed by broadcasts straight from the NHWC input (no im2col for
+// cin >= 8); the K loop is split so one weight block stays in L1. Rows of the output are shared
+// between the calling thread and XLA's intra-op thread pool.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 bcast(float s) { return v8{s, s, s, s, s, s, s, s}; }
+inline v8 loadu(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void storeu(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+// y = v > 0 ? v : v * slope
+inline v8 activate(v8 v, v8 slope) { return v > bcast(0.f) ? v : v * slope; }
+
+constexpr int64_t kMaxCin = 4096;
+alignas(64) const float kZeros[kMaxCin] = {0};  // read in place of padding pixels
+
+// Runs fn(i) for i in [0, total) on the calling thread and XLA's intra-op pool. The caller takes
+// items too and waits only for items already started, so it never waits on a queued task (no
+// deadlock when every pool thread is itself inside a kernel).
+void parallel_for(ffi::ThreadPool& pool, int64_t total, const std::function<void(int64_t)>& fn) {
+  const int64_t threads = std::min<int64_t>(total, std::max<int64_t>(1, pool.num_threads()));
+  if (threads <= 1) {
+    for (int64_t i = 0; i < total; ++i) fn(i);
+    return;
+  }
+  struct Job {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t total = 0;
+    const std::function<void(int64_t)>* fn = nullptr;
+  };
+  auto job = std::make_shared<Job>();
+  job->total = total;
+  job->fn = &fn;
+  auto work = [job]() {
+    for (int64_t i; (i = job->next.fetch_add(1)) < job->total;) {
+      (*job->fn)(i);
+      job->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([work]() { work(); });
+  work();
+  while (job->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+}
+
+// Splits `rows` output rows into tasks of about `min_work` multiply-adds (at least 1 row).
+int64_t rows_per_task(int64_t rows, int64_t work_per_row, int64_t min_work = 200000) {
+  const int64_t by_work = std::max<int64_t>(1, min_work / std::max<int64_t>(1, work_per_row));
+  const int64_t by_count = std::max<int64_t>(1, rows / 16);
+  return std::max(by_work, by_count);
+}
+
+// acc[MRT pixels][NB*8 channels] (+)= x[pixel][k] * w[k][channels] over `taps` runs of `cin`
+// k's (pixel j of tap t reads xp[t*MRT + j]); then bias + activation unless !final.
+template <int MRT, int NB>
+__attribute__((noinline)) void tile(const float* const* xp, int taps, int64_t cin, const float* w, const float* bias,
+                 const float* slope, float* y, int64_t ystride, int nvalid, bool accumulate,
+                 bool final) {
+  v8 acc[MRT][NB];
+#pragma GCC unroll 16
+  for (int j = 0; j < MRT; ++j)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b)
+      acc[j][b] = (accumulate && j < nvalid) ? loadu(y + j * ystride + b * 8) : bcast(0.f);
+  for (int t = 0; t < taps; ++t) {
+    const float* p[MRT];
+#pragma GCC unroll 16
+    for (int j = 0; j < MRT; ++j) p[j] = xp[t * MRT + j];
+    const float* wt = w + t * cin * (NB * 8);
+    for (int64_t c = 0; c < cin; ++c) {
+      v8 wv[NB];
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) wv[b] = loadu(wt + c * NB * 8 + b * 8);
+#pragma GCC unroll 16
+      for (int j = 0; j < MRT; ++j) {
+        const v8 s = bcast(p[j][c]);
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) acc[j][b] += s * wv[b];
+      }
+    }
+  }
+  if (!final) {
+    for (int j = 0; j < nvalid; ++j)
+      for (int b = 0; b < NB; ++b) storeu(y + j * ystride + b * 8, acc[j][b]);
+    return;
+  }
+  v8 bv[NB], sv[NB];
+  for (int b = 0; b < NB; ++b) bv[b] = loadu(bias + b * 8), sv[b] = loadu(slope + b * 8);
+  for (int j = 0; j < nvalid; ++j)
+    for (int b = 0; b < NB; ++b) storeu(y + j * ystride + b * 8, activate(acc[j][b] + bv[b], sv[b]));
+}
+
+constexpr int MR = 6;  // pixels per register tile (6 x 16 channels = 12 accumulators)
+
+// Runs the packed weight blocks over tiles of one output row. ptrs: [ntiles][taps][MR].
+void conv_row_blocks(const float* const* ptrs, int64_t ntiles, int64_t OW, int taps, int64_t cin,
+                     const float* wp, const float* bias, const float* slope, float* yrow,
+                     int64_t CO) {
+  const int64_t K = taps * cin;
+  // taps per K block: one 16-channel weight block of a K block fits in ~16 KB of L1
+  const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(taps, 16384 / (cin * 64)));
+  const int64_t nblocks = (taps + fit - 1) / fit;
+  const int tpb = int((taps + nblocks - 1) / nblocks);  // equal blocks: 9 taps -> 3 x 3, not 4+4+1
+  auto run = [&](auto nb_tag, int64_t c0, const float* wblk) {
+    constexpr int NB = decltype(nb_tag)::value;
+    for (int t0 = 0; t0 < taps; t0 += tpb) {
+      const int nt = std::min(tpb, taps - t0);
+      const bool first = t0 == 0, last = t0 + nt >= taps;
+      for (int64_t tt = 0; tt < ntiles; ++tt) {
+        const int nvalid = int(std::min<int64_t>(MR, OW - tt * MR));
+        tile<MR, NB>(ptrs + (tt * taps + t0) * MR, nt, cin, wblk + t0 * cin * NB * 8, bias + c0,
+                     slope + c0, yrow + tt * MR * CO + c0, CO, nvalid, !first, last);
+      }
+    }
+  };
+  const int64_t full = CO / 16;
+  for (int64_t b = 0; b < full; ++b) run(std::integral_constant<int, 2>{}, b * 16, wp + b * K * 16);
+  if (CO % 16) run(std::integral_constant<int, 1>{}, full * 16, wp + full * K * 16);
+}
+
+// Narrow inputs (the 3-channel stem). Interior 12-pixel tiles of an 8-channel output read the
+// input directly (pixel j starts stride*C floats after pixel j-1: constant offsets for SC == 6,
+// i.e. stride 2 over 3 channels); other tiles are gathered (im2col) first.
+template <int MRT, int SC>
+inline void narrow_direct(const float* const* rowp, int kh, int kwc, const float* w,
+                          const float* bias, const float* slope, float* y, int64_t ystride) {
+  v8 acc[MRT];
+#pragma GCC unroll 16
+  for (int j = 0; j < MRT; ++j) acc[j] = bcast(0.f);
+  for (int i = 0; i < kh; ++i) {
+    const float* p = rowp[i];
+    const float* wt = w + i * kwc * 8;
+    for (int q = 0; q < kwc; ++q) {
+      const v8 wv = loadu(wt + q * 8);
+#pragma GCC unroll 16
+      for (int j = 0; j < MRT; ++j) acc[j] += bcast(p[j * SC + q]) * wv;
+    }
+  }
+  const v8 bv = loadu(bias), sv = loadu(slope);
+#pragma GCC unroll 16
+  for (int j = 0; j < MRT; ++j) storeu(y + j * ystride, activate(acc[j] + bv, sv));
+}
+
+struct ConvShape {
+  int64_t N, H, W, CX, C, coff, OH, OW, CO, kh, kw, stride, pad;
+};
+
+void conv_narrow_rows(const ConvShape& s, const float* X, const float* wp, const float* bias,
+                      const float* slope, float* Y, int64_t r0, int64_t r1) {
+  const int64_t K = s.kh * s.kw * s.C;
+  std::vector<float> buf(size_t(12) * K, 0.f);
+  const float* ptrs[12];
+  const float* rowp[16];
+  const bool direct = s.CO == 8 && s.stride * s.CX == 6 && s.C == s.CX && s.kh <= 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / s.OH, oh = r % s.OH, ih0 = oh * s.stride - s.pad;
+    float* yrow = Y + r * s.OW * s.CO;
+    for (int64_t ow0 = 0; ow0 < s.OW; ow0 += 12) {
+      const int nvalid = int(std::min<int64_t>(12, s.OW - ow0));
+      const int64_t iw_first = ow0 * s.stride - s.pad;
+      const int64_t iw_last = (ow0 + 11) * s.stride - s.pad + s.kw - 1;
+      if (direct && nvalid == 12 && ih0 >= 0 && ih0 + s.kh <= s.H && iw_first >= 0 &&
+          iw_last < s.W) {
+        for (int64_t i = 0; i < s.kh; ++i) rowp[i] = X + ((n * s.H + ih0 + i) * s.W + iw_first) * s.CX;
+        narrow_direct<12, 6>(rowp, int(s.kh), int(s.kw * s.C), wp, bias, slope, yrow + ow0 * s.CO, s.CO);
+        continue;
+      }
+      for (int m = 0; m < nvalid; ++m) {
+        float* o = buf.data() + m * K;
+        const int64_t iw0 = (ow0 + m) * s.stride - s.pad;
+        for (int64_t i = 0; i < s.kh; ++i) {
+          const int64_t ih = ih0 + i;
+          for (int64_t j = 0; j < s.kw; ++j) {
+            const int64_t iw = iw0 + j;
+            const bool ok = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
+            const float* src = ok ? X + ((n * s.H + ih) * s.W + iw) * s.CX + s.coff : kZeros;
+            for (int64_t c = 0; c < s.C; ++c) *o++ = src[c];
+          }
+        }
+      }
+      for (int m = 0; m < 12; ++m) ptrs[m] = m < nvalid ? buf.data() + m * K : kZeros;
+      for (int64_t half = 0; half < 2; ++half) {
+        const int nv = std::min(nvalid - int(half) * 6, 6);
+        if (nv > 0)
+          conv_row_blocks(ptrs + half * 6, 1, nv, 1, K, wp, bias, slope, yrow + (ow0 + half * 6) * s.CO,
+                          s.CO);
+      }
+    }
+  }
+}
+
+void conv_rows(const ConvShape& s, const float* X, const float* wp, const float* bias,
+               const float* slope, float* Y, int64_t r0, int64_t r1) {
+  const int taps = int(s.kh * s.kw);
+  const int64_t ntiles = (s.OW + MR - 1) / MR;
+  std::vector<const float*> ptrs(size_t(ntiles) * taps * MR);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t n = r / s.OH, oh = r % s.OH;
+    for (int64_t tt = 0; tt < ntiles; ++tt) {
+      const int64_t ow0 = tt * MR;
+      int t = 0;
+      for (int64_t i = 0; i < s.kh; ++i) {
+        const int64_t ih = oh * s.stride + i - s.pad;
+        for (int64_t j = 0; j < s.kw; ++j, ++t) {
+          for (int m = 0; m < MR; ++m) {
+            const int64_t iw = (ow0 + m) * s.stride + j - s.pad;
+            const bool ok = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W && ow0 + m < s.OW;
+            ptrs[(tt * taps + t) * MR + m] = ok ? X + ((n * s.H + ih) * s.W + iw) * s.CX + s.coff : kZeros;
+          }
+        }
+      }
+    }
+    conv_row_blocks(ptrs.data(), ntiles, s.OW, taps, s.C, wp, bias, slope, Y + r * s.OW * s.CO, s.CO);
+  }
+}
+
+// params[offset : offset + n] must lie inside the parameter buffer.
+ffi::Error check_slice(const ffi::Buffer<ffi::F32>& params, int64_t offset, int64_t n,
+                       const char* what) {
+  const int64_t size = int64_t(params.element_count());
+  if (offset < 0 || n < 0 || n > size || offset > size - n)  // no overflow for huge offsets
+    return ffi::Error::InvalidArgument(std::string(what) + ": " + std::to_string(n) +
+                                       " values at offset " + std::to_string(offset) +
+                                       " do not fit the parameter buffer of " +
+                                       std::to_string(size) + " values");
+  return ffi::Error::Success();
+}
+
+ffi::Error RfConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> params,
+                      ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad, int64_t kh,
+                      int64_t kw, int64_t cin, int64_t cin_offset, int64_t w_offset,
+                      int64_t b_offset, int64_t s_offset) {
+  auto xd = x.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("retinaface_conv: x and y must be NHWC (rank 4)");
+  ConvShape s{xd[0], xd[1], xd[2], xd[3], cin, cin_offset, yd[1], yd[2], yd[3], kh, kw, stride, pad};
+  if (s.CO % 8 || s.C < 1 || s.C > kMaxCin || s.coff < 0 || s.coff + s.C > s.CX || stride < 1 ||
+      kh < 1 || kw < 1 || yd[0] != s.N || s.OH != (s.H + 2 * pad - kh) / stride + 1 ||
+      s.OW != (s.W + 2 * pad - kw) / stride + 1)
+    return ffi::Error::InvalidArgument("retinaface_conv: inconsistent shapes or attributes");
+  const int64_t nw = kh * kw * s.C * s.CO;
+  if (auto e = check_slice(params, w_offset, nw, "retinaface_conv weights"); e.failure()) return e;
+  if (auto e = check_slice(params, b_offset, s.CO, "retinaface_conv bias"); e.failure()) return e;
+  if (auto e = check_slice(params, s_offset, s.CO, "retinaface_conv slope"); e.failure()) return e;
+  const float* P = params.typed_data();
+  const float *X = x.typed_data(), *Wp = P + w_offset, *B = P + b_offset, *S = P + s_offset;
+  float* Y = y->typed_data();
+  const int64_t rows = s.N * s.OH;
+  const int64_t chunk = rows_per_task(rows, s.OW * s.CO * kh * kw * s.C);
+  const bool narrow = s.C < 8;
+  parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
+    const int64_t r0 = task * chunk, r1 = std::min(rows, r0 + chunk);
+    if (narrow)
+      conv_narrow_rows(s, X, Wp, B, S, Y, r0, r1);
+    else
+      conv_rows(s, X, Wp, B, S, Y, r0, r1);
+  });
+  return ffi::Error::Success();
+}
+
+// One pixel of the 3x3 depthwise convolution: r[i] points at input row i's left tap column,
+// whose next columns are s[i] floats apart. Every pixel, at an edge or not, is computed by this
+// same expression (missing taps read zeros), so a result never depends on where the pixel is:
+// a padded image with a zeroed border gives the same bits as the unpadded image.
+inline v8 depthwise_pixel(v8 acc, const float* const* r, const int64_t* s, const v8* k) {
+  acc += loadu(r[0]) * k[0] + loadu(r[0] + s[0]) * k[1] + loadu(r[0] + 2 * s[0]) * k[2];
+  acc += loadu(r[1]) * k[3] + loadu(r[1] + s[1]) * k[4] + loadu(r[1] + 2 * s[1]) * k[5];
+  acc += loadu(r[2]) * k[6] + loadu(r[2] + s[2]) * k[7] + loadu(r[2] + 2 * s[2]) * k[8];
+  return acc;
+}
+
+// One output row of the 3x3 depthwise convolution (pad 1) + bias + activation into out [OW][C].
+void depthwise_row(const float* X, int64_t n, int64_t oh, int64_t H, int64_t W, int64_t C,
+                   int64_t stride, int64_t OW, const float* wd, const float* bd, const float* sd,
+                   float* out) {
+  const float* rows[3];
+  for (int i = 0; i < 3; ++i) {
+    const int64_t ih = oh * stride + i - 1;
+    rows[i] = ih >= 0 && ih < H ? X + (n * H + ih) * W * C : nullptr;  // nullptr: zero row
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += 8) {
+    v8 k[9];
+    for (int t = 0; t < 9; ++t) k[t] = loadu(wd + t * C + c0);
+    const v8 b = loadu(bd + c0), sl = loadu(sd + c0);
+    const float* zero = kZeros + c0;
+    for (int64_t ow = 0; ow < OW; ++ow) {
+      const int64_t iw0 = ow * stride - 1;
+      const float* r[3];
+      int64_t st[3];
+      float edge[3][3 * 8];  // an edge pixel's taps, zeros where outside the image
+      if (iw0 >= 0 && iw0 + 2 < W) {
+        for (int i = 0; i < 3; ++i) {
+          r[i] = rows[i] ? rows[i] + iw0 * C + c0 : zero;
+          st[i] = rows[i] ? C : 0;
+        }
+      } else {
+        for (int i = 0; i < 3; ++i) {
+          for (int j = 0; j < 3; ++j) {
+            const int64_t iw = iw0 + j;
+            const float* src = rows[i] && iw >= 0 && iw < W ? rows[i] + iw * C + c0 : zero;
+            std::memcpy(edge[i] + 8 * j, src, 8 * sizeof(float));
+          }
+          r[i] = edge[i];
+          st[i] = 8;
+        }
+      }
+      storeu(out + ow * C + c0, activate(depthwise_pixel(b, r, st, k), sl));
+    }
+  }
+}
+
+ffi::Error RfConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> params, ffi::ResultBuffer<ffi::F32> y, int64_t stride,
+                        int64_t wd_offset, int64_t bd_offset, int64_t sd_offset, int64_t w_offset,
+                        int64_t b_offset, int64_t s_offset) {
+  auto xd = x.dimensions();
+  auto yd = y->dimensions();
+  if (xd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("retinaface_conv_dw: x and y must be NHWC (rank 4)");
+  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3];
+  const int64_t OH = yd[1], OW = yd[2], CO = yd[3];
+  if (C % 8 || CO % 8 || C > kMaxCin || stride < 1 || yd[0] != N || OH != (H - 1) / stride + 1 ||
+      OW != (W - 1) / stride + 1)
+    return ffi::Error::InvalidArgument("retinaface_conv_dw: inconsistent shapes or attributes");
+  const char* what[] = {"retinaface_conv_dw depthwise weights", "retinaface_conv_dw depthwise bias",
+                        "retinaface_conv_dw depthwise slope", "retinaface_conv_dw pointwise weights",
+                        "retinaface_conv_dw pointwise bias", "retinaface_conv_dw pointwise slope"};
+  const int64_t offsets[] = {wd_offset, bd_offset, sd_offset, w_offset, b_offset, s_offset};
+  const int64_t sizes[] = {9 * C, C, C, C * CO, CO, CO};
+  for (int i = 0; i < 6; ++i)
+    if (auto e = check_slice(params, offsets[i], sizes[i], what[i]); e.failure()) return e;
+  const float *P = params.typed_data(), *X = x.typed_data();
+  const float *WD = P + wd_offset, *BD = P + bd_offset, *SD = P + sd_offset;
+  const float *WP = P + w_offset, *BP = P + b_offset, *SP = P + s_offset;
+  float* Y = y->typed_data();
+  const int64_t rows = N * OH;
+  const int64_t chunk = rows_per_task(rows, OW * C * (CO + 9));
+  const int64_t ntiles = (OW + MR - 1) / MR;
+  parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
+    std::vector<float> buf(size_t(OW) * C);
+    std::vector<const float*> ptrs(size_t(ntiles) * MR);
+    for (int64_t m = 0; m < ntiles * MR; ++m) ptrs[m] = m < OW ? buf.data() + m * C : kZeros;
+    const int64_t r0 = task * chunk, r1 = std::min(rows, r0 + chunk);
+    for (int64_t r = r0; r < r1; ++r) {
+      depthwise_row(X, r / OH, r % OH, H, W, C, stride, OW, WD, BD, SD, buf.data());
+      conv_row_blocks(ptrs.data(), ntiles, OW, 1, C, WP, BP, SP, Y + r * OW * CO, CO);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+
+// Greedy NMS of one image's candidates, sorted by score descending (-inf: no candidate), with the
+// exact float32 arithmetic of greedy_nms in retinaface_jax/inference/postprocess.py (the original
+// py_cpu_nms): no contraction into FMAs, IEEE division, NaN propagating through min/max and
+// suppressing (ovr <= threshold is false for NaN).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#pragma STDC FP_CONTRACT OFF
+inline float nan_max(float a, float b) { return (a != a || b != b) ? a + b : (a > b ? a : b); }
+inline float nan_min(float a, float b) { return (a != a || b != b) ? a + b : (a < b ? a : b); }
+
+// order: candidate indices sorted by score descending. Writes the kept indices to keep.
+int64_t greedy_nms(const int32_t* order, int64_t n, const float* boxes, float threshold,
+                   int64_t max_keep, int32_t* keep, std::vector<float>& area,
+                   std::vector<char>& active) {
+  area.resize(size_t(n));
+  active.assign(size_t(n), 1);
+  for (int64_t j = 0; j < n; ++j) {
+    const float* b = boxes + 4 * int64_t(order[j]);
+    area[j] = (b[2] - b[0] + 1.f) * (b[3] - b[1] + 1.f);
+  }
+  int64_t count = 0;
+  int64_t i = n > 0 ? 0 : -1;
+  while (count < max_keep && i >= 0) {
+    keep[count++] = order[i];
+    const float* bi = boxes + 4 * int64_t(order[i]);
+    const float x1 = bi[0], y1 = bi[1], x2 = bi[2], y2 = bi[3];
+    int64_t next = -1;
+    for (int64_t j = i + 1; j < n; ++j) {
+      if (!active[j]) continue;
+      const float* b = boxes + 4 * int64_t(order[j]);
+      const float w = nan_max(0.f, nan_min(x2, b[2]) - nan_max(x1, b[0]) + 1.f);
+      const float h = nan_max(0.f, nan_min(y2, b[3]) - nan_max(y1, b[1]) + 1.f);
+      const float inter = w * h;
+      const float ovr = inter / (area[i] + area[j] - inter);
+      active[j] = ovr <= threshold;
+      if (active[j] && next < 0) next = j;
+    }
+    i = next;
+  }
+  for (int64_t c = count; c < max_keep; ++c) keep[c] = -1;
+  return count;
+}
+#pragma GCC pop_options
+
+// scores [B, P] (non-finite, e.g. -inf: not a candidate), boxes [B, P, 4], threshold [] -> keep [B, max_keep]
+// (indices into P, -1 after count), count [B]. Candidates are ordered by score descending, ties
+// by index (jax.lax.top_k's order), cut to the top_k best, then reduced by greedy NMS.
+ffi::Error RfTopkNmsImpl(ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::F32> boxes,
+                         ffi::Buffer<ffi::F32> threshold, ffi::ResultBuffer<ffi::S32> keep,
+                         ffi::ResultBuffer<ffi::S32> count, int64_t top_k) {
+  auto sd = scores.dimensions();
+  auto bd = boxes.dimensions();
+  auto kd = keep->dimensions();
+  if (sd.size() != 2 || bd.size() != 3 || bd[0] != sd[0] || bd[1] != sd[1] || bd[2] != 4 ||
+      kd.size() != 2 || kd[0] != sd[0] || threshold.element_count() != 1 ||
+      count->element_count() != size_t(sd[0]) || top_k < 0 || sd[1] > INT32_MAX)
+    return ffi::Error::InvalidArgument(
+        "retinaface_topk_nms: expected scores [B,P], boxes [B,P,4], threshold [], keep "
+        "[B,max_keep], count [B], top_k >= 0");
+  const int64_t B = sd[0], P = sd[1], max_keep = kd[1];
+  const float thr = threshold.typed_data()[0];
+  std::vector<int32_t> order;
+  std::vector<float> area;
+  std::vector<char> active;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* sc = scores.typed_data() + b * P;
+    order.clear();
+    for (int64_t j = 0; j < P; ++j)
+      if (std::isfinite(sc[j])) order.push_back(int32_t(j));  // as greedy_nms: finite scores
+    auto better = [sc](int32_t u, int32_t v) { return sc[u] > sc[v] || (sc[u] == sc[v] && u < v); };
+    const int64_t n = std::min<int64_t>(top_k, int64_t(order.size()));
+    std::partial_sort(order.begin(), order.begin() + n, order.end(), better);
+    count->typed_data()[b] = int32_t(greedy_nms(order.data(), n, boxes.typed_data() + b * P * 4, thr,
+                                                max_keep, keep->typed_data() + b * max_keep, area,
+                                                active));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConv, RfConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // every layer's parameters
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad")
+                                  .Attr<int64_t>("kh")
+                                  .Attr<int64_t>("kw")
+                                  .Attr<int64_t>("cin")
+                                  .Attr<int64_t>("cin_offset")
+                                  .Attr<int64_t>("w_offset")    // packed weights
+                                  .Attr<int64_t>("b_offset")    // bias [cout]
+                                  .Attr<int64_t>("s_offset"));  // negative slope [cout]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvDw, RfConvDwImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // every layer's parameters
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("wd_offset")   // depthwise weights [9][C]
+                                  .Attr<int64_t>("bd_offset")   // depthwise bias [C]
+                                  .Attr<int64_t>("sd_offset")   // depthwise slope [C]
+                                  .Attr<int64_t>("w_offset")    // packed pointwise weights
+                                  .Attr<int64_t>("b_offset")    // pointwise bias [cout]
+                                  .Attr<int64_t>("s_offset"));  // pointwise slope [cout]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfTopkNms, RfTopkNmsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scores [B, P]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // boxes [B, P, 4]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // IoU threshold []
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // keep [B, max_keep]
+                                  .Ret<ffi::Buffer<ffi::S32>>()  // count [B]
+                                  .Attr<int64_t>("top_k"));

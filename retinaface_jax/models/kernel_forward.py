@@ -1,0 +1,179 @@
+"""``RetinaFace`` in eval mode on the native CPU kernels (``retinaface_jax.kernels``).
+
+The same function as ``RetinaFace.__call__`` with running BatchNorm statistics, computed layer by
+layer as fused conv -> BatchNorm -> activation kernels:
+- MobileNetV1: the stem as a dense 3x3 layer, every ``conv_dw`` block as one kernel (the
+  depthwise output row never leaves the cache); a ResNet50 body stays on XLA;
+- FPN: the 1x1 laterals and 3x3 merges (the nearest upsampling and the add stay on XLA);
+- SSH: three kernels instead of five. ``conv3X3`` and ``conv5X5_1`` read the same input, so they
+  run as one layer with their channels ReLU'd (the ReLU after the concat, moved into the layer)
+  and LeakyReLU'd respectively; likewise ``conv5X5_2`` with ``conv7X7_2``; then ``conv7x7_3``. The
+  second and third read a channel slice of the previous output in place;
+- the three heads of a level as one 1x1 layer, split afterwards.
+:func:`kernel_params` folds and packs the parameters once on the host into one flat buffer and a
+static :class:`KernelPlan` (the layers' offsets and shapes); :func:`kernel_forward` runs the plan.
+With padded inputs the same masking as the XLA path applies (``inference.padding.mask_padded``
+before every padded convolution).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from retinaface_jax.kernels import ops
+from retinaface_jax.models.layers import BatchNorm2d, Conv2d, LeakyReLU
+from retinaface_jax.models.net import MobileNetV1, upsample_nearest
+
+Folded = tuple[np.ndarray, np.ndarray, np.ndarray]  # kernel [kh, kw, cin, cout], bias, slope
+_HEADS = ("BboxHead", "ClassHead", "LandmarkHead")
+
+
+class KernelPlan(NamedTuple):
+    """What :func:`kernel_forward` runs: every layer by name (``ops.ConvLayer`` / ``ops.DwLayer``,
+    offsets into the parameter buffer), whether the body is MobileNetV1 (else it runs on XLA),
+    each SSH level's ``(conv3X3, conv5X5_1)`` channel counts and each head's
+    ``(channels, numbers per anchor)``."""
+
+    layers: dict[str, ops.ConvLayer | ops.DwLayer]
+    mobilenet_body: bool
+    ssh_channels: tuple[tuple[int, int], ...]
+    heads: tuple[tuple[tuple[int, int], ...], ...]
+
+
+def _host(v: Any) -> np.ndarray:
+    return np.asarray(jax.device_get(v[...]), np.float32)
+
+
+def _fold(conv: Conv2d, bn: BatchNorm2d | None, slope: float) -> Folded:
+    kernel = _host(conv.kernel)
+    bias = _host(conv.bias) if conv.bias is not None else np.zeros(kernel.shape[-1], np.float32)
+    if bn is not None:
+        # bn(conv + c) = conv * k + (beta - (mean - c) * k)
+        kernel, bias = ops.fold_batchnorm(
+            kernel, _host(bn.scale), _host(bn.bias), _host(bn.mean) - bias, _host(bn.var), bn.eps
+        )
+    return kernel, bias, np.full(kernel.shape[-1], slope, np.float32)
+
+
+def _fold_block(block: nnx.Sequential, slope: float | None = None) -> Folded:
+    """``conv_bn`` / ``conv_bn_no_relu`` / ``conv_bn1X1``; ``slope`` overrides the block's own."""
+    conv, bn, *rest = block.layers
+    if slope is None:
+        slope = rest[0].negative_slope if rest and isinstance(rest[0], LeakyReLU) else 1.0
+    return _fold(conv, bn, slope)
+
+
+def _layer(
+    buf: ops.ParamBuffer, *parts: Folded, stride: int = 1, padding: int = 1, cin_offset: int = 0
+) -> ops.ConvLayer:
+    """Layers reading the same input, concatenated along the output channels, zero-padded to a
+    multiple of 8 channels."""
+    kernel = np.concatenate([k for k, _, _ in parts], -1)
+    bias = np.concatenate([b for _, b, _ in parts])
+    slope = np.concatenate([s for _, _, s in parts])
+    pad = -kernel.shape[-1] % 8
+    if pad:
+        kernel = np.concatenate([kernel, np.zeros((*kernel.shape[:-1], pad), np.float32)], -1)
+        bias = np.concatenate([bias, np.zeros(pad, np.float32)])
+        slope = np.concatenate([slope, np.ones(pad, np.float32)])
+    return ops.conv_layer(
+        buf, kernel, bias, slope, stride=stride, padding=padding, cin_offset=cin_offset
+    )
+
+
+def _block_layer(buf: ops.ParamBuffer, block: nnx.Sequential) -> ops.ConvLayer | ops.DwLayer:
+    if len(block.layers) == 6:  # conv_dw
+        dw, bn1, act1, pw, bn2, act2 = block.layers
+        point = _layer(buf, _fold(pw, bn2, act2.negative_slope), padding=0)
+        return ops.dw_layer(buf, *_fold(dw, bn1, act1.negative_slope), point, stride=dw.stride)
+    conv = block.layers[0]
+    return _layer(buf, _fold_block(block), stride=conv.stride, padding=conv.padding)
+
+
+def kernel_params(model: nnx.Module) -> tuple[np.ndarray, KernelPlan]:
+    """Fold and pack ``model``'s eval-mode parameters: ``(flat float32 buffer, plan)`` (host)."""
+    buf = ops.ParamBuffer()
+    layers: dict[str, ops.ConvLayer | ops.DwLayer] = {}
+    mobilenet = isinstance(model.body, MobileNetV1)
+    if mobilenet:
+        for name in ("stage1", "stage2", "stage3"):
+            for i, block in enumerate(getattr(model.body, name).layers):
+                layers[f"body.{name}.{i}"] = _block_layer(buf, block)
+    for name in ("output1", "output2", "output3", "merge1", "merge2"):
+        layers[f"fpn.{name}"] = _block_layer(buf, getattr(model.fpn, name))
+    ssh_channels = []
+    for level in (1, 2, 3):
+        ssh = getattr(model, f"ssh{level}")
+        half, quarter = ssh.conv3X3.layers[0].out_channels, ssh.conv5X5_1.layers[0].out_channels
+        relu = 0.0  # the ReLU after the SSH concat
+        a = (_fold_block(ssh.conv3X3, relu), _fold_block(ssh.conv5X5_1))
+        b = (_fold_block(ssh.conv5X5_2, relu), _fold_block(ssh.conv7X7_2))
+        layers[f"ssh{level}.a"] = _layer(buf, *a)
+        layers[f"ssh{level}.b"] = _layer(buf, *b, cin_offset=half)
+        layers[f"ssh{level}.c"] = _layer(buf, _fold_block(ssh.conv7x7_3, relu), cin_offset=quarter)
+        ssh_channels.append((half, quarter))
+    heads = []
+    for level in range(3):
+        modules = [getattr(model, name)[level] for name in _HEADS]
+        parts = (_fold(h.conv1x1, None, ops.NO_ACTIVATION) for h in modules)
+        layers[f"heads.{level}"] = _layer(buf, *parts, padding=0)
+        heads.append(tuple((h.conv1x1.out_channels, h.width) for h in modules))
+    plan = KernelPlan(layers, mobilenet, tuple(ssh_channels), tuple(heads))
+    return buf.array(), plan
+
+
+def _run(plan: KernelPlan, params: jax.Array, name: str, x: jax.Array) -> jax.Array:
+    from retinaface_jax.inference.padding import mask_padded
+
+    layer = plan.layers[name]
+    if isinstance(layer, ops.DwLayer):
+        return ops.conv_dw(mask_padded(x), params, layer)
+    return ops.conv(mask_padded(x) if layer.padding else x, params, layer)
+
+
+def kernel_forward(
+    plan: KernelPlan,
+    params: jax.Array,
+    x: jax.Array,
+    body: Callable[[jax.Array], list[jax.Array]] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``model(x)`` (eval mode) on the native kernels: ``(loc, conf_logits, landms)``.
+
+    ``plan, params = kernel_params(model)``; ``body``: the backbone's ``features`` when it is not
+    MobileNetV1 (e.g. ``model.body.features`` for ResNet50, which runs on XLA).
+    """
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"RetinaFace input: expected [B,H,W,3] (NHWC, BGR), got {x.shape}")
+    if plan.mobilenet_body:
+        feats = []
+        for name, n in (("stage1", 6), ("stage2", 6), ("stage3", 2)):
+            for i in range(n):
+                x = _run(plan, params, f"body.{name}.{i}", x)
+            feats.append(x)
+    elif body is None:
+        raise ValueError("kernel_forward: this model's body is not MobileNetV1; pass body=")
+    else:
+        feats = body(x)
+    o1, o2, o3 = (_run(plan, params, f"fpn.output{i + 1}", f) for i, f in enumerate(feats))
+    o2 = _run(plan, params, "fpn.merge2", o2 + upsample_nearest(o3, o2.shape[1:3]))
+    o1 = _run(plan, params, "fpn.merge1", o1 + upsample_nearest(o2, o1.shape[1:3]))
+    per_head: list[list[jax.Array]] = [[], [], []]
+    for level, f in enumerate((o1, o2, o3)):
+        half, quarter = plan.ssh_channels[level]
+        a = _run(plan, params, f"ssh{level + 1}.a", f)
+        b = _run(plan, params, f"ssh{level + 1}.b", a)
+        c = _run(plan, params, f"ssh{level + 1}.c", b)
+        f = jnp.concatenate([a[..., :half], b[..., :quarter], c[..., :quarter]], -1)
+        y = _run(plan, params, f"heads.{level}", f)
+        start = 0
+        for j, (channels, width) in enumerate(plan.heads[level]):
+            per_head[j].append(y[..., start : start + channels].reshape(y.shape[0], -1, width))
+            start += channels
+    loc, conf, landms = (jnp.concatenate(parts, axis=1) for parts in per_head)
+    return loc, conf, landms
