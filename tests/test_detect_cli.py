@@ -150,6 +150,12 @@ def test_real_weights_end_to_end(shared, tmp_path, monkeypatch):
     monkeypatch.setenv("RETINAFACE_CACHE", str(tmp_path / "cache"))
     previous = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", None)  # as in a fresh process
+    # as in a fresh process: JAX opens its disk cache once per process and then ignores a new
+    # dir, and an in-memory hit from an earlier test would skip the disk cache
+    from jax.experimental.compilation_cache import compilation_cache
+
+    compilation_cache.reset_cache()
+    jax.clear_caches()
     img = tmp_path / "curve.jpg"
     shutil.copy(shared / "data" / "images" / "biubug6_curve_test.jpg", img)
     weights = shared / "data" / "weights" / "mobilenet0.25_Final.pth"
@@ -168,6 +174,7 @@ def test_real_weights_end_to_end(shared, tmp_path, monkeypatch):
     )
     cache_dir = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()  # later tests reopen the previous dir
     assert code == 0
     assert cache_dir == str(tmp_path / "cache" / "jax_cache")
     assert any((tmp_path / "cache" / "jax_cache").iterdir())  # compiled programs persisted
