@@ -26,7 +26,8 @@ import numpy as np
 from common import alternating_medians, machine, onnx_anchor, pin_cpus, shared_dir, warm_up
 
 from retinaface_jax import compiler_options, load_model
-from retinaface_jax.inference.detector import KERNEL_CHOICES, choose_kernels
+from retinaface_jax.inference.detector import choose_kernels
+from retinaface_jax.kernels.native import KERNEL_CHOICES
 from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc
 from retinaface_jax.models.conv_ops import get_conv_impl
 from retinaface_jax.models.flat_state import flat_state
@@ -51,12 +52,13 @@ def main() -> None:
     leaves, rebuild = flat_state(model)
     if kernels == "native":
         params, plan = kernel_params(model)  # mobilenet0.25: the whole model on the kernels
-        leaves = jax.device_put(params)
+        weights = jax.device_put(params)
         forward = jax.jit(
             lambda p, x: kernel_forward(plan, p, x), compiler_options=compiler_options()
         )
         formulation = "native CPU kernels"
     else:
+        weights = leaves
         forward = jax.jit(lambda w, x: rebuild(w)(x), compiler_options=compiler_options())
         formulation = f"XLA ({get_conv_impl()})"
     print(f"machine: {machine()}; model on: {formulation}; CPUs used: {cpus}")
@@ -69,16 +71,16 @@ def main() -> None:
         for b in (int(v) for v in args.batches.split(",")):
             x = (rng.uniform(0, 255, (b, h, w, 3)) - (104, 117, 123)).astype(np.float32)
             t0 = time.perf_counter()
-            compiled = forward.lower(leaves, x).compile()
+            compiled = forward.lower(weights, x).compile()
             compile_s = time.perf_counter() - t0
             xj = jax.device_put(x)
-            ours_out = compiled(leaves, xj)
+            ours_out = compiled(weights, xj)
             ref = anchor(x)
             conf = np.asarray(jax.nn.softmax(ours_out[1], -1))
             diff = float(np.max(np.abs(conf - ref[1])))
             reps = max(4, args.repeats // b)
             fns = {
-                "ours": lambda c=compiled, v=xj: jax.block_until_ready(c(leaves, v)),
+                "ours": lambda c=compiled, v=xj: jax.block_until_ready(c(weights, v)),
                 "onnx": lambda v=x: anchor(v),
             }
             warm_up(fns)

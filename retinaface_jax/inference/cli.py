@@ -21,6 +21,7 @@ from retinaface_jax.inference.draw import draw_faces
 from retinaface_jax.inference.face import Face
 from retinaface_jax.inference.preprocess import ImageError, load_image
 from retinaface_jax.inference.video import VideoError, VideoReader, is_video, open_writer
+from retinaface_jax.kernels.native import KERNEL_CHOICES
 
 IMAGE_EXTENSIONS = (
     ".jpg",
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     p.add_argument(
         "--kernels",
-        choices=("auto", "native", "xla"),
+        choices=KERNEL_CHOICES,
         default="auto",
         help="auto: our native CPU kernels when JAX runs on the CPU and they build (once per "
         "machine), else XLA; native: require them; xla: never use them",

@@ -38,7 +38,7 @@ from retinaface_jax.inference.preprocess import (
     resize_image,
 )
 from retinaface_jax.inference.program_cache import ExportedPrograms
-from retinaface_jax.kernels.native import native_kernels_available
+from retinaface_jax.kernels.native import KERNEL_CHOICES, native_kernels_available
 from retinaface_jax.models.flat_state import flat_state
 from retinaface_jax.models.kernel_forward import kernel_forward, kernel_params
 from retinaface_jax.models.retinaface import RetinaFace
@@ -120,9 +120,6 @@ def _detect_program(
         loc, conf, landms, priors, valid, resize, conf_threshold, variances, k
     )
     return nms_rows(scores, boxes, lm, nms_threshold, max_keep)
-
-
-KERNEL_CHOICES = ("auto", "native", "xla")
 
 
 def choose_kernels(kernels: str, model: nnx.Module) -> str:

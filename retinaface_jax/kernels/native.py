@@ -73,6 +73,10 @@ COMPILE_TIMEOUT: float = 300.0
 ENV_SWITCH = "RETINAFACE_NATIVE_KERNELS"
 """Set to ``0`` to disable the native kernels without trying to compile them."""
 
+KERNEL_CHOICES: tuple[str, ...] = ("auto", "native", "xla")
+"""What a ``Detector`` may run on (``kernels=``, ``--kernels``): ``auto`` picks the native kernels
+when they are usable, ``native`` requires them, ``xla`` never uses them."""
+
 _SUPPORTED_SYSTEMS = ("linux", "darwin")
 _SUPPORTED_MACHINES = ("x86_64", "amd64", "aarch64", "arm64")
 # /proc/cpuinfo keys identifying the CPU: x86 has "model name" and "flags"; aarch64 has the others.

@@ -65,7 +65,8 @@ def _fold_block(block: nnx.Sequential, slope: float | None = None) -> Folded:
     """``conv_bn`` / ``conv_bn_no_relu`` / ``conv_bn1X1``; ``slope`` overrides the block's own."""
     conv, bn, *rest = block.layers
     if slope is None:
-        slope = rest[0].negative_slope if rest and isinstance(rest[0], LeakyReLU) else 1.0
+        has_act = rest and isinstance(rest[0], LeakyReLU)
+        slope = rest[0].negative_slope if has_act else ops.NO_ACTIVATION
     return _fold(conv, bn, slope)
 
 
@@ -81,7 +82,7 @@ def _layer(
     if pad:
         kernel = np.concatenate([kernel, np.zeros((*kernel.shape[:-1], pad), np.float32)], -1)
         bias = np.concatenate([bias, np.zeros(pad, np.float32)])
-        slope = np.concatenate([slope, np.ones(pad, np.float32)])
+        slope = np.concatenate([slope, np.full(pad, ops.NO_ACTIVATION, np.float32)])
     return ops.conv_layer(
         buf, kernel, bias, slope, stride=stride, padding=padding, cin_offset=cin_offset
     )
