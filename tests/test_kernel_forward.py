@@ -97,6 +97,14 @@ CONV_CASES = [
     (2, 33, 17, 24, 16, 8, 16, 3, 1, 1),
     (1, 7, 9, 40, 16, 8, 24, 3, 1, 1),  # trailing channels after the slice
     (1, 5, 64, 72, 64, 4, 16, 1, 1, 0),
+    # Winograd F(2x2, 3x3) edges: a 1x2 output (pad 0), pad 2, odd sizes, a wide cin
+    (1, 3, 4, 8, 8, 0, 8, 3, 1, 0),
+    (2, 6, 5, 16, 16, 0, 8, 3, 1, 2),
+    (1, 13, 31, 256, 256, 0, 24, 3, 1, 1),
+]
+# every case directly; the 3x3 stride-1 ones with cin % 8 == 0 by Winograd too
+CONV_RUNS = [(*c, False) for c in CONV_CASES] + [
+    (*c, True) for c in CONV_CASES if ops.winograd_applies(c[7], c[8], c[4])
 ]
 
 
@@ -112,25 +120,28 @@ def conv_reference(x, w, b, slope, *, stride, padding, cin, cin_offset):
     return act(v + b, slope)
 
 
-def build_conv(rng, wk, b, slope, *, stride, padding, cin_offset=0):
+def build_conv(rng, wk, b, slope, *, stride, padding, cin_offset=0, winograd=None):
     """A conv layer in a buffer with huge values before and after it: reading any parameter
     outside the layer's own slices shows in the output. -> (layer, buffer array)."""
     buf = ops.ParamBuffer()
     buf.add(rng.normal(0, 1e6, 37).astype(np.float32))  # odd size: the layer starts aligned
-    layer = ops.conv_layer(buf, wk, b, slope, stride=stride, padding=padding, cin_offset=cin_offset)
+    layer = ops.conv_layer(
+        buf, wk, b, slope, stride=stride, padding=padding, cin_offset=cin_offset, winograd=winograd
+    )
     buf.add(np.full(50, 1e6, np.float32))
     return layer, buf.array()
 
 
 @pytest.mark.parametrize(
-    "n, h, w, cx, cin, off, cout, k, s, pad",
-    CONV_CASES,
+    "n, h, w, cx, cin, off, cout, k, s, pad, winograd",
+    CONV_RUNS,
     ids=[
         f"n{c[0]}-{c[1]}x{c[2]}-x{c[3]}-cin{c[4]}@{c[5]}-cout{c[6]}-k{c[7]}s{c[8]}p{c[9]}"
-        for c in CONV_CASES
+        + ("-winograd" if c[10] else "")
+        for c in CONV_RUNS
     ],
 )
-def test_conv_matches_lax(n, h, w, cx, cin, off, cout, k, s, pad):
+def test_conv_matches_lax(n, h, w, cx, cin, off, cout, k, s, pad, winograd):
     rng = np.random.default_rng([n, h, w, cx, cin, off, cout, k, s, pad])
     x = rng.normal(size=(n, h, w, cx)).astype(np.float32)
     if off or cin != cx:
@@ -141,8 +152,12 @@ def test_conv_matches_lax(n, h, w, cx, cin, off, cout, k, s, pad):
     wk = (rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
     b = rng.normal(0, 0.5, cout).astype(np.float32)
     slope = random_slopes(rng, cout)
-    layer, params = build_conv(rng, wk, b, slope, stride=s, padding=pad, cin_offset=off)
-    assert layer == ops.ConvLayer(layer.w, layer.b, layer.slope, cin, cout, k, s, pad, off)
+    layer, params = build_conv(
+        rng, wk, b, slope, stride=s, padding=pad, cin_offset=off, winograd=winograd
+    )
+    assert layer == ops.ConvLayer(
+        layer.w, layer.b, layer.slope, cin, cout, k, s, pad, off, winograd
+    )
     assert layer.w % 16 == layer.b % 16 == layer.slope % 16 == 0 and layer.w > 0
 
     got = jax.jit(lambda x, p: ops.conv(x, p, layer))(x, jax.device_put(params))
@@ -356,54 +371,78 @@ def _bad_call(fn):
     return str(info.value)
 
 
-def _small_conv():
-    """A 3x3 8 -> 16 layer at offset 0 of its own buffer: weights [0, 1152), bias at 1152,
-    slopes at 1168, 1184 floats in all."""
+# (kernel name, weights size) of the 3x3 8 -> 16 layer of _small_conv run directly / by Winograd
+SMALL_CONV = {
+    False: ("retinaface_conv", 9 * 8 * 16),
+    True: ("retinaface_conv_winograd", 16 * 8 * 16),
+}
+
+
+def _small_conv(winograd: bool):
+    """A 3x3 8 -> 16 layer at offset 0 of its own buffer: weights [0, nw), bias at nw, slopes at
+    nw + 16, nw + 32 floats in all (nw: 1152 direct, 2048 Winograd)."""
     rng = np.random.default_rng(0)
     wk = rng.normal(size=(3, 3, 8, 16)).astype(np.float32)
     buf = ops.ParamBuffer()
     layer = ops.conv_layer(
-        buf, wk, np.zeros(16, np.float32), np.ones(16, np.float32), stride=1, padding=1
+        buf,
+        wk,
+        np.zeros(16, np.float32),
+        np.ones(16, np.float32),
+        stride=1,
+        padding=1,
+        winograd=winograd,
     )
-    assert (layer.w, layer.b, layer.slope) == (0, 1152, 1168)
+    nw = SMALL_CONV[winograd][1]
+    assert (layer.w, layer.b, layer.slope) == (0, nw, nw + 16)
     return layer, buf.array(), rng.normal(size=(1, 7, 9, 8)).astype(np.float32)
 
 
-@pytest.mark.parametrize(
-    "size, what, n, offset",
-    [(1151, "weights", 1152, 0), (1160, "bias", 16, 1152), (1180, "slope", 16, 1168)],
-)
-def test_conv_truncated_buffer_names_the_kernel(size, what, n, offset):
-    layer, params, x = _small_conv()
+@pytest.mark.parametrize("winograd", [False, True], ids=["direct", "winograd"])
+@pytest.mark.parametrize("what", ["weights", "bias", "slope"])
+def test_conv_truncated_buffer_names_the_kernel(winograd, what):
+    name, nw = SMALL_CONV[winograd]
+    # buffer size, then the size and offset of the slice that no longer fits
+    size, n, offset = {
+        "weights": (nw - 1, nw, 0),
+        "bias": (nw + 8, 16, nw),
+        "slope": (nw + 28, 16, nw + 16),
+    }[what]
+    layer, params, x = _small_conv(winograd)
     conv = jax.jit(lambda x, p: ops.conv(x, p, layer))
     msg = _bad_call(lambda: conv(x, params[:size]))
-    assert f"retinaface_conv {what}" in msg, msg
+    assert f"{name} {what}" in msg, msg
     assert "do not fit the parameter buffer" in msg, msg
     assert f"{n} values at offset {offset}" in msg and f"buffer of {size} values" in msg, msg
     jax.block_until_ready(conv(x, params))  # the full buffer is fine
 
 
+@pytest.mark.parametrize("winograd", [False, True], ids=["direct", "winograd"])
 @pytest.mark.parametrize(
     "field, value",
-    [("w", 40), ("w", -16), ("b", 1184 - 15), ("slope", 1184), ("slope", -1)],
+    [("w", 40), ("w", -16), ("b", 32 - 15), ("slope", 32), ("slope", -1)],
 )
-def test_conv_offsets_outside_the_buffer_name_the_kernel(field, value):
-    layer, params, x = _small_conv()
+def test_conv_offsets_outside_the_buffer_name_the_kernel(winograd, field, value):
+    """``value``: the offset, counted from the end of the weights when positive (except w)."""
+    name, nw = SMALL_CONV[winograd]
+    value = value + nw if value > 0 and field != "w" else value
+    layer, params, x = _small_conv(winograd)
     bad = layer._replace(**{field: value})
     msg = _bad_call(lambda: jax.jit(lambda x, p: ops.conv(x, p, bad))(x, params))
     what = {"w": "weights", "b": "bias", "slope": "slope"}[field]
-    assert f"retinaface_conv {what}" in msg and "do not fit the parameter buffer" in msg, msg
+    assert f"{name} {what}" in msg and "do not fit the parameter buffer" in msg, msg
     assert f"at offset {value} " in msg, msg
 
 
-def test_conv_slice_past_the_input_channels_names_the_kernel():
-    layer, params, _ = _small_conv()
+@pytest.mark.parametrize("winograd", [False, True], ids=["direct", "winograd"])
+def test_conv_slice_past_the_input_channels_names_the_kernel(winograd):
+    layer, params, _ = _small_conv(winograd)
     # a channel slice reaching past the input's channels (8 channels from channel 4 of 8)
     bad = layer._replace(cin_offset=4)
     msg = _bad_call(
         lambda: jax.jit(lambda x: ops.conv(x, params, bad))(np.zeros((1, 7, 9, 8), np.float32))
     )
-    assert "retinaface_conv" in msg and "inconsistent shapes" in msg, msg
+    assert SMALL_CONV[winograd][0] in msg and "inconsistent shapes" in msg, msg
 
 
 DW_PARTS = [
@@ -559,9 +598,9 @@ def _layer_slices(layer) -> list[tuple[int, int]]:
         c = layer.channels
         dw = [(layer.wd, 9 * c), (layer.bd, c), (layer.sd, c)]
         return dw + _layer_slices(layer.pw)
-    k = layer.kernel_size
+    taps = 16 if layer.winograd else layer.kernel_size**2  # Winograd: the 4x4 transformed tile
     return [
-        (layer.w, k * k * layer.cin * layer.cout),
+        (layer.w, taps * layer.cin * layer.cout),
         (layer.b, layer.cout),
         (layer.slope, layer.cout),
     ]
@@ -578,6 +617,11 @@ def test_kernel_params_are_one_host_buffer_and_a_plan(request, backbone):
     assert any(n.startswith("body.") for n in names) == plan.mobilenet_body
     for expected in ("fpn.output1", "fpn.merge2", "ssh3.c", "heads.2"):
         assert expected in names, sorted(names)
+    # the 3x3 stride-1 layers (FPN merges, SSH) run by Winograd, the others directly
+    winograd = {n for n, layer in plan.layers.items() if getattr(layer, "winograd", False)}
+    assert winograd == {"fpn.merge1", "fpn.merge2"} | {
+        f"ssh{i}.{p}" for i in (1, 2, 3) for p in "abc"
+    }, sorted(winograd)
     # every slice lies in the buffer, starts on a 16-float boundary, and no two overlap
     slices = sorted(s for layer in plan.layers.values() for s in _layer_slices(layer))
     for (o1, n1), (o2, _) in zip(slices, slices[1:], strict=False):

@@ -21,6 +21,7 @@ import numpy as np
 
 CONV_TARGET = "retinaface_conv"
 CONV_DW_TARGET = "retinaface_conv_dw"
+WINOGRAD_TARGET = "retinaface_conv_winograd"
 TOPK_NMS_TARGET = "retinaface_topk_nms"
 NO_ACTIVATION = 1.0  # negative slope 1: y = v
 _ALIGN = 16  # floats: every array starts on a 64-byte boundary of the buffer
@@ -28,7 +29,8 @@ _ALIGN = 16  # floats: every array starts on a 64-byte boundary of the buffer
 
 class ConvLayer(NamedTuple):
     """A dense convolution layer: offsets of its packed weights, bias and slopes in the buffer,
-    and its shape (``cin`` input channels read from channel ``cin_offset`` of the input)."""
+    and its shape (``cin`` input channels read from channel ``cin_offset`` of the input); run by
+    Winograd F(2x2, 3x3) when ``winograd``."""
 
     w: int
     b: int
@@ -39,6 +41,7 @@ class ConvLayer(NamedTuple):
     stride: int
     padding: int
     cin_offset: int = 0
+    winograd: bool = False  # weights stored Winograd-transformed (see winograd_weights)
 
 
 class DwLayer(NamedTuple):
@@ -96,6 +99,23 @@ def fold_batchnorm(
     return (kernel * k).astype(np.float32), (bias - mean * k).astype(np.float32)
 
 
+# Winograd F(2x2, 3x3) kernel transform G (Lavin & Gray, 2016): U = G g G^T per channel pair.
+_WINOGRAD_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+def winograd_applies(kernel_size: int, stride: int, cin: int) -> bool:
+    """Whether a layer can run as Winograd F(2x2, 3x3): 3x3, stride 1, ``cin`` a multiple of 8."""
+    return kernel_size == 3 and stride == 1 and cin % 8 == 0
+
+
+def winograd_weights(kernel: np.ndarray) -> np.ndarray:
+    """``[3, 3, cin, cout]`` -> ``[16, cin, cout]``: ``G g G^T`` for each channel pair, computed
+    in float64 and rounded once to float32 (element ``4 * a + b`` of the 4x4 transformed tile)."""
+    g = np.asarray(kernel, np.float64)
+    u = np.einsum("ai,ijcd,bj->abcd", _WINOGRAD_G, g, _WINOGRAD_G)
+    return u.reshape(16, *g.shape[2:]).astype(np.float32)
+
+
 def conv_layer(
     buffer: ParamBuffer,
     kernel: np.ndarray,
@@ -105,16 +125,33 @@ def conv_layer(
     stride: int,
     padding: int,
     cin_offset: int = 0,
+    winograd: bool | None = None,
 ) -> ConvLayer:
-    """Add a ``[k, k, cin, cout]`` kernel (cout a multiple of 8), bias and slopes to ``buffer``."""
+    """Add a ``[k, k, cin, cout]`` kernel (cout a multiple of 8), bias and slopes to ``buffer``.
+
+    ``winograd``: run the layer as Winograd F(2x2, 3x3) (None: whenever :func:`winograd_applies`;
+    2.25x fewer multiply-adds, measured 1.2-1.8x faster on this network's 3x3 layers; results
+    differ from the direct convolution by float32 rounding, ~4e-6 relative).
+    """
     k, k2, cin, cout = kernel.shape
     if k != k2:
         raise ValueError(f"conv_layer: expected a square kernel, got {kernel.shape}")
     if bias.shape != (cout,) or slope.shape != (cout,):
         raise ValueError(f"conv_layer: bias {bias.shape} / slope {slope.shape} != ({cout},)")
-    w = buffer.add(pack_weights(np.asarray(kernel, np.float32).reshape(-1, cout)))
+    applies = winograd_applies(k, stride, cin)
+    if winograd and not applies:
+        raise ValueError(
+            f"conv_layer: Winograd needs a 3x3 stride-1 kernel with cin a multiple of 8, got "
+            f"{kernel.shape} stride {stride}"
+        )
+    winograd = applies if winograd is None else winograd
+    if winograd:
+        packed = np.concatenate([pack_weights(u) for u in winograd_weights(kernel)])
+    else:
+        packed = pack_weights(np.asarray(kernel, np.float32).reshape(-1, cout))
+    w = buffer.add(packed)
     return ConvLayer(
-        w, buffer.add(bias), buffer.add(slope), cin, cout, k, stride, padding, cin_offset
+        w, buffer.add(bias), buffer.add(slope), cin, cout, k, stride, padding, cin_offset, winograd
     )
 
 
@@ -142,19 +179,18 @@ def conv(x: jax.Array, params: jax.Array, layer: ConvLayer) -> jax.Array:
     out = jax.ShapeDtypeStruct(
         (n, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1, layer.cout), jnp.float32
     )
-    return jax.ffi.ffi_call(CONV_TARGET, out)(
-        x,
-        params,
-        stride=np.int64(s),
+    common = dict(
         pad=np.int64(p),
-        kh=np.int64(k),
-        kw=np.int64(k),
         cin=np.int64(layer.cin),
         cin_offset=np.int64(layer.cin_offset),
         w_offset=np.int64(layer.w),
         b_offset=np.int64(layer.b),
         s_offset=np.int64(layer.slope),
     )
+    if layer.winograd:
+        return jax.ffi.ffi_call(WINOGRAD_TARGET, out)(x, params, **common)
+    shape = dict(stride=np.int64(s), kh=np.int64(k), kw=np.int64(k))
+    return jax.ffi.ffi_call(CONV_TARGET, out)(x, params, **shape, **common)
 
 
 def conv_dw(x: jax.Array, params: jax.Array, layer: DwLayer) -> jax.Array:
