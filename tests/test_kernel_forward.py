@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections import OrderedDict
 
 import cv2
@@ -445,6 +446,51 @@ def test_conv_slice_past_the_input_channels_names_the_kernel(winograd):
     assert SMALL_CONV[winograd][0] in msg and "inconsistent shapes" in msg, msg
 
 
+# (batch, h, w, cout, stride, padding): the stem's direct 12-pixel tiles and the im2col edges
+U8_CASES = [(1, 33, 40, 8, 2, 1), (2, 5, 64, 8, 2, 1), (1, 7, 9, 16, 1, 1), (2, 31, 29, 24, 2, 0)]
+
+
+@pytest.mark.parametrize("n, h, w, cout, s, pad", U8_CASES)
+def test_conv_on_uint8_equals_conv_on_mean_subtracted_float(n, h, w, cout, s, pad):
+    """The kernel's own ``float(x) - mean`` gives the bits of the float32 path (one rounding)."""
+    rng = np.random.default_rng([n, h, w, cout, s, pad])
+    img = rng.integers(0, 256, size=(n, h, w, 3), dtype=np.uint8)
+    wk = (rng.normal(size=(3, 3, 3, cout)) / 5).astype(np.float32)
+    b, slope = rng.normal(0, 0.5, cout).astype(np.float32), random_slopes(rng, cout)
+    buf = ops.ParamBuffer()
+    mean = buf.add(np.array([104.0, 117.0, 123.0], np.float32))
+    layer = ops.conv_layer(buf, wk, b, slope, stride=s, padding=pad)
+    params = jax.device_put(buf.array())
+    got = jax.jit(lambda x, p: ops.conv(x, p, layer, mean=mean))(img, params)
+    flt = img.astype(np.float32) - np.float32([104, 117, 123])
+    np.testing.assert_array_equal(got, jax.jit(lambda x, p: ops.conv(x, p, layer))(flt, params))
+    ref = conv_reference(flt, wk, b, slope, stride=s, padding=pad, cin=3, cin_offset=0)
+    assert_close(got, ref, what="ops.conv uint8")
+
+
+def test_conv_on_uint8_rejects_what_it_cannot_read():
+    rng = np.random.default_rng(3)
+    buf = ops.ParamBuffer()
+    mean = buf.add(np.array([104.0, 117.0, 123.0], np.float32))
+    stem = ops.conv_layer(
+        buf,
+        rng.normal(size=(3, 3, 3, 8)).astype(np.float32),
+        np.zeros(8),
+        np.ones(8),
+        stride=2,
+        padding=1,
+    )
+    params = buf.array()
+    img = np.zeros((1, 9, 9, 3), np.uint8)
+    with pytest.raises(ValueError, match="uint8 input needs a mean"):
+        ops.conv(img, params, stem)  # no mean
+    with pytest.raises(ValueError, match="uint8 input"):
+        ops.conv(np.zeros((1, 9, 9, 4), np.uint8), params, stem, mean=mean)  # 4 != 3 channels
+    # a mean outside the buffer is named
+    msg = _bad_call(lambda: jax.jit(lambda x: ops.conv(x, params, stem, mean=params.size - 2))(img))
+    assert "retinaface_conv_u8 mean" in msg and "do not fit the parameter buffer" in msg, msg
+
+
 DW_PARTS = [
     ("wd", "depthwise weights"),
     ("bd", "depthwise bias"),
@@ -624,11 +670,41 @@ def test_kernel_params_are_one_host_buffer_and_a_plan(request, backbone):
     }, sorted(winograd)
     # every slice lies in the buffer, starts on a 16-float boundary, and no two overlap
     slices = sorted(s for layer in plan.layers.values() for s in _layer_slices(layer))
+    slices = sorted([*slices, (plan.mean, 3)])
+    np.testing.assert_array_equal(params[plan.mean : plan.mean + 3], [104, 117, 123])
     for (o1, n1), (o2, _) in zip(slices, slices[1:], strict=False):
         assert o1 + n1 <= o2, (o1, n1, o2)
     assert all(o % 16 == 0 and n > 0 for o, n in slices)
     assert slices[0][0] == 0 and slices[-1][0] + slices[-1][1] <= params.size
     assert params.size - (slices[-1][0] + slices[-1][1]) < 16  # nothing else in the buffer
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet", "resnet50"])
+def test_kernel_forward_on_uint8_equals_mean_subtracted_float(request, shared, backbone):
+    """A uint8 image (the stem kernel subtracts the mean; for ResNet50, XLA does) gives the bits of
+    its float32 ``x - mean``, also inside a valid region (padded inputs: the mean is subtracted
+    before the padded border is zeroed)."""
+    from retinaface_jax.inference.padding import valid_region
+    from retinaface_jax.models.kernel_forward import kernel_forward
+
+    model = request.getfixturevalue(backbone)
+    params, plan = request.getfixturevalue(f"{backbone}_kernels")
+    img = np.clip(np.rint(real_input(shared, 2, 64, 96) + MEAN), 0, 255).astype(np.uint8)
+    flt = img.astype(np.float32) - MEAN
+
+    def run(x, valid_hw=None):
+        body = None if plan.mobilenet_body else model.body.features
+        if valid_hw is None:
+            return kernel_forward(plan, params, x, body)
+        with valid_region(valid_hw, x.shape[1:3]):
+            return kernel_forward(plan, params, x, body)
+
+    run = jax.jit(run)
+    for got, ref in zip(run(img), run(flt), strict=True):
+        np.testing.assert_array_equal(got, ref)
+    valid = np.array([[64, 70], [40, 96]], np.int32)
+    for got, ref in zip(run(img, valid), run(flt, valid), strict=True):
+        np.testing.assert_array_equal(got, ref)
 
 
 def test_kernel_forward_rejects_bad_input(mobilenet_kernels, resnet50_kernels):
@@ -637,6 +713,8 @@ def test_kernel_forward_rejects_bad_input(mobilenet_kernels, resnet50_kernels):
     params, plan = mobilenet_kernels
     with pytest.raises(ValueError, match="NHWC"):
         kernel_forward(plan, params, jnp.zeros((1, 3, 32, 32)))
+    with pytest.raises(ValueError, match="float32 or uint8"):
+        kernel_forward(plan, params, jnp.zeros((1, 32, 32, 3), jnp.int32))
     # a ResNet50 body runs on XLA: it must be passed
     params, plan = resnet50_kernels
     with pytest.raises(ValueError, match="body="):
@@ -881,6 +959,26 @@ def test_detector_native_matches_xla(shared, mobilenet):
         np.testing.assert_allclose(gb, rb, rtol=0, atol=1e-3, err_msg=f"{name} boxes")
         np.testing.assert_allclose(gl, rl, rtol=0, atol=1e-3, err_msg=f"{name} landmarks")
         np.testing.assert_allclose(gs, rs, rtol=0, atol=1e-5, err_msg=f"{name} scores")
+
+
+def test_detector_program_reads_uint8_images_in_the_stem_kernel(mobilenet):
+    """An exact-bucket uint8 batch goes to the uint8 stem kernel (no float copy of the image); a
+    padded batch subtracts the mean before masking, on XLA; a float batch uses the float stem."""
+    from retinaface_jax.inference.detector import Detector
+
+    det = Detector(mobilenet, kernels="native", compilation_cache=False)
+    valid, resize, thr = np.array([[64, 96]], np.int32), np.ones(1, np.float32), np.float32(0.5)
+
+    def targets(dtype, masked: bool) -> set[str]:
+        images = np.zeros((1, 64, 96, 3), dtype)
+        args = (det._weights, images, valid, resize, thr, thr)
+        text = det._program.lower(*args, k=100, max_keep=10, masked=masked).as_text()
+        return set(re.findall(r"retinaface_conv\w*", text))
+
+    assert "retinaface_conv_u8" in targets(np.uint8, masked=False)
+    assert "retinaface_conv_u8" not in targets(np.uint8, masked=True)
+    assert "retinaface_conv_u8" not in targets(np.float32, masked=False)
+    assert "retinaface_conv_winograd" in targets(np.uint8, masked=False)
 
 
 # -- choose_kernels ---------------------------------------------------------------------------

@@ -83,7 +83,10 @@ def _detect_program(
     """
     leaves, kparams = weights
     model = rebuild(leaves) if leaves else None
-    x = images.astype(jnp.float32) - jnp.asarray(cfg.rgb_mean, jnp.float32)
+    if plan is None:
+        x = images.astype(jnp.float32) - jnp.asarray(cfg.rgb_mean, jnp.float32)
+    else:  # kernel_forward subtracts the mean (in its stem kernel, for a uint8 image)
+        x = images
 
     def forward(x):
         if plan is not None:
@@ -94,7 +97,8 @@ def _detect_program(
         if model is not None:
             model = masked_for_padding(model)
         with valid_region(valid_hw, images.shape[1:3]):
-            x = mask_padded(x)  # the padded border is zero after mean subtraction
+            if plan is None:  # (kernel_forward masks its input itself)
+                x = mask_padded(x)  # the padded border is zero after mean subtraction
             loc, conf, landms = forward(x)
     else:
         loc, conf, landms = forward(x)

@@ -43,6 +43,11 @@ def valid_region(valid_hw: jax.Array, padded_hw: tuple[int, int]) -> Iterator[No
         _REGION = previous
 
 
+def region_active() -> bool:
+    """Whether a :func:`valid_region` is in effect (padded inputs are being masked)."""
+    return _REGION is not None
+
+
 def mask_padded(x: jax.Array) -> jax.Array:
     """Zero ``x [B, h, w, C]`` outside each image's valid extent (identity outside a region)."""
     if _REGION is None:

@@ -56,6 +56,7 @@ SOURCE: Path = Path(__file__).with_name("cpu_conv.cc")
 
 TARGETS: dict[str, str] = {
     "retinaface_conv": "RfConv",
+    "retinaface_conv_u8": "RfConvU8",
     "retinaface_conv_winograd": "RfConvWinograd",
     "retinaface_conv_dw": "RfConvDw",
     "retinaface_topk_nms": "RfTopkNms",

@@ -22,6 +22,7 @@ import numpy as np
 CONV_TARGET = "retinaface_conv"
 CONV_DW_TARGET = "retinaface_conv_dw"
 WINOGRAD_TARGET = "retinaface_conv_winograd"
+U8_TARGET = "retinaface_conv_u8"
 TOPK_NMS_TARGET = "retinaface_topk_nms"
 NO_ACTIVATION = 1.0  # negative slope 1: y = v
 _ALIGN = 16  # floats: every array starts on a 64-byte boundary of the buffer
@@ -172,25 +173,38 @@ def dw_layer(
     return DwLayer(wd, buffer.add(bias), buffer.add(slope), c, stride, pw)
 
 
-def conv(x: jax.Array, params: jax.Array, layer: ConvLayer) -> jax.Array:
-    """``act(conv(x[..., off:off + cin], w) + b)`` for NHWC float32 ``x``."""
-    n, h, w, _ = x.shape
+def conv(x: jax.Array, params: jax.Array, layer: ConvLayer, mean: int | None = None) -> jax.Array:
+    """``act(conv(x[..., off:off + cin], w) + b)`` for NHWC float32 ``x``.
+
+    A uint8 ``x`` (an image, all of whose ``cin < 8`` channels the layer reads) is read as
+    ``float32(x) - params[mean : mean + cin]`` by the kernel itself: no float32 copy of the image.
+    """
+    n, h, w, c = x.shape
     k, s, p = layer.kernel_size, layer.stride, layer.padding
     out = jax.ShapeDtypeStruct(
         (n, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1, layer.cout), jnp.float32
     )
-    common = dict(
-        pad=np.int64(p),
-        cin=np.int64(layer.cin),
-        cin_offset=np.int64(layer.cin_offset),
-        w_offset=np.int64(layer.w),
-        b_offset=np.int64(layer.b),
-        s_offset=np.int64(layer.slope),
-    )
+    offsets = {
+        "w_offset": np.int64(layer.w),
+        "b_offset": np.int64(layer.b),
+        "s_offset": np.int64(layer.slope),
+    }
+    shape = dict(stride=np.int64(s), pad=np.int64(p), kh=np.int64(k), kw=np.int64(k))
+    if x.dtype == jnp.uint8:
+        if mean is None or c != layer.cin or layer.cin_offset or layer.cin >= 8 or layer.winograd:
+            raise ValueError(
+                f"conv: a uint8 input needs a mean offset and a narrow layer reading all its "
+                f"{c} channels, got mean={mean}, {layer}"
+            )
+        return jax.ffi.ffi_call(U8_TARGET, out)(
+            x, params, m_offset=np.int64(mean), **shape, **offsets
+        )
+    channels = dict(cin=np.int64(layer.cin), cin_offset=np.int64(layer.cin_offset))
     if layer.winograd:
-        return jax.ffi.ffi_call(WINOGRAD_TARGET, out)(x, params, **common)
-    shape = dict(stride=np.int64(s), kh=np.int64(k), kw=np.int64(k))
-    return jax.ffi.ffi_call(CONV_TARGET, out)(x, params, **shape, **common)
+        return jax.ffi.ffi_call(WINOGRAD_TARGET, out)(
+            x, params, pad=np.int64(p), **channels, **offsets
+        )
+    return jax.ffi.ffi_call(CONV_TARGET, out)(x, params, **shape, **channels, **offsets)
 
 
 def conv_dw(x: jax.Array, params: jax.Array, layer: DwLayer) -> jax.Array:

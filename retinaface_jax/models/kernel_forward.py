@@ -37,13 +37,14 @@ _HEADS = ("BboxHead", "ClassHead", "LandmarkHead")
 class KernelPlan(NamedTuple):
     """What :func:`kernel_forward` runs: every layer by name (``ops.ConvLayer`` / ``ops.DwLayer``,
     offsets into the parameter buffer), whether the body is MobileNetV1 (else it runs on XLA),
-    each SSH level's ``(conv3X3, conv5X5_1)`` channel counts and each head's
-    ``(channels, numbers per anchor)``."""
+    each SSH level's ``(conv3X3, conv5X5_1)`` channel counts, each head's
+    ``(channels, numbers per anchor)`` and where the BGR mean is."""
 
     layers: dict[str, ops.ConvLayer | ops.DwLayer]
     mobilenet_body: bool
     ssh_channels: tuple[tuple[int, int], ...]
     heads: tuple[tuple[tuple[int, int], ...], ...]
+    mean: int  # offset of the config's BGR mean (subtracted from uint8 inputs)
 
 
 def _host(v: Any) -> np.ndarray:
@@ -125,7 +126,8 @@ def kernel_params(model: nnx.Module) -> tuple[np.ndarray, KernelPlan]:
         parts = (_fold(h.conv1x1, None, ops.NO_ACTIVATION) for h in modules)
         layers[f"heads.{level}"] = _layer(buf, *parts, padding=0)
         heads.append(tuple((h.conv1x1.out_channels, h.width) for h in modules))
-    plan = KernelPlan(layers, mobilenet, tuple(ssh_channels), tuple(heads))
+    mean = buf.add(np.asarray(model.cfg.rgb_mean, np.float32))
+    plan = KernelPlan(layers, mobilenet, tuple(ssh_channels), tuple(heads), mean)
     return buf.array(), plan
 
 
@@ -135,7 +137,19 @@ def _run(plan: KernelPlan, params: jax.Array, name: str, x: jax.Array) -> jax.Ar
     layer = plan.layers[name]
     if isinstance(layer, ops.DwLayer):
         return ops.conv_dw(mask_padded(x), params, layer)
+    if x.dtype == jnp.uint8:  # the image, read by the stem kernel (see _network_input)
+        return ops.conv(x, params, layer, mean=plan.mean)
     return ops.conv(mask_padded(x) if layer.padding else x, params, layer)
+
+
+def _network_input(plan: KernelPlan, params: jax.Array, x: jax.Array) -> jax.Array:
+    """A uint8 image stays uint8 when the MobileNetV1 stem kernel can subtract the mean itself
+    (no padded region to zero: masking needs the float input); else ``float32(x) - mean`` here."""
+    from retinaface_jax.inference.padding import region_active
+
+    if x.dtype != jnp.uint8 or (plan.mobilenet_body and not region_active()):
+        return x
+    return x.astype(jnp.float32) - params[plan.mean : plan.mean + x.shape[-1]]
 
 
 def kernel_forward(
@@ -146,11 +160,16 @@ def kernel_forward(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``model(x)`` (eval mode) on the native kernels: ``(loc, conf_logits, landms)``.
 
-    ``plan, params = kernel_params(model)``; ``body``: the backbone's ``features`` when it is not
-    MobileNetV1 (e.g. ``model.body.features`` for ResNet50, which runs on XLA).
+    ``plan, params = kernel_params(model)``; ``x``: float32 BGR minus the mean, or the uint8 BGR
+    image (the same as ``float32(x) - cfg.rgb_mean``); ``body``: the backbone's ``features`` when
+    it is not MobileNetV1 (e.g. ``model.body.features`` for ResNet50, which runs on XLA).
     """
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"RetinaFace input: expected [B,H,W,3] (NHWC, BGR), got {x.shape}")
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype not in (jnp.float32, jnp.uint8):
+        raise ValueError(
+            f"RetinaFace input: expected [B,H,W,3] float32 or uint8 (NHWC, BGR), got "
+            f"{x.shape} {x.dtype}"
+        )
+    x = _network_input(plan, params, x)
     if plan.mobilenet_body:
         feats = []
         for name, n in (("stage1", 6), ("stage2", 6), ("stage3", 2)):
