@@ -335,17 +335,22 @@ class Detector:
         hb, wb = self.bucket_of(*prepared[0][0].shape[:2])
         bp = buckets.bucket_batch(n, max(self.batch_size, n))
         dtype = np.uint8 if all(x.dtype == np.uint8 for x, _ in prepared) else np.float32
-        batch = np.zeros((bp, hb, wb, 3), dtype=dtype)
         valid_hw = np.zeros((bp, 2), dtype=np.int32)
         resize = np.ones((bp,), dtype=np.float32)
         for j, (x, r) in enumerate(prepared):
             h, w = x.shape[:2]
             if (hb, wb) != self.bucket_of(h, w):
                 raise ValueError(f"input {h}x{w} is not in bucket {hb}x{wb}")
-            batch[j, :h, :w] = x
             valid_hw[j] = (h, w)
             resize[j] = r
         valid_hw[n:] = valid_hw[0]
+        exact = n == bp and all(x.shape[:2] == (hb, wb) for x, _ in prepared)
+        if exact and n == 1 and prepared[0][0].dtype == dtype:
+            batch = np.ascontiguousarray(prepared[0][0])[None]  # no copy: JAX copies it in
+        else:  # (zero-filling and copying a 640x480 image cost ~0.35 ms)
+            batch = (np.empty if exact else np.zeros)((bp, hb, wb, 3), dtype=dtype)
+            for j, (x, _) in enumerate(prepared):
+                batch[j, : x.shape[0], : x.shape[1]] = x
         num_priors = len(pixel_priors(self.cfg, hb, wb)[1])
         k = num_priors if limits.top_k is None else min(int(limits.top_k), num_priors)
         max_keep = k if limits.keep_top_k is None else min(int(limits.keep_top_k), k)
@@ -366,5 +371,5 @@ class Detector:
     @staticmethod
     def finish(outputs: tuple[jax.Array, jax.Array], n: int) -> list[np.ndarray]:
         """Device results of :meth:`dispatch` -> ``[K, 15]`` float32 rows for the first ``n``."""
-        rows, count = jax.device_get(outputs)
+        rows, count = (np.asarray(a) for a in outputs)  # (jax.device_get: 0.4 ms more)
         return [np.asarray(rows[j, : count[j]], dtype=np.float32) for j in range(n)]

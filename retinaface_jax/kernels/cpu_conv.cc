@@ -510,18 +510,21 @@ ffi::Error RfConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-// One pixel of the 3x3 depthwise convolution: r[i] points at input row i's left tap column,
-// whose next columns are s[i] floats apart. Every pixel, at an edge or not, is computed by this
-// same expression (missing taps read zeros), so a result never depends on where the pixel is:
-// a padded image with a zeroed border gives the same bits as the unpadded image.
-inline v8 depthwise_pixel(v8 acc, const float* const* r, const int64_t* s, const v8* k) {
-  acc += loadu(r[0]) * k[0] + loadu(r[0] + s[0]) * k[1] + loadu(r[0] + 2 * s[0]) * k[2];
-  acc += loadu(r[1]) * k[3] + loadu(r[1] + s[1]) * k[4] + loadu(r[1] + 2 * s[1]) * k[5];
-  acc += loadu(r[2]) * k[6] + loadu(r[2] + s[2]) * k[7] + loadu(r[2] + 2 * s[2]) * k[8];
+// One pixel of the 3x3 depthwise convolution from its nine taps x[0..8] (row-major). Every pixel,
+// at an edge or not, is computed by this same expression (missing taps read as zeros), so a
+// result never depends on where the pixel is: a padded image with a zeroed border gives the same
+// bits as the unpadded image.
+inline v8 depthwise_sum(v8 acc, v8 x0, v8 x1, v8 x2, v8 x3, v8 x4, v8 x5, v8 x6, v8 x7, v8 x8,
+                        const v8* k) {
+  acc += x0 * k[0] + x1 * k[1] + x2 * k[2];
+  acc += x3 * k[3] + x4 * k[4] + x5 * k[5];
+  acc += x6 * k[6] + x7 * k[7] + x8 * k[8];
   return acc;
 }
 
 // One output row of the 3x3 depthwise convolution (pad 1) + bias + activation into out [OW][C].
+// Interior pixels of rows with all three input rows read the input directly at constant strides;
+// the rest (image edges) gather their taps with zeros first.
 void depthwise_row(const float* X, int64_t n, int64_t oh, int64_t H, int64_t W, int64_t C,
                    int64_t stride, int64_t OW, const float* wd, const float* bd, const float* sd,
                    float* out) {
@@ -530,34 +533,38 @@ void depthwise_row(const float* X, int64_t n, int64_t oh, int64_t H, int64_t W, 
     const int64_t ih = oh * stride + i - 1;
     rows[i] = ih >= 0 && ih < H ? X + (n * H + ih) * W * C : nullptr;  // nullptr: zero row
   }
+  // interior: output pixels whose three input columns iw0 .. iw0 + 2 (iw0 = ow*stride - 1) exist
+  const int64_t lo = std::min<int64_t>(1, OW);
+  const int64_t hi = rows[0] && rows[1] && rows[2]
+                         ? std::max<int64_t>(lo, std::min<int64_t>(OW, (W - 3) / stride + 1))
+                         : lo;  // a missing row: every pixel takes the edge path
   for (int64_t c0 = 0; c0 < C; c0 += 8) {
     v8 k[9];
     for (int t = 0; t < 9; ++t) k[t] = loadu(wd + t * C + c0);
     const v8 b = loadu(bd + c0), sl = loadu(sd + c0);
-    const float* zero = kZeros + c0;
-    for (int64_t ow = 0; ow < OW; ++ow) {
-      const int64_t iw0 = ow * stride - 1;
-      const float* r[3];
-      int64_t st[3];
-      float edge[3][3 * 8];  // an edge pixel's taps, zeros where outside the image
-      if (iw0 >= 0 && iw0 + 2 < W) {
-        for (int i = 0; i < 3; ++i) {
-          r[i] = rows[i] ? rows[i] + iw0 * C + c0 : zero;
-          st[i] = rows[i] ? C : 0;
+    auto edge_pixel = [&](int64_t ow) {
+      v8 x[9];
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) {
+          const int64_t iw = ow * stride - 1 + j;
+          x[3 * i + j] = rows[i] && iw >= 0 && iw < W ? loadu(rows[i] + iw * C + c0) : bcast(0.f);
         }
-      } else {
-        for (int i = 0; i < 3; ++i) {
-          for (int j = 0; j < 3; ++j) {
-            const int64_t iw = iw0 + j;
-            const float* src = rows[i] && iw >= 0 && iw < W ? rows[i] + iw * C + c0 : zero;
-            std::memcpy(edge[i] + 8 * j, src, 8 * sizeof(float));
-          }
-          r[i] = edge[i];
-          st[i] = 8;
-        }
+      storeu(out + ow * C + c0,
+             activate(depthwise_sum(b, x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8], k), sl));
+    };
+    for (int64_t ow = 0; ow < lo; ++ow) edge_pixel(ow);
+    if (hi > lo) {
+      const float *p0 = rows[0] + c0, *p1 = rows[1] + c0, *p2 = rows[2] + c0;
+      const int64_t step = stride * C;
+      int64_t o = (lo * stride - 1) * C;
+      for (int64_t ow = lo; ow < hi; ++ow, o += step) {
+        const v8 acc = depthwise_sum(b, loadu(p0 + o), loadu(p0 + o + C), loadu(p0 + o + 2 * C),
+                                     loadu(p1 + o), loadu(p1 + o + C), loadu(p1 + o + 2 * C),
+                                     loadu(p2 + o), loadu(p2 + o + C), loadu(p2 + o + 2 * C), k);
+        storeu(out + ow * C + c0, activate(acc, sl));
       }
-      storeu(out + ow * C + c0, activate(depthwise_pixel(b, r, st, k), sl));
     }
+    for (int64_t ow = hi; ow < OW; ++ow) edge_pixel(ow);
   }
 }
 
