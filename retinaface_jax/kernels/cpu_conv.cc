@@ -16,6 +16,9 @@
 //                       activation, then 1x1 pointwise + bias + activation, one output row at a
 //                       time (the depthwise row stays in cache).
 //
+//   retinaface_heads:   the 1x1 heads of every pyramid level in one call, reading the SSH output's
+//                       three channel slices in place (no concatenation), into one [B, cells, CO].
+//
 //   retinaface_topk_nms: the top_k best-scoring candidates, then greedy NMS with the float32
 //                       arithmetic of the original's py_cpu_nms (see RfTopkNmsImpl).
 //
@@ -510,6 +513,93 @@ ffi::Error RfConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// RetinaFace's heads over every pyramid level in one call: per level, a 1x1 layer (the level's
+// BboxHead, ClassHead and LandmarkHead side by side, CO outputs) over the SSH output, which is the
+// concatenation of channel slices of three tensors (conv3X3's, conv5X5_2's and conv7x7_3's
+// outputs): the slices are read in place as consecutive runs of the K loop, so the concatenation
+// is never built. y [B, cells, CO]: level 1's cells row-major, then level 2's, ... (the order of
+// the original's priors, two anchors per cell).
+// args: 3 tensors per level; segments: per level 3 x (cin, cin_offset); offsets: per level
+// (w, b, slope).
+ffi::Error RfHeadsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> params, ffi::RemainingArgs args,
+                       ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> segments,
+                       ffi::Span<const int64_t> offsets) {
+  const int64_t levels = int64_t(offsets.size()) / 3;
+  auto yd = y->dimensions();
+  if (levels < 1 || int64_t(offsets.size()) != 3 * levels || int64_t(segments.size()) != 6 * levels ||
+      int64_t(args.size()) != 3 * levels || yd.size() != 3 || yd[2] % 8)
+    return ffi::Error::InvalidArgument(
+        "retinaface_heads: expected 3 tensors and 3 (cin, cin_offset) pairs and 3 offsets per level, "
+        "y [B, cells, CO] with CO a multiple of 8");
+  const int64_t N = yd[0], CO = yd[2];
+  struct Seg { const float* x; int64_t CX, cin, coff; };
+  std::vector<Seg> segs(size_t(3 * levels));
+  const size_t nl = static_cast<size_t>(levels);
+  std::vector<int64_t> H(nl), W(nl), first_cell(nl + 1, 0), first_row(nl + 1, 0);
+  for (int64_t l = 0; l < levels; ++l) {
+    int64_t K = 0;
+    for (int64_t t = 0; t < 3; ++t) {
+      auto buf = args.get<ffi::Buffer<ffi::F32>>(size_t(3 * l + t));
+      if (buf.has_error()) return buf.error();
+      auto d = buf->dimensions();
+      const int64_t cin = segments[size_t(6 * l + 2 * t)], coff = segments[size_t(6 * l + 2 * t + 1)];
+      if (d.size() != 4 || d[0] != N || (t > 0 && (d[1] != H[size_t(l)] || d[2] != W[size_t(l)])) ||
+          cin < 1 || coff < 0 || coff + cin > d[3])
+        return ffi::Error::InvalidArgument(
+            "retinaface_heads: level " + std::to_string(l) + " input " + std::to_string(t) +
+            ": expected NHWC [B, H, W, C] of the level's size holding channels [cin_offset, "
+            "cin_offset + cin)");
+      H[size_t(l)] = d[1], W[size_t(l)] = d[2];
+      segs[size_t(3 * l + t)] = Seg{buf->typed_data(), d[3], cin, coff};
+      K += cin;
+    }
+    const int64_t* off = offsets.begin() + 3 * l;
+    const std::string what = "retinaface_heads level " + std::to_string(l);
+    if (auto e = check_slice(params, off[0], K * CO, (what + " weights").c_str()); e.failure()) return e;
+    if (auto e = check_slice(params, off[1], CO, (what + " bias").c_str()); e.failure()) return e;
+    if (auto e = check_slice(params, off[2], CO, (what + " slope").c_str()); e.failure()) return e;
+    first_cell[size_t(l) + 1] = first_cell[size_t(l)] + H[size_t(l)] * W[size_t(l)];
+    first_row[size_t(l) + 1] = first_row[size_t(l)] + N * H[size_t(l)];
+  }
+  if (first_cell[size_t(levels)] != yd[1])
+    return ffi::Error::InvalidArgument("retinaface_heads: y must have one row per cell of every level");
+  const float* P = params.typed_data();
+  float* Y = y->typed_data();
+  parallel_for(pool, first_row[size_t(levels)], [&](int64_t row) {
+    int64_t l = 0;
+    while (row >= first_row[size_t(l) + 1]) ++l;
+    const int64_t r = row - first_row[size_t(l)], n = r / H[size_t(l)], h = r % H[size_t(l)];
+    const int64_t OW = W[size_t(l)], ntiles = (OW + MR - 1) / MR;
+    const int64_t* off = offsets.begin() + 3 * l;
+    const float *wp = P + off[0], *bias = P + off[1], *slope = P + off[2];
+    float* yrow = Y + (n * yd[1] + first_cell[size_t(l)] + h * OW) * CO;
+    std::vector<const float*> ptrs(size_t(3 * ntiles * MR));
+    int64_t K = 0, kstart[3];
+    for (int t = 0; t < 3; ++t) {
+      const Seg& sg = segs[size_t(3 * l + t)];
+      kstart[t] = K;
+      K += sg.cin;
+      for (int64_t m = 0; m < ntiles * MR; ++m)
+        ptrs[size_t(t * ntiles * MR + m)] =
+            m < OW ? sg.x + ((n * H[size_t(l)] + h) * OW + m) * sg.CX + sg.coff : kZeros;
+    }
+    auto run = [&](auto nb_tag, int64_t c0, const float* wblk) {
+      constexpr int NB = decltype(nb_tag)::value;
+      for (int t = 0; t < 3; ++t)
+        for (int64_t tt = 0; tt < ntiles; ++tt) {
+          const int nvalid = int(std::min<int64_t>(MR, OW - tt * MR));
+          tile<MR, NB>(ptrs.data() + t * ntiles * MR + tt * MR, 1, segs[size_t(3 * l + t)].cin,
+                       wblk + kstart[t] * NB * 8, bias + c0, slope + c0, yrow + tt * MR * CO + c0,
+                       CO, nvalid, t > 0, t == 2);
+        }
+    };
+    const int64_t full = CO / 16;
+    for (int64_t b = 0; b < full; ++b) run(std::integral_constant<int, 2>{}, b * 16, wp + b * K * 16);
+    if (CO % 16) run(std::integral_constant<int, 1>{}, full * 16, wp + full * K * 16);
+  });
+  return ffi::Error::Success();
+}
+
 // One pixel of the 3x3 depthwise convolution from its nine taps x[0..8] (row-major). Every pixel,
 // at an edge or not, is computed by this same expression (missing taps read as zeros), so a
 // result never depends on where the pixel is: a padded image with a zeroed border gives the same
@@ -758,6 +848,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvWinograd, RfConvWinogradImpl,
                                   .Attr<int64_t>("w_offset")    // packed weights [16][C][CO]
                                   .Attr<int64_t>("b_offset")    // bias [cout]
                                   .Attr<int64_t>("s_offset"));  // negative slope [cout]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfHeads, RfHeadsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // every layer's parameters
+                                  .RemainingArgs()               // 3 tensors per level
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [B, cells, CO]
+                                  .Attr<ffi::Span<const int64_t>>("segments")
+                                  .Attr<ffi::Span<const int64_t>>("offsets"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvDw, RfConvDwImpl,
                               ffi::Ffi::Bind()

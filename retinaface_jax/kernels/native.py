@@ -59,6 +59,7 @@ TARGETS: dict[str, str] = {
     "retinaface_conv_u8": "RfConvU8",
     "retinaface_conv_winograd": "RfConvWinograd",
     "retinaface_conv_dw": "RfConvDw",
+    "retinaface_heads": "RfHeads",
     "retinaface_topk_nms": "RfTopkNms",
 }
 """FFI target name -> handler symbol exported by the library (``XLA_FFI_DEFINE_HANDLER_SYMBOL``)."""

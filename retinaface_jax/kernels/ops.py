@@ -13,6 +13,7 @@ to have registered them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -23,6 +24,7 @@ CONV_TARGET = "retinaface_conv"
 CONV_DW_TARGET = "retinaface_conv_dw"
 WINOGRAD_TARGET = "retinaface_conv_winograd"
 U8_TARGET = "retinaface_conv_u8"
+HEADS_TARGET = "retinaface_heads"
 TOPK_NMS_TARGET = "retinaface_topk_nms"
 NO_ACTIVATION = 1.0  # negative slope 1: y = v
 _ALIGN = 16  # floats: every array starts on a 64-byte boundary of the buffer
@@ -224,6 +226,34 @@ def conv_dw(x: jax.Array, params: jax.Array, layer: DwLayer) -> jax.Array:
         w_offset=np.int64(pw.w),
         b_offset=np.int64(pw.b),
         s_offset=np.int64(pw.slope),
+    )
+
+
+def heads(
+    params: jax.Array,
+    levels: Sequence[tuple[ConvLayer, Sequence[tuple[jax.Array, int]]]],
+) -> jax.Array:
+    """1x1 layers over every level in one kernel -> ``[B, cells, cout]``, level 1's cells (row
+    major) first. Each level is ``(layer, parts)``: the layer's input is the concatenation along
+    channels of ``parts``, three ``(x, cin)`` pairs each reading ``x[..., :cin]``, which the kernel
+    reads in place (the concatenation is never built). Every layer has the same ``cout``."""
+    if len({layer.cout for layer, _ in levels}) != 1:
+        raise ValueError("heads: every level's layer must have the same cout")
+    tensors, segments, offsets, cells = [], [], [], 0
+    for layer, parts in levels:
+        if len(parts) != 3 or layer.kernel_size != 1 or layer.winograd:
+            raise ValueError(f"heads: a 1x1 layer over three parts per level, got {layer}")
+        if sum(cin for _, cin in parts) != layer.cin:
+            raise ValueError(f"heads: parts of {[c for _, c in parts]} channels != cin {layer.cin}")
+        for x, cin in parts:
+            tensors.append(x)
+            segments += [cin, 0]
+        offsets += [layer.w, layer.b, layer.slope]
+        cells += parts[0][0].shape[1] * parts[0][0].shape[2]
+    n, cout = tensors[0].shape[0], levels[0][0].cout
+    out = jax.ShapeDtypeStruct((n, cells, cout), jnp.float32)
+    return jax.ffi.ffi_call(HEADS_TARGET, out)(
+        params, *tensors, segments=np.array(segments, np.int64), offsets=np.array(offsets, np.int64)
     )
 
 

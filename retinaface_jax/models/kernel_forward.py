@@ -9,7 +9,9 @@ layer as fused conv -> BatchNorm -> activation kernels:
   run as one layer with their channels ReLU'd (the ReLU after the concat, moved into the layer)
   and LeakyReLU'd respectively; likewise ``conv5X5_2`` with ``conv7X7_2``; then ``conv7x7_3``. The
   second and third read a channel slice of the previous output in place;
-- the three heads of a level as one 1x1 layer, split afterwards.
+- the three heads of a level as one 1x1 layer, and all levels' heads as one kernel call, which
+  reads the SSH output's three channel slices in place (no concatenation) and writes one
+  ``[B, cells, channels]`` array that is split into loc / conf / landms.
 :func:`kernel_params` folds and packs the parameters once on the host into one flat buffer and a
 static :class:`KernelPlan` (the layers' offsets and shapes); :func:`kernel_forward` runs the plan.
 With padded inputs the same masking as the XLA path applies (``inference.padding.mask_padded``
@@ -183,17 +185,18 @@ def kernel_forward(
     o1, o2, o3 = (_run(plan, params, f"fpn.output{i + 1}", f) for i, f in enumerate(feats))
     o2 = _run(plan, params, "fpn.merge2", o2 + upsample_nearest(o3, o2.shape[1:3]))
     o1 = _run(plan, params, "fpn.merge1", o1 + upsample_nearest(o2, o1.shape[1:3]))
-    per_head: list[list[jax.Array]] = [[], [], []]
+    levels = []
     for level, f in enumerate((o1, o2, o3)):
         half, quarter = plan.ssh_channels[level]
         a = _run(plan, params, f"ssh{level + 1}.a", f)
         b = _run(plan, params, f"ssh{level + 1}.b", a)
         c = _run(plan, params, f"ssh{level + 1}.c", b)
-        f = jnp.concatenate([a[..., :half], b[..., :quarter], c[..., :quarter]], -1)
-        y = _run(plan, params, f"heads.{level}", f)
-        start = 0
-        for j, (channels, width) in enumerate(plan.heads[level]):
-            per_head[j].append(y[..., start : start + channels].reshape(y.shape[0], -1, width))
-            start += channels
-    loc, conf, landms = (jnp.concatenate(parts, axis=1) for parts in per_head)
+        # the SSH output is [a[..., :half], b[..., :quarter], c]: read in place by the heads
+        levels.append((plan.layers[f"heads.{level}"], ((a, half), (b, quarter), (c, quarter))))
+    y = ops.heads(params, levels)  # [B, cells, (bbox | class | landmark) x anchors]
+    outputs, start = [], 0
+    for channels, width in plan.heads[0]:  # every level's heads have the same layout
+        outputs.append(y[..., start : start + channels].reshape(y.shape[0], -1, width))
+        start += channels
+    loc, conf, landms = outputs
     return loc, conf, landms
