@@ -40,6 +40,7 @@
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -100,11 +101,12 @@ int64_t rows_per_task(int64_t rows, int64_t work_per_row, int64_t min_work = 200
 }
 
 // acc[MRT pixels][NB*8 channels] (+)= x[pixel][k] * w[k][channels] over `taps` runs of `cin`
-// k's (pixel j of tap t reads xp[t*MRT + j]); then bias + activation unless !final.
+// k's (or tap_cin[t] for tap t; pixel j of tap t reads xp[t*MRT + j]); then bias + activation
+// unless !final.
 template <int MRT, int NB>
 __attribute__((noinline)) void tile(const float* const* xp, int taps, int64_t cin, const float* w, const float* bias,
                  const float* slope, float* y, int64_t ystride, int nvalid, bool accumulate,
-                 bool final) {
+                 bool final, const int64_t* tap_cin = nullptr) {
   v8 acc[MRT][NB];
 #pragma GCC unroll 16
   for (int j = 0; j < MRT; ++j)
@@ -115,8 +117,10 @@ __attribute__((noinline)) void tile(const float* const* xp, int taps, int64_t ci
     const float* p[MRT];
 #pragma GCC unroll 16
     for (int j = 0; j < MRT; ++j) p[j] = xp[t * MRT + j];
-    const float* wt = w + t * cin * (NB * 8);
-    for (int64_t c = 0; c < cin; ++c) {
+    const int64_t ct = tap_cin ? tap_cin[t] : cin;  // tap_cin: taps of different widths
+    const float* wt = w;
+    w += ct * (NB * 8);
+    for (int64_t c = 0; c < ct; ++c) {
       v8 wv[NB];
 #pragma GCC unroll 4
       for (int b = 0; b < NB; ++b) wv[b] = loadu(wt + c * NB * 8 + b * 8);
@@ -413,23 +417,46 @@ ffi::Error check_slice(const ffi::Buffer<ffi::F32>& params, int64_t offset, int6
   return ffi::Error::Success();
 }
 
+// A layer's weights (nw values), bias and slopes (co each) must lie inside the parameter buffer;
+// errors name `what` (e.g. "retinaface_conv") and the part.
+ffi::Error check_layer(const ffi::Buffer<ffi::F32>& params, const std::string& what, int64_t nw,
+                       int64_t co, int64_t w_offset, int64_t b_offset, int64_t s_offset) {
+  if (auto e = check_slice(params, w_offset, nw, (what + " weights").c_str()); e.failure()) return e;
+  if (auto e = check_slice(params, b_offset, co, (what + " bias").c_str()); e.failure()) return e;
+  return check_slice(params, s_offset, co, (what + " slope").c_str());
+}
+
+// The shape of a layer from x [N, H, W, CX] to y [N, OH, OW, CO] reading channels
+// [coff, coff + cin) of x with a kh x kw kernel: checked (NHWC, CO a multiple of 8, the slice
+// inside x, the output size of the stride and padding); errors name `what`.
+template <class Dims>
+ffi::ErrorOr<ConvShape> conv_shape(const std::string& what, Dims xd, Dims yd, int64_t cin,
+                                   int64_t coff, int64_t kh, int64_t kw, int64_t stride,
+                                   int64_t pad) {
+  if (xd.size() != 4 || yd.size() != 4)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(what + ": x and y must be NHWC (rank 4)"));
+  ConvShape s{xd[0], xd[1], xd[2], xd[3], cin, coff, yd[1], yd[2], yd[3], kh, kw, stride, pad};
+  const bool ok = s.CO % 8 == 0 && s.C >= 1 && s.C <= kMaxCin && s.coff >= 0 &&
+                  s.coff + s.C <= s.CX && stride >= 1 && pad >= 0 && kh >= 1 && kw >= 1 &&
+                  yd[0] == s.N && s.OH == (s.H + 2 * pad - kh) / stride + 1 &&
+                  s.OW == (s.W + 2 * pad - kw) / stride + 1 && s.OH >= 1 && s.OW >= 1;
+  if (!ok)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(what + ": inconsistent shapes or attributes"));
+  return s;
+}
+
 ffi::Error RfConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> params,
                       ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad, int64_t kh,
                       int64_t kw, int64_t cin, int64_t cin_offset, int64_t w_offset,
                       int64_t b_offset, int64_t s_offset) {
-  auto xd = x.dimensions();
-  auto yd = y->dimensions();
-  if (xd.size() != 4 || yd.size() != 4)
-    return ffi::Error::InvalidArgument("retinaface_conv: x and y must be NHWC (rank 4)");
-  ConvShape s{xd[0], xd[1], xd[2], xd[3], cin, cin_offset, yd[1], yd[2], yd[3], kh, kw, stride, pad};
-  if (s.CO % 8 || s.C < 1 || s.C > kMaxCin || s.coff < 0 || s.coff + s.C > s.CX || stride < 1 ||
-      kh < 1 || kw < 1 || yd[0] != s.N || s.OH != (s.H + 2 * pad - kh) / stride + 1 ||
-      s.OW != (s.W + 2 * pad - kw) / stride + 1)
-    return ffi::Error::InvalidArgument("retinaface_conv: inconsistent shapes or attributes");
+  auto shape = conv_shape("retinaface_conv", x.dimensions(), y->dimensions(), cin, cin_offset, kh,
+                          kw, stride, pad);
+  if (shape.has_error()) return shape.error();
+  const ConvShape s = *shape;
   const int64_t nw = kh * kw * s.C * s.CO;
-  if (auto e = check_slice(params, w_offset, nw, "retinaface_conv weights"); e.failure()) return e;
-  if (auto e = check_slice(params, b_offset, s.CO, "retinaface_conv bias"); e.failure()) return e;
-  if (auto e = check_slice(params, s_offset, s.CO, "retinaface_conv slope"); e.failure()) return e;
+  if (auto e = check_layer(params, "retinaface_conv", nw, s.CO, w_offset, b_offset, s_offset);
+      e.failure())
+    return e;
   const float* P = params.typed_data();
   const float *X = x.typed_data(), *Wp = P + w_offset, *B = P + b_offset, *S = P + s_offset;
   float* Y = y->typed_data();
@@ -454,20 +481,18 @@ ffi::Error RfConvU8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffe
                         ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad, int64_t kh,
                         int64_t kw, int64_t m_offset, int64_t w_offset, int64_t b_offset,
                         int64_t s_offset) {
-  auto xd = x.dimensions();
-  auto yd = y->dimensions();
-  if (xd.size() != 4 || yd.size() != 4)
-    return ffi::Error::InvalidArgument("retinaface_conv_u8: x and y must be NHWC (rank 4)");
-  ConvShape s{xd[0], xd[1], xd[2], xd[3], xd[3], 0, yd[1], yd[2], yd[3], kh, kw, stride, pad};
-  if (s.CO % 8 || s.C < 1 || s.C >= 8 || stride < 1 || kh < 1 || kw < 1 || yd[0] != s.N ||
-      s.OH != (s.H + 2 * pad - kh) / stride + 1 || s.OW != (s.W + 2 * pad - kw) / stride + 1)
-    return ffi::Error::InvalidArgument("retinaface_conv_u8: inconsistent shapes or attributes");
+  const int64_t channels = x.dimensions().size() == 4 ? x.dimensions()[3] : 0;  // all of them
+  auto shape = conv_shape("retinaface_conv_u8", x.dimensions(), y->dimensions(), channels, 0, kh,
+                          kw, stride, pad);
+  if (shape.has_error()) return shape.error();
+  const ConvShape s = *shape;
+  if (s.C >= 8)
+    return ffi::Error::InvalidArgument("retinaface_conv_u8: expected fewer than 8 channels");
   if (auto e = check_slice(params, m_offset, s.C, "retinaface_conv_u8 mean"); e.failure()) return e;
-  if (auto e = check_slice(params, w_offset, kh * kw * s.C * s.CO, "retinaface_conv_u8 weights");
+  if (auto e = check_layer(params, "retinaface_conv_u8", kh * kw * s.C * s.CO, s.CO, w_offset,
+                           b_offset, s_offset);
       e.failure())
     return e;
-  if (auto e = check_slice(params, b_offset, s.CO, "retinaface_conv_u8 bias"); e.failure()) return e;
-  if (auto e = check_slice(params, s_offset, s.CO, "retinaface_conv_u8 slope"); e.failure()) return e;
   const float* P = params.typed_data();
   const uint8_t* X = x.typed_data();
   float* Y = y->typed_data();
@@ -485,21 +510,15 @@ ffi::Error RfConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> params, ffi::ResultBuffer<ffi::F32> y,
                               int64_t pad, int64_t cin, int64_t cin_offset, int64_t w_offset,
                               int64_t b_offset, int64_t s_offset) {
-  auto xd = x.dimensions();
-  auto yd = y->dimensions();
-  if (xd.size() != 4 || yd.size() != 4)
-    return ffi::Error::InvalidArgument("retinaface_conv_winograd: x and y must be NHWC (rank 4)");
-  ConvShape s{xd[0], xd[1], xd[2], xd[3], cin, cin_offset, yd[1], yd[2], yd[3], 3, 3, 1, pad};
-  if (s.CO % 8 || s.C < 8 || s.C % 8 || s.C > kMaxCin || s.coff < 0 || s.coff + s.C > s.CX ||
-      pad < 0 || yd[0] != s.N || s.OH != s.H + 2 * pad - 2 || s.OW != s.W + 2 * pad - 2 ||
-      s.OH < 1 || s.OW < 1)
-    return ffi::Error::InvalidArgument("retinaface_conv_winograd: inconsistent shapes or attributes");
-  if (auto e = check_slice(params, w_offset, 16 * s.C * s.CO, "retinaface_conv_winograd weights");
+  auto shape = conv_shape("retinaface_conv_winograd", x.dimensions(), y->dimensions(), cin,
+                          cin_offset, 3, 3, 1, pad);
+  if (shape.has_error()) return shape.error();
+  const ConvShape s = *shape;
+  if (s.C % 8)
+    return ffi::Error::InvalidArgument("retinaface_conv_winograd: cin must be a multiple of 8");
+  if (auto e = check_layer(params, "retinaface_conv_winograd", 16 * s.C * s.CO, s.CO, w_offset,
+                           b_offset, s_offset);
       e.failure())
-    return e;
-  if (auto e = check_slice(params, b_offset, s.CO, "retinaface_conv_winograd bias"); e.failure())
-    return e;
-  if (auto e = check_slice(params, s_offset, s.CO, "retinaface_conv_winograd slope"); e.failure())
     return e;
   const float* P = params.typed_data();
   const float* X = x.typed_data();
@@ -555,9 +574,7 @@ ffi::Error RfHeadsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> params, ffi::
     }
     const int64_t* off = offsets.begin() + 3 * l;
     const std::string what = "retinaface_heads level " + std::to_string(l);
-    if (auto e = check_slice(params, off[0], K * CO, (what + " weights").c_str()); e.failure()) return e;
-    if (auto e = check_slice(params, off[1], CO, (what + " bias").c_str()); e.failure()) return e;
-    if (auto e = check_slice(params, off[2], CO, (what + " slope").c_str()); e.failure()) return e;
+    if (auto e = check_layer(params, what, K * CO, CO, off[0], off[1], off[2]); e.failure()) return e;
     first_cell[size_t(l) + 1] = first_cell[size_t(l)] + H[size_t(l)] * W[size_t(l)];
     first_row[size_t(l) + 1] = first_row[size_t(l)] + N * H[size_t(l)];
   }
@@ -573,25 +590,23 @@ ffi::Error RfHeadsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> params, ffi::
     const int64_t* off = offsets.begin() + 3 * l;
     const float *wp = P + off[0], *bias = P + off[1], *slope = P + off[2];
     float* yrow = Y + (n * yd[1] + first_cell[size_t(l)] + h * OW) * CO;
-    std::vector<const float*> ptrs(size_t(3 * ntiles * MR));
-    int64_t K = 0, kstart[3];
+    std::vector<const float*> ptrs(size_t(ntiles * 3 * MR));  // [tile][part][pixel]
+    int64_t K = 0, cins[3];
     for (int t = 0; t < 3; ++t) {
       const Seg& sg = segs[size_t(3 * l + t)];
-      kstart[t] = K;
+      cins[t] = sg.cin;
       K += sg.cin;
       for (int64_t m = 0; m < ntiles * MR; ++m)
-        ptrs[size_t(t * ntiles * MR + m)] =
+        ptrs[size_t((m / MR * 3 + t) * MR + m % MR)] =
             m < OW ? sg.x + ((n * H[size_t(l)] + h) * OW + m) * sg.CX + sg.coff : kZeros;
     }
     auto run = [&](auto nb_tag, int64_t c0, const float* wblk) {
       constexpr int NB = decltype(nb_tag)::value;
-      for (int t = 0; t < 3; ++t)
-        for (int64_t tt = 0; tt < ntiles; ++tt) {
-          const int nvalid = int(std::min<int64_t>(MR, OW - tt * MR));
-          tile<MR, NB>(ptrs.data() + t * ntiles * MR + tt * MR, 1, segs[size_t(3 * l + t)].cin,
-                       wblk + kstart[t] * NB * 8, bias + c0, slope + c0, yrow + tt * MR * CO + c0,
-                       CO, nvalid, t > 0, t == 2);
-        }
+      for (int64_t tt = 0; tt < ntiles; ++tt) {
+        const int nvalid = int(std::min<int64_t>(MR, OW - tt * MR));
+        tile<MR, NB>(ptrs.data() + tt * 3 * MR, 3, 0, wblk, bias + c0, slope + c0,
+                     yrow + tt * MR * CO + c0, CO, nvalid, false, true, cins);
+      }
     };
     const int64_t full = CO / 16;
     for (int64_t b = 0; b < full; ++b) run(std::integral_constant<int, 2>{}, b * 16, wp + b * K * 16);
@@ -805,49 +820,48 @@ ffi::Error RfTopkNmsImpl(ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::F32> box
 
 }  // namespace
 
+namespace {
+// What every convolution handler binds first (XLA's thread pool, x, the parameter buffer, y) and
+// last (the offsets of the layer's packed weights, bias [cout] and negative slopes [cout]).
+template <ffi::DataType XT>
+auto conv_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<XT>>()         // x
+      .template Arg<ffi::Buffer<ffi::F32>>()   // every layer's parameters
+      .template Ret<ffi::Buffer<ffi::F32>>();  // y
+}
+template <class Binding>
+auto with_offsets(Binding binding) {
+  return std::move(binding)  // (Binding methods take rvalues)
+      .template Attr<int64_t>("w_offset")
+      .template Attr<int64_t>("b_offset")
+      .template Attr<int64_t>("s_offset");
+}
+}  // namespace
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConv, RfConvImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // every layer's parameters
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad")
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("cin")
-                                  .Attr<int64_t>("cin_offset")
-                                  .Attr<int64_t>("w_offset")    // packed weights
-                                  .Attr<int64_t>("b_offset")    // bias [cout]
-                                  .Attr<int64_t>("s_offset"));  // negative slope [cout]
+                              with_offsets(conv_binding<ffi::F32>()
+                                               .Attr<int64_t>("stride")
+                                               .Attr<int64_t>("pad")
+                                               .Attr<int64_t>("kh")
+                                               .Attr<int64_t>("kw")
+                                               .Attr<int64_t>("cin")
+                                               .Attr<int64_t>("cin_offset")));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvU8, RfConvU8Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()  // x: the uint8 image
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // every layer's parameters
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad")
-                                  .Attr<int64_t>("kh")
-                                  .Attr<int64_t>("kw")
-                                  .Attr<int64_t>("m_offset")    // mean [channels]
-                                  .Attr<int64_t>("w_offset")    // packed weights
-                                  .Attr<int64_t>("b_offset")    // bias [cout]
-                                  .Attr<int64_t>("s_offset"));  // negative slope [cout]
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvU8, RfConvU8Impl,  // x: the uint8 image
+                              with_offsets(conv_binding<ffi::U8>()
+                                               .Attr<int64_t>("stride")
+                                               .Attr<int64_t>("pad")
+                                               .Attr<int64_t>("kh")
+                                               .Attr<int64_t>("kw")
+                                               .Attr<int64_t>("m_offset")));  // mean [channels]
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvWinograd, RfConvWinogradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // every layer's parameters
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
-                                  .Attr<int64_t>("pad")
-                                  .Attr<int64_t>("cin")
-                                  .Attr<int64_t>("cin_offset")
-                                  .Attr<int64_t>("w_offset")    // packed weights [16][C][CO]
-                                  .Attr<int64_t>("b_offset")    // bias [cout]
-                                  .Attr<int64_t>("s_offset"));  // negative slope [cout]
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvWinograd, RfConvWinogradImpl,  // weights [16][C][CO] packed
+                              with_offsets(conv_binding<ffi::F32>()
+                                               .Attr<int64_t>("pad")
+                                               .Attr<int64_t>("cin")
+                                               .Attr<int64_t>("cin_offset")));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfHeads, RfHeadsImpl,
                               ffi::Ffi::Bind()
