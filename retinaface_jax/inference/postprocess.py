@@ -125,10 +125,9 @@ def detections_native(
     scale = resize[:, None, None]
     boxes = decode(loc, priors_px, variances) / scale
     keep, count = ops.topk_nms(masked, boxes, nms_threshold, k, max_keep)
-    idx = jnp.maximum(keep, 0)  # -1 (no detection) rows are cut by ``count``
-    take = functools.partial(jnp.take_along_axis, indices=idx[..., None], axis=1)
-    lm = decode_landm(take(landms), priors_px[idx], variances) / scale
-    return jnp.concatenate([take(boxes), take(masked[..., None]), lm], axis=-1), count
+    lm = decode_landm(_take_kept(landms, keep), priors_px[jnp.maximum(keep, 0)], variances) / scale
+    kept = [_take_kept(boxes, keep), _take_kept(masked[..., None], keep), lm]
+    return jnp.concatenate(kept, axis=-1), count
 
 
 def greedy_nms(
@@ -223,7 +222,12 @@ def nms_rows(
     return _gather_rows(scores, boxes, landms, keep), count
 
 
+def _take_kept(a: jax.Array, keep: jax.Array) -> jax.Array:
+    """``a [B, P, C]`` at the kept indices ``keep [B, K]`` (-1, no detection: row 0, which the
+    caller cuts by the count)."""
+    return jnp.take_along_axis(a, jnp.maximum(keep, 0)[..., None], axis=1)
+
+
 def _gather_rows(scores, boxes, landms, keep):
     """Detection rows ``[x1, y1, x2, y2, score, landmarks]`` of the kept candidates."""
-    rows = jnp.concatenate([boxes, scores[..., None], landms], axis=-1)
-    return jnp.take_along_axis(rows, jnp.maximum(keep, 0)[..., None], axis=1)
+    return _take_kept(jnp.concatenate([boxes, scores[..., None], landms], axis=-1), keep)

@@ -42,12 +42,12 @@ class KernelPlan(NamedTuple):
     """What :func:`kernel_forward` runs: every layer by name (``ops.ConvLayer`` / ``ops.DwLayer``,
     offsets into the parameter buffer), whether the body is MobileNetV1 (else it runs on XLA),
     each SSH level's ``(conv3X3, conv5X5_1)`` channel counts, each head's
-    ``(channels, numbers per anchor)`` and where the BGR mean is."""
+    ``(channels, numbers per anchor)`` (the same at every level) and where the BGR mean is."""
 
     layers: dict[str, ops.ConvLayer | ops.DwLayer]
     mobilenet_body: bool
     ssh_channels: tuple[tuple[int, int], ...]
-    heads: tuple[tuple[tuple[int, int], ...], ...]
+    heads: tuple[tuple[int, int], ...]
     mean: int  # offset of the config's BGR mean (subtracted from uint8 inputs)
 
 
@@ -124,14 +124,16 @@ def kernel_params(model: nnx.Module) -> tuple[np.ndarray, KernelPlan]:
         layers[f"ssh{level}.b"] = _layer(buf, *b, cin_offset=half)
         layers[f"ssh{level}.c"] = _layer(buf, _fold_block(ssh.conv7x7_3, relu), cin_offset=quarter)
         ssh_channels.append((half, quarter))
-    heads = []
+    heads: set[tuple[tuple[int, int], ...]] = set()
     for level in range(3):
         modules = [getattr(model, name)[level] for name in _HEADS]
         parts = (_fold(h.conv1x1, None, ops.NO_ACTIVATION) for h in modules)
         layers[f"heads.{level}"] = _layer(buf, *parts, padding=0)
-        heads.append(tuple((h.conv1x1.out_channels, h.width) for h in modules))
+        heads.add(tuple((h.conv1x1.out_channels, h.width) for h in modules))
     mean = buf.add(np.asarray(model.cfg.rgb_mean, np.float32))
-    plan = KernelPlan(layers, mobilenet, tuple(ssh_channels), tuple(heads), mean)
+    if len(heads) != 1:  # one layout: the levels' outputs come out of one kernel call
+        raise ValueError(f"kernel_params: the levels' heads differ in layout: {sorted(heads)}")
+    plan = KernelPlan(layers, mobilenet, tuple(ssh_channels), heads.pop(), mean)
     return buf.array(), plan
 
 
@@ -197,7 +199,7 @@ def kernel_forward(
         levels.append((plan.layers[f"heads.{level}"], ((a, half), (b, quarter), (c, quarter))))
     y = ops.heads(params, levels)  # [B, cells, (bbox | class | landmark) x anchors]
     outputs, start = [], 0
-    for channels, width in plan.heads[0]:  # every level's heads have the same layout
+    for channels, width in plan.heads:
         outputs.append(y[..., start : start + channels].reshape(y.shape[0], -1, width))
         start += channels
     loc, conf, landms = outputs
