@@ -51,16 +51,30 @@ namespace ffi = xla::ffi;
 namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
+typedef float v16 __attribute__((vector_size(64)));
 
-inline v8 bcast(float s) { return v8{s, s, s, s, s, s, s, s}; }
-inline v8 loadu(const float* p) {
-  v8 v;
+// Lanes of a vector type (8 or 16 floats).
+template <class V>
+constexpr int lanes = int(sizeof(V) / sizeof(float));
+
+template <class V = v8>
+inline V bcast(float s) {  // (an initialiser list: a loop over lanes compiles to 16 inserts)
+  if constexpr (lanes<V> == 8)
+    return V{s, s, s, s, s, s, s, s};
+  else
+    return V{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+}
+template <class V = v8>
+inline V loadu(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void storeu(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+template <class V>
+inline void storeu(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 // y = v > 0 ? v : v * slope
-inline v8 activate(v8 v, v8 slope) { return v > bcast(0.f) ? v : v * slope; }
+template <class V>
+inline V activate(V v, V slope) { return v > bcast<V>(0.f) ? v : v * slope; }
 
 constexpr int64_t kMaxCin = 4096;
 alignas(64) const float kZeros[kMaxCin] = {0};  // read in place of padding pixels
@@ -100,47 +114,77 @@ int64_t rows_per_task(int64_t rows, int64_t work_per_row, int64_t min_work = 200
   return std::max(by_work, by_count);
 }
 
-// acc[MRT pixels][NB*8 channels] (+)= x[pixel][k] * w[k][channels] over `taps` runs of `cin`
-// k's (or tap_cin[t] for tap t; pixel j of tap t reads xp[t*MRT + j]); then bias + activation
-// unless !final.
-template <int MRT, int NB>
-__attribute__((noinline)) void tile(const float* const* xp, int taps, int64_t cin, const float* w, const float* bias,
-                 const float* slope, float* y, int64_t ystride, int nvalid, bool accumulate,
-                 bool final, const int64_t* tap_cin = nullptr) {
-  v8 acc[MRT][NB];
+// acc[MRT pixels][NV vectors V of channels] (+)= x[pixel][k] * w[k][channels] over `taps` runs of
+// `cin` k's (or tap_cin[t] for tap t; pixel j of tap t reads xp[t*MRT + j]); then bias +
+// activation unless !final. The weights are packed in blocks of 16 channels, [K][16] each (or one
+// [K][8] block for 8 channels): with 8-lane vectors the NV <= 2 vectors are one block's row, with
+// 16-lane vectors vector b is block b, `bstride` floats after block 0.
+template <int MRT, int NV, class V>
+__attribute__((noinline)) void tile(const float* const* xp, int taps, int64_t cin, const float* w,
+                                    int64_t bstride, const float* bias, const float* slope,
+                                    float* y, int64_t ystride, int nvalid, bool accumulate,
+                                    bool final, const int64_t* tap_cin = nullptr) {
+  constexpr int L = lanes<V>;
+  constexpr int64_t RW = L == 8 ? NV * 8 : 16;  // floats per k in one block
+  const int64_t bs = L == 8 ? 8 : bstride;      // vector b's weights start b * bs floats on
+  V acc[MRT][NV];
 #pragma GCC unroll 16
   for (int j = 0; j < MRT; ++j)
 #pragma GCC unroll 4
-    for (int b = 0; b < NB; ++b)
-      acc[j][b] = (accumulate && j < nvalid) ? loadu(y + j * ystride + b * 8) : bcast(0.f);
+    for (int b = 0; b < NV; ++b)
+      acc[j][b] = (accumulate && j < nvalid) ? loadu<V>(y + j * ystride + b * L) : bcast<V>(0.f);
   for (int t = 0; t < taps; ++t) {
     const float* p[MRT];
 #pragma GCC unroll 16
     for (int j = 0; j < MRT; ++j) p[j] = xp[t * MRT + j];
     const int64_t ct = tap_cin ? tap_cin[t] : cin;  // tap_cin: taps of different widths
     const float* wt = w;
-    w += ct * (NB * 8);
+    w += ct * RW;
     for (int64_t c = 0; c < ct; ++c) {
-      v8 wv[NB];
+      V wv[NV];
 #pragma GCC unroll 4
-      for (int b = 0; b < NB; ++b) wv[b] = loadu(wt + c * NB * 8 + b * 8);
+      for (int b = 0; b < NV; ++b) wv[b] = loadu<V>(wt + b * bs + c * RW);
 #pragma GCC unroll 16
       for (int j = 0; j < MRT; ++j) {
-        const v8 s = bcast(p[j][c]);
+        const V s = bcast<V>(p[j][c]);
 #pragma GCC unroll 4
-        for (int b = 0; b < NB; ++b) acc[j][b] += s * wv[b];
+        for (int b = 0; b < NV; ++b) acc[j][b] += s * wv[b];
       }
     }
   }
   if (!final) {
     for (int j = 0; j < nvalid; ++j)
-      for (int b = 0; b < NB; ++b) storeu(y + j * ystride + b * 8, acc[j][b]);
+      for (int b = 0; b < NV; ++b) storeu(y + j * ystride + b * L, acc[j][b]);
     return;
   }
-  v8 bv[NB], sv[NB];
-  for (int b = 0; b < NB; ++b) bv[b] = loadu(bias + b * 8), sv[b] = loadu(slope + b * 8);
+  V bv[NV], sv[NV];
+  for (int b = 0; b < NV; ++b) bv[b] = loadu<V>(bias + b * L), sv[b] = loadu<V>(slope + b * L);
   for (int j = 0; j < nvalid; ++j)
-    for (int b = 0; b < NB; ++b) storeu(y + j * ystride + b * 8, activate(acc[j][b] + bv[b], sv[b]));
+    for (int b = 0; b < NV; ++b) storeu(y + j * ystride + b * L, activate(acc[j][b] + bv[b], sv[b]));
+}
+
+// Tile shape tags: NV vectors of type V.
+template <int NV, class V>
+struct Span {
+  static constexpr int nv = NV;
+  static constexpr int width = NV * lanes<V>;
+  using vec = V;
+};
+
+// Calls fn(Span<NV, V>{}, c0, wblk, bstride) over the output channels [0, CO) of weights packed
+// for K inputs (blocks of 16 channels, [K][16] each, then maybe one [K][8]): with AVX-512, 32
+// channels (two blocks, two 16-lane vectors) at a time, else 16 (one block, two 8-lane vectors).
+template <class Fn>
+void for_each_span(int64_t CO, int64_t K, const float* wp, Fn&& fn) {
+  const int64_t full = CO / 16;
+  int64_t b = 0;
+#if defined(__AVX512F__)
+  for (; b + 2 <= full; b += 2) fn(Span<2, v16>{}, b * 16, wp + b * K * 16, K * 16);
+  for (; b < full; ++b) fn(Span<1, v16>{}, b * 16, wp + b * K * 16, K * 16);
+#else
+  for (; b < full; ++b) fn(Span<2, v8>{}, b * 16, wp + b * K * 16, K * 16);
+#endif
+  if (CO % 16) fn(Span<1, v8>{}, full * 16, wp + full * K * 16, K * 8);
 }
 
 constexpr int MR = 6;  // pixels per register tile (6 x 16 channels = 12 accumulators)
@@ -154,21 +198,21 @@ void conv_row_blocks(const float* const* ptrs, int64_t ntiles, int64_t OW, int t
   const int64_t fit = std::max<int64_t>(1, std::min<int64_t>(taps, 16384 / (cin * 64)));
   const int64_t nblocks = (taps + fit - 1) / fit;
   const int tpb = int((taps + nblocks - 1) / nblocks);  // equal blocks: 9 taps -> 3 x 3, not 4+4+1
-  auto run = [&](auto nb_tag, int64_t c0, const float* wblk) {
-    constexpr int NB = decltype(nb_tag)::value;
+  for_each_span(CO, K, wp, [&](auto span, int64_t c0, const float* wblk, int64_t bstride) {
+    using S = decltype(span);
+    const int64_t rw = std::min(S::width, 16);  // floats per k in one block
     for (int t0 = 0; t0 < taps; t0 += tpb) {
       const int nt = std::min(tpb, taps - t0);
       const bool first = t0 == 0, last = t0 + nt >= taps;
       for (int64_t tt = 0; tt < ntiles; ++tt) {
         const int nvalid = int(std::min<int64_t>(MR, OW - tt * MR));
-        tile<MR, NB>(ptrs + (tt * taps + t0) * MR, nt, cin, wblk + t0 * cin * NB * 8, bias + c0,
-                     slope + c0, yrow + tt * MR * CO + c0, CO, nvalid, !first, last && epilogue);
+        tile<MR, S::nv, typename S::vec>(ptrs + (tt * taps + t0) * MR, nt, cin,
+                                         wblk + t0 * cin * rw, bstride, bias + c0, slope + c0,
+                                         yrow + tt * MR * CO + c0, CO, nvalid, !first,
+                                         last && epilogue);
       }
     }
-  };
-  const int64_t full = CO / 16;
-  for (int64_t b = 0; b < full; ++b) run(std::integral_constant<int, 2>{}, b * 16, wp + b * K * 16);
-  if (CO % 16) run(std::integral_constant<int, 1>{}, full * 16, wp + full * K * 16);
+  });
 }
 
 // Narrow inputs (the 3-channel stem). Interior 12-pixel tiles of an 8-channel output read the
@@ -600,17 +644,15 @@ ffi::Error RfHeadsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> params, ffi::
         ptrs[size_t((m / MR * 3 + t) * MR + m % MR)] =
             m < OW ? sg.x + ((n * H[size_t(l)] + h) * OW + m) * sg.CX + sg.coff : kZeros;
     }
-    auto run = [&](auto nb_tag, int64_t c0, const float* wblk) {
-      constexpr int NB = decltype(nb_tag)::value;
+    for_each_span(CO, K, wp, [&](auto span, int64_t c0, const float* wblk, int64_t bstride) {
+      using S = decltype(span);
       for (int64_t tt = 0; tt < ntiles; ++tt) {
         const int nvalid = int(std::min<int64_t>(MR, OW - tt * MR));
-        tile<MR, NB>(ptrs.data() + tt * 3 * MR, 3, 0, wblk, bias + c0, slope + c0,
-                     yrow + tt * MR * CO + c0, CO, nvalid, false, true, cins);
+        tile<MR, S::nv, typename S::vec>(ptrs.data() + tt * 3 * MR, 3, 0, wblk, bstride, bias + c0,
+                                         slope + c0, yrow + tt * MR * CO + c0, CO, nvalid, false,
+                                         true, cins);
       }
-    };
-    const int64_t full = CO / 16;
-    for (int64_t b = 0; b < full; ++b) run(std::integral_constant<int, 2>{}, b * 16, wp + b * K * 16);
-    if (CO % 16) run(std::integral_constant<int, 1>{}, full * 16, wp + full * K * 16);
+    });
   });
   return ffi::Error::Success();
 }
