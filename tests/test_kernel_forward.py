@@ -740,6 +740,83 @@ def test_kernel_params_are_one_host_buffer_and_a_plan(request, backbone):
     assert params.size - (slices[-1][0] + slices[-1][1]) < 16  # nothing else in the buffer
 
 
+def _avx512_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def avx2_targets(tmp_path_factory):
+    """The kernels built without AVX-512 (8-lane vectors only) and registered under their own
+    target names: ``{ops constant name: prefixed target}`` (to monkeypatch into ``ops``)."""
+    import ctypes
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RETINAFACE_CACHE", str(tmp_path_factory.mktemp("avx2_cache")))
+        mp.setattr(native, "CXXFLAGS", (*native.CXXFLAGS, "-mno-avx512f"))
+        lib = ctypes.cdll.LoadLibrary(str(native.build()))
+    for name, symbol in native.TARGETS.items():
+        capsule = jax.ffi.pycapsule(getattr(lib, symbol))
+        jax.ffi.register_ffi_target(f"avx2_{name}", capsule, platform="cpu")
+    constants = ("CONV_TARGET", "CONV_DW_TARGET", "WINOGRAD_TARGET", "U8_TARGET", "HEADS_TARGET")
+    return lib, {c: f"avx2_{getattr(ops, c)}" for c in constants}
+
+
+@pytest.mark.skipif(
+    not (os.uname().machine == "x86_64" and _avx512_cpu()),
+    reason="CPU without AVX-512: the kernels have one vector width here",
+)
+def test_avx512_and_avx2_builds_give_the_same_bits(
+    shared, mobilenet_kernels, avx2_targets, monkeypatch
+):
+    """The AVX-512 build (16-lane tiles over 32 channels, 16-lane depthwise and Winograd
+    transforms) adds the same products in the same order per output as the 8-lane build: the
+    whole forward, uint8 and float, and layers whose widths take the 8-lane remainders (24
+    channels) give identical bits."""
+    from retinaface_jax.models.kernel_forward import kernel_forward
+
+    params, plan = mobilenet_kernels
+    rng = np.random.default_rng(5)
+    img = np.clip(np.rint(real_input(shared, 2, 97, 131) + MEAN), 0, 255).astype(np.uint8)
+    buf = ops.ParamBuffer()
+    w3 = (rng.normal(size=(3, 3, 24, 40)) / 15).astype(np.float32)
+    wdw = rng.normal(size=(3, 3, 1, 24)).astype(np.float32)
+    w1 = (rng.normal(size=(1, 1, 24, 56)) / 5).astype(np.float32)
+    bias, slope = rng.normal(0, 0.5, 56).astype(np.float32), random_slopes(rng, 56)
+    wino = ops.conv_layer(buf, w3, bias[:40], slope[:40], stride=1, padding=1, winograd=True)
+    direct = ops.conv_layer(buf, w3, bias[:40], slope[:40], stride=2, padding=1)
+    point = ops.conv_layer(buf, w1, bias, slope, stride=1, padding=0)
+    dw = ops.dw_layer(buf, wdw, bias[:24], slope[:24], point, stride=1)
+    small = buf.array()
+    x24 = rng.normal(size=(2, 13, 17, 24)).astype(np.float32)
+
+    def make_run():  # a new function per build: JAX caches traces per function object
+        def run():
+            return (
+                *kernel_forward(plan, params, img),
+                *kernel_forward(plan, params, img.astype(np.float32) - MEAN),
+                ops.conv(x24, small, wino),
+                ops.conv(x24, small, direct),
+                ops.conv_dw(x24, small, dw),
+            )
+
+        return run
+
+    wide = [np.asarray(a) for a in jax.jit(make_run())()]
+    _, names = avx2_targets
+    for constant, target in names.items():
+        monkeypatch.setattr(ops, constant, target)
+    hlo = jax.jit(make_run()).lower().as_text()
+    assert all(f"@{target}(" in hlo for target in names.values()), "the 8-lane build did not run"
+    narrow = [np.asarray(a) for a in jax.jit(make_run())()]
+    for i, (a, b) in enumerate(zip(wide, narrow, strict=True)):
+        assert a.shape == b.shape and np.isfinite(a).all(), i
+        np.testing.assert_array_equal(a, b, err_msg=f"output {i}: AVX-512 vs AVX2 build")
+
+
 @pytest.mark.parametrize("backbone", ["mobilenet", "resnet50"])
 def test_kernel_forward_on_uint8_equals_mean_subtracted_float(request, shared, backbone):
     """A uint8 image (the stem kernel subtracts the mean; for ResNet50, XLA does) gives the bits of

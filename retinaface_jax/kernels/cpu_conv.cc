@@ -76,6 +76,15 @@ inline void storeu(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 template <class V>
 inline V activate(V v, V slope) { return v > bcast<V>(0.f) ? v : v * slope; }
 
+// Calls fn(V{}) with the widest vector type whose lanes divide n: 16 floats with AVX-512, else 8.
+template <class Fn>
+void with_vector_for(int64_t n, Fn&& fn) {
+#if defined(__AVX512F__)
+  if (n % 16 == 0) return fn(v16{});
+#endif
+  fn(v8{});
+}
+
 constexpr int64_t kMaxCin = 4096;
 alignas(64) const float kZeros[kMaxCin] = {0};  // read in place of padding pixels
 
@@ -365,6 +374,7 @@ void conv_rows(const ConvShape& s, const float* X, const float* wp, const float*
 constexpr int WT = 12;  // tiles transformed and multiplied together (2 register tiles)
 
 // V[xi][j][c] for tiles j < nt of tile row (n, ty), tiles tx0 .. tx0 + nt - 1.
+template <class Vec>
 void winograd_input(const ConvShape& s, const float* X, int64_t n, int64_t ty, int64_t tx0, int nt,
                     float* V) {
   const int64_t C = s.C;
@@ -377,11 +387,11 @@ void winograd_input(const ConvShape& s, const float* X, int64_t n, int64_t ty, i
         const bool ok = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
         src[a][b] = ok ? X + ((n * s.H + ih) * s.W + iw) * s.CX + s.coff : kZeros;
       }
-    for (int64_t c = 0; c < C; c += 8) {
-      v8 t[4][4];  // B^T d
+    for (int64_t c = 0; c < C; c += lanes<Vec>) {
+      Vec t[4][4];  // B^T d
       for (int b = 0; b < 4; ++b) {
-        const v8 d0 = loadu(src[0][b] + c), d1 = loadu(src[1][b] + c);
-        const v8 d2 = loadu(src[2][b] + c), d3 = loadu(src[3][b] + c);
+        const Vec d0 = loadu<Vec>(src[0][b] + c), d1 = loadu<Vec>(src[1][b] + c);
+        const Vec d2 = loadu<Vec>(src[2][b] + c), d3 = loadu<Vec>(src[3][b] + c);
         t[0][b] = d0 - d2;
         t[1][b] = d1 + d2;
         t[2][b] = d2 - d1;
@@ -399,6 +409,7 @@ void winograd_input(const ConvShape& s, const float* X, int64_t n, int64_t ty, i
 }
 
 // Y for tiles j < nt from M[xi][j][co]: A^T M A + bias, activation; pixels outside OH x OW dropped.
+template <class V>
 void winograd_output(const ConvShape& s, const float* M, int64_t n, int64_t ty, int64_t tx0, int nt,
                      const float* bias, const float* slope, float* Y) {
   const int64_t CO = s.CO;
@@ -407,16 +418,16 @@ void winograd_output(const ConvShape& s, const float* M, int64_t n, int64_t ty, 
     const bool down = oh0 + 1 < s.OH, right = ow0 + 1 < s.OW;
     float* y00 = Y + ((n * s.OH + oh0) * s.OW + ow0) * CO;
     float* y10 = y00 + s.OW * CO;
-    for (int64_t c = 0; c < CO; c += 8) {
-      v8 r[2][4];  // A^T M
+    for (int64_t c = 0; c < CO; c += lanes<V>) {
+      V r[2][4];  // A^T M
       for (int b = 0; b < 4; ++b) {
         const float* m = M + (int64_t(b) * WT + j) * CO + c;
-        const v8 m0 = loadu(m), m1 = loadu(m + 4 * WT * CO);
-        const v8 m2 = loadu(m + 8 * WT * CO), m3 = loadu(m + 12 * WT * CO);
+        const V m0 = loadu<V>(m), m1 = loadu<V>(m + 4 * WT * CO);
+        const V m2 = loadu<V>(m + 8 * WT * CO), m3 = loadu<V>(m + 12 * WT * CO);
         r[0][b] = m0 + m1 + m2;
         r[1][b] = m1 - m2 - m3;
       }
-      const v8 bv = loadu(bias + c), sv = loadu(slope + c);
+      const V bv = loadu<V>(bias + c), sv = loadu<V>(slope + c);
       storeu(y00 + c, activate(r[0][0] + r[0][1] + r[0][2] + bv, sv));
       if (right) storeu(y00 + CO + c, activate(r[0][1] - r[0][2] - r[0][3] + bv, sv));
       if (down) {
@@ -436,7 +447,9 @@ void winograd_rows(const ConvShape& s, const float* X, const float* U, const flo
     const int64_t n = r / TH, ty = r % TH;
     for (int64_t tx0 = 0; tx0 < TW; tx0 += WT) {
       const int nt = int(std::min<int64_t>(WT, TW - tx0));
-      winograd_input(s, X, n, ty, tx0, nt, V.data());
+      with_vector_for(C, [&](auto v) {
+        winograd_input<decltype(v)>(s, X, n, ty, tx0, nt, V.data());
+      });
       const int ntiles = (nt + MR - 1) / MR;
       for (int xi = 0; xi < 16; ++xi) {
         const float* v = V.data() + int64_t(xi) * WT * C;
@@ -444,7 +457,9 @@ void winograd_rows(const ConvShape& s, const float* X, const float* U, const flo
         conv_row_blocks(ptrs, ntiles, nt, 1, C, U + int64_t(xi) * C * CO, bias, slope,
                         M.data() + int64_t(xi) * WT * CO, CO, false);
       }
-      winograd_output(s, M.data(), n, ty, tx0, nt, bias, slope, Y);
+      with_vector_for(CO, [&](auto v) {
+        winograd_output<decltype(v)>(s, M.data(), n, ty, tx0, nt, bias, slope, Y);
+      });
     }
   }
 }
@@ -661,8 +676,9 @@ ffi::Error RfHeadsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> params, ffi::
 // at an edge or not, is computed by this same expression (missing taps read as zeros), so a
 // result never depends on where the pixel is: a padded image with a zeroed border gives the same
 // bits as the unpadded image.
-inline v8 depthwise_sum(v8 acc, v8 x0, v8 x1, v8 x2, v8 x3, v8 x4, v8 x5, v8 x6, v8 x7, v8 x8,
-                        const v8* k) {
+template <class V>
+inline V depthwise_sum(V acc, V x0, V x1, V x2, V x3, V x4, V x5, V x6, V x7, V x8,
+                        const V* k) {
   acc += x0 * k[0] + x1 * k[1] + x2 * k[2];
   acc += x3 * k[3] + x4 * k[4] + x5 * k[5];
   acc += x6 * k[6] + x7 * k[7] + x8 * k[8];
@@ -672,6 +688,7 @@ inline v8 depthwise_sum(v8 acc, v8 x0, v8 x1, v8 x2, v8 x3, v8 x4, v8 x5, v8 x6,
 // One output row of the 3x3 depthwise convolution (pad 1) + bias + activation into out [OW][C].
 // Interior pixels of rows with all three input rows read the input directly at constant strides;
 // the rest (image edges) gather their taps with zeros first.
+template <class V>
 void depthwise_row(const float* X, int64_t n, int64_t oh, int64_t H, int64_t W, int64_t C,
                    int64_t stride, int64_t OW, const float* wd, const float* bd, const float* sd,
                    float* out) {
@@ -685,16 +702,16 @@ void depthwise_row(const float* X, int64_t n, int64_t oh, int64_t H, int64_t W, 
   const int64_t hi = rows[0] && rows[1] && rows[2]
                          ? std::max<int64_t>(lo, std::min<int64_t>(OW, (W - 3) / stride + 1))
                          : lo;  // a missing row: every pixel takes the edge path
-  for (int64_t c0 = 0; c0 < C; c0 += 8) {
-    v8 k[9];
-    for (int t = 0; t < 9; ++t) k[t] = loadu(wd + t * C + c0);
-    const v8 b = loadu(bd + c0), sl = loadu(sd + c0);
+  for (int64_t c0 = 0; c0 < C; c0 += lanes<V>) {
+    V k[9];
+    for (int t = 0; t < 9; ++t) k[t] = loadu<V>(wd + t * C + c0);
+    const V b = loadu<V>(bd + c0), sl = loadu<V>(sd + c0);
     auto edge_pixel = [&](int64_t ow) {
-      v8 x[9];
+      V x[9];
       for (int i = 0; i < 3; ++i)
         for (int j = 0; j < 3; ++j) {
           const int64_t iw = ow * stride - 1 + j;
-          x[3 * i + j] = rows[i] && iw >= 0 && iw < W ? loadu(rows[i] + iw * C + c0) : bcast(0.f);
+          x[3 * i + j] = rows[i] && iw >= 0 && iw < W ? loadu<V>(rows[i] + iw * C + c0) : bcast<V>(0.f);
         }
       storeu(out + ow * C + c0,
              activate(depthwise_sum(b, x[0], x[1], x[2], x[3], x[4], x[5], x[6], x[7], x[8], k), sl));
@@ -705,9 +722,9 @@ void depthwise_row(const float* X, int64_t n, int64_t oh, int64_t H, int64_t W, 
       const int64_t step = stride * C;
       int64_t o = (lo * stride - 1) * C;
       for (int64_t ow = lo; ow < hi; ++ow, o += step) {
-        const v8 acc = depthwise_sum(b, loadu(p0 + o), loadu(p0 + o + C), loadu(p0 + o + 2 * C),
-                                     loadu(p1 + o), loadu(p1 + o + C), loadu(p1 + o + 2 * C),
-                                     loadu(p2 + o), loadu(p2 + o + C), loadu(p2 + o + 2 * C), k);
+        const V acc = depthwise_sum(b, loadu<V>(p0 + o), loadu<V>(p0 + o + C), loadu<V>(p0 + o + 2 * C),
+                                     loadu<V>(p1 + o), loadu<V>(p1 + o + C), loadu<V>(p1 + o + 2 * C),
+                                     loadu<V>(p2 + o), loadu<V>(p2 + o + C), loadu<V>(p2 + o + 2 * C), k);
         storeu(out + ow * C + c0, activate(acc, sl));
       }
     }
@@ -748,7 +765,10 @@ ffi::Error RfConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     for (int64_t m = 0; m < ntiles * MR; ++m) ptrs[m] = m < OW ? buf.data() + m * C : kZeros;
     const int64_t r0 = task * chunk, r1 = std::min(rows, r0 + chunk);
     for (int64_t r = r0; r < r1; ++r) {
-      depthwise_row(X, r / OH, r % OH, H, W, C, stride, OW, WD, BD, SD, buf.data());
+      with_vector_for(C, [&](auto v) {
+        depthwise_row<decltype(v)>(X, r / OH, r % OH, H, W, C, stride, OW, WD, BD, SD,
+                                   buf.data());
+      });
       conv_row_blocks(ptrs.data(), ntiles, OW, 1, C, WP, BP, SP, Y + r * OW * CO, CO);
     }
   });
