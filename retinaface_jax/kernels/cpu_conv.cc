@@ -776,6 +776,161 @@ ffi::Error RfConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 
+// -- Training: the 3x3 depthwise convolution (pad 1) and its gradients --------------------------
+// The train step's depthwise layers at 320x320 (8 and 16 channels) and 160x160 are memory-bound
+// loops that XLA's CPU backend runs slowly (forward + both gradients of 8 x 320 x 320 x 8: ~85 ms).
+// k is the HWIO kernel [3, 3, 1, C] as [9][C]; stride 1 or 2; C a multiple of 8.
+
+// The shapes of a depthwise layer: x [N, H, W, C] -> y [N, OH, OW, C] (pad 1), k [9 * C].
+struct DwShape {
+  int64_t N, H, W, C, OH, OW, stride;
+};
+
+template <class Dims>
+ffi::ErrorOr<DwShape> dw_shape(const std::string& what, Dims xd, Dims yd, int64_t k_elements,
+                               int64_t stride) {
+  if (xd.size() != 4 || yd.size() != 4)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(what + ": x and y must be NHWC (rank 4)"));
+  DwShape s{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], stride};
+  const bool ok = s.C % 8 == 0 && s.C >= 8 && s.C <= kMaxCin && stride >= 1 && yd[0] == s.N &&
+                  yd[3] == s.C && s.OH == (s.H - 1) / stride + 1 && s.OW == (s.W - 1) / stride + 1 &&
+                  k_elements == 9 * s.C;
+  if (!ok)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        what + ": expected x [N, H, W, C] with C a multiple of 8, k [3, 3, 1, C] and y [N, (H - 1) "
+               "/ stride + 1, (W - 1) / stride + 1, C]"));
+  return s;
+}
+
+ffi::Error RfDepthwiseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t stride) {
+  auto shape = dw_shape("retinaface_depthwise", x.dimensions(), y->dimensions(),
+                        int64_t(k.element_count()), stride);
+  if (shape.has_error()) return shape.error();
+  const DwShape s = *shape;
+  // depthwise_row with bias 0 and slope 1 (activate(v, 1) == v): the plain convolution
+  const std::vector<float> zeros(size_t(s.C), 0.f), ones(size_t(s.C), 1.f);
+  const float *X = x.typed_data(), *K = k.typed_data();
+  float* Y = y->typed_data();
+  const int64_t rows = s.N * s.OH, chunk = rows_per_task(rows, s.OW * s.C * 9);
+  parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
+    for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r)
+      with_vector_for(s.C, [&](auto v) {
+        depthwise_row<decltype(v)>(X, r / s.OH, r % s.OH, s.H, s.W, s.C, s.stride, s.OW, K,
+                                   zeros.data(), ones.data(), Y + r * s.OW * s.C);
+      });
+  });
+  return ffi::Error::Success();
+}
+
+// dx row (n, ih): dx[ih, iw] = sum of dy[oh, ow] * k[i, j] over the taps with
+// oh * stride + i - 1 == ih and ow * stride + j - 1 == iw.
+template <class V>
+void depthwise_dx_row(const DwShape& s, const float* DY, const float* K, int64_t n, int64_t ih,
+                      float* out) {
+  const float* dyrow[3];  // tap row i: dy row oh, or nullptr
+  for (int i = 0; i < 3; ++i) {
+    const int64_t t = ih + 1 - i;
+    const bool ok = t >= 0 && t % s.stride == 0 && t / s.stride < s.OH;
+    dyrow[i] = ok ? DY + (n * s.OH + t / s.stride) * s.OW * s.C : nullptr;
+  }
+  for (int64_t iw = 0; iw < s.W; ++iw) {
+    int64_t ows[3];  // tap column j: dy column ow, or -1
+    for (int j = 0; j < 3; ++j) {
+      const int64_t u = iw + 1 - j;
+      ows[j] = u >= 0 && u % s.stride == 0 && u / s.stride < s.OW ? u / s.stride : -1;
+    }
+    for (int64_t c = 0; c < s.C; c += lanes<V>) {
+      V acc = bcast<V>(0.f);
+      for (int i = 0; i < 3; ++i) {
+        if (!dyrow[i]) continue;
+        for (int j = 0; j < 3; ++j)
+          if (ows[j] >= 0)
+            acc += loadu<V>(dyrow[i] + ows[j] * s.C + c) * loadu<V>(K + (3 * i + j) * s.C + c);
+      }
+      storeu(out + iw * s.C + c, acc);
+    }
+  }
+}
+
+// dk[n][t][c0 .. c0 + lanes) of image n: sum over output pixels of x[tap t] * dy, summed per
+// output row first (shorter float32 chains), then over rows.
+template <class V>
+void depthwise_dk_image(const DwShape& s, const float* X, const float* DY, int64_t n, int64_t c0,
+                        float* dk) {
+  V acc[9];
+  for (int t = 0; t < 9; ++t) acc[t] = bcast<V>(0.f);
+  const int64_t hi = std::max<int64_t>(1, std::min<int64_t>(s.OW, (s.W - 3) / s.stride + 1));
+  for (int64_t oh = 0; oh < s.OH; ++oh) {
+    const float* rows[3];
+    for (int i = 0; i < 3; ++i) {
+      const int64_t ih = oh * s.stride + i - 1;
+      rows[i] = ih >= 0 && ih < s.H ? X + (n * s.H + ih) * s.W * s.C + c0 : nullptr;
+    }
+    const float* g = DY + (n * s.OH + oh) * s.OW * s.C + c0;
+    V rs[9];
+    for (int t = 0; t < 9; ++t) rs[t] = bcast<V>(0.f);
+    auto edge_pixel = [&](int64_t ow) {
+      const V gv = loadu<V>(g + ow * s.C);
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) {
+          const int64_t iw = ow * s.stride - 1 + j;
+          if (rows[i] && iw >= 0 && iw < s.W) rs[3 * i + j] += loadu<V>(rows[i] + iw * s.C) * gv;
+        }
+    };
+    const bool all_rows = rows[0] && rows[1] && rows[2];
+    const int64_t lo = std::min<int64_t>(1, s.OW), end = all_rows ? std::max(lo, hi) : lo;
+    for (int64_t ow = 0; ow < lo; ++ow) edge_pixel(ow);
+    for (int64_t ow = lo; ow < end; ++ow) {  // interior: every tap inside the image
+      const V gv = loadu<V>(g + ow * s.C);
+      const int64_t o = (ow * s.stride - 1) * s.C;
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) rs[3 * i + j] += loadu<V>(rows[i] + o + j * s.C) * gv;
+    }
+    for (int64_t ow = end; ow < s.OW; ++ow) edge_pixel(ow);
+    for (int t = 0; t < 9; ++t) acc[t] += rs[t];
+  }
+  for (int t = 0; t < 9; ++t) storeu(dk + t * s.C + c0, acc[t]);
+}
+
+// Gradients of y = depthwise(x, k): dx [N, H, W, C] and dk per image [N, 9, C] (the caller sums
+// over images, so the kernel stays batch-parallel under a data-sharded mesh).
+ffi::Error RfDepthwiseGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                               ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> dy,
+                               ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dk,
+                               int64_t stride) {
+  auto shape = dw_shape("retinaface_depthwise_grad", x.dimensions(), dy.dimensions(),
+                        int64_t(k.element_count()), stride);
+  if (shape.has_error()) return shape.error();
+  const DwShape s = *shape;
+  auto dxd = dx->dimensions();
+  auto dkd = dk->dimensions();
+  if (dxd.size() != 4 || dxd[0] != s.N || dxd[1] != s.H || dxd[2] != s.W || dxd[3] != s.C ||
+      dkd.size() != 3 || dkd[0] != s.N || dkd[1] != 9 || dkd[2] != s.C)
+    return ffi::Error::InvalidArgument(
+        "retinaface_depthwise_grad: expected dx shaped like x and dk [N, 9, C]");
+  const float *X = x.typed_data(), *K = k.typed_data(), *DY = dy.typed_data();
+  float *DX = dx->typed_data(), *DK = dk->typed_data();
+  const int64_t rows = s.N * s.H, chunk = rows_per_task(rows, s.W * s.C * 9);
+  const int64_t row_tasks = (rows + chunk - 1) / chunk;
+  const int64_t lanes_c = s.C % 16 == 0 ? 16 : 8, chunks = s.C / lanes_c;
+  // tasks: dx row blocks, then (image, channel chunk) pairs of dk
+  parallel_for(pool, row_tasks + s.N * chunks, [&](int64_t task) {
+    if (task < row_tasks) {
+      for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r)
+        with_vector_for(s.C, [&](auto v) {
+          depthwise_dx_row<decltype(v)>(s, DY, K, r / s.H, r % s.H, DX + r * s.W * s.C);
+        });
+      return;
+    }
+    const int64_t n = (task - row_tasks) / chunks, c0 = (task - row_tasks) % chunks * lanes_c;
+    with_vector_for(lanes_c, [&](auto v) {
+      depthwise_dk_image<decltype(v)>(s, X, DY, n, c0, DK + n * 9 * s.C);
+    });
+  });
+  return ffi::Error::Success();
+}
+
 // Greedy NMS of one image's candidates, sorted by score descending (-inf: no candidate), with the
 // exact float32 arithmetic of greedy_nms in retinaface_jax/inference/postprocess.py (the original
 // py_cpu_nms): no contraction into FMAs, IEEE division, NaN propagating through min/max and
@@ -956,3 +1111,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfTopkNms, RfTopkNmsImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()  // keep [B, max_keep]
                                   .Ret<ffi::Buffer<ffi::S32>>()  // count [B]
                                   .Attr<int64_t>("top_k"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfDepthwise, RfDepthwiseImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [N, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k [3, 3, 1, C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [N, OH, OW, C]
+                                  .Attr<int64_t>("stride"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfDepthwiseGrad, RfDepthwiseGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [N, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k [3, 3, 1, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy [N, OH, OW, C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx [N, H, W, C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk [N, 9, C] per image
+                                  .Attr<int64_t>("stride"));

@@ -61,6 +61,8 @@ TARGETS: dict[str, str] = {
     "retinaface_conv_dw": "RfConvDw",
     "retinaface_heads": "RfHeads",
     "retinaface_topk_nms": "RfTopkNms",
+    "retinaface_depthwise": "RfDepthwise",
+    "retinaface_depthwise_grad": "RfDepthwiseGrad",
 }
 """FFI target name -> handler symbol exported by the library (``XLA_FFI_DEFINE_HANDLER_SYMBOL``)."""
 

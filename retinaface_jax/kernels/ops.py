@@ -26,6 +26,8 @@ WINOGRAD_TARGET = "retinaface_conv_winograd"
 U8_TARGET = "retinaface_conv_u8"
 HEADS_TARGET = "retinaface_heads"
 TOPK_NMS_TARGET = "retinaface_topk_nms"
+DEPTHWISE_TARGET = "retinaface_depthwise"
+DEPTHWISE_GRAD_TARGET = "retinaface_depthwise_grad"
 NO_ACTIVATION = 1.0  # negative slope 1: y = v
 _ALIGN = 16  # floats: every array starts on a 64-byte boundary of the buffer
 
@@ -268,3 +270,39 @@ def topk_nms(
     out = (jax.ShapeDtypeStruct((b, max_keep), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
     call = jax.ffi.ffi_call(TOPK_NMS_TARGET, out)
     return call(scores, boxes, jnp.asarray(threshold, jnp.float32), top_k=np.int64(top_k))
+
+
+def _depthwise_shapes(x: jax.Array, kernel: jax.Array, stride: int) -> tuple[int, int]:
+    n, h, w, c = x.shape
+    if kernel.shape != (3, 3, 1, c) or c % 8 or stride not in (1, 2):
+        raise ValueError(
+            f"depthwise: expected x [N, H, W, C] with C a multiple of 8, kernel [3, 3, 1, C] and "
+            f"stride 1 or 2, got x {x.shape}, kernel {kernel.shape}, stride {stride}"
+        )
+    return (h - 1) // stride + 1, (w - 1) // stride + 1
+
+
+def depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """The 3x3 depthwise convolution (pad 1, no bias) of ``x [N, H, W, C]`` with an HWIO
+    ``kernel [3, 3, 1, C]`` taken as an array (training: the weights change every step)."""
+    oh, ow = _depthwise_shapes(x, kernel, stride)
+    out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, x.shape[3]), jnp.float32)
+    return jax.ffi.ffi_call(DEPTHWISE_TARGET, out)(x, kernel, stride=np.int64(stride))
+
+
+def depthwise_grad(
+    x: jax.Array, kernel: jax.Array, dy: jax.Array, stride: int
+) -> tuple[jax.Array, jax.Array]:
+    """Gradients of :func:`depthwise` for the cotangent ``dy``: ``(dx [N, H, W, C], dkernel per
+    image [N, 3, 3, 1, C])``; the caller sums ``dkernel`` over images (kept per image so the call
+    is independent per image, as a data-sharded batch needs)."""
+    oh, ow = _depthwise_shapes(x, kernel, stride)
+    n, h, w, c = x.shape
+    if dy.shape != (n, oh, ow, c):
+        raise ValueError(f"depthwise_grad: dy {dy.shape}, expected {(n, oh, ow, c)}")
+    out = (
+        jax.ShapeDtypeStruct(x.shape, jnp.float32),
+        jax.ShapeDtypeStruct((n, 9, c), jnp.float32),
+    )
+    dx, dk = jax.ffi.ffi_call(DEPTHWISE_GRAD_TARGET, out)(x, kernel, dy, stride=np.int64(stride))
+    return dx, dk.reshape(n, 3, 3, 1, c)

@@ -3,7 +3,8 @@
 XLA's CPU convolutions are slow for some of the shapes RetinaFace uses, grouped (depthwise)
 convolution in particular. On CPU we therefore write
 - a depthwise k x k convolution as k*k shifted multiply-adds, with a custom VJP that keeps only
-  the input as residual (autodiff would store the k*k shifted views); at inference, inputs of at
+  the input as residual; inside a train step on CPU (``native_training.native_gradients``) the
+  3x3 ones run on the native kernels instead (autodiff would store the k*k shifted views); at inference, inputs of at
   most 8 channels at stride 1 run on flattened rows (see ``_conv_depthwise_taps``),
 - a 1 x 1 convolution as a matmul (einsum), with its weight gradient as one 2-D matmul,
 - a dense convolution of a narrow input (the 3-channel stem) as k*k*C broadcast multiply-adds
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from retinaface_jax.models import native_training
 from retinaface_jax.models.reductions import channel_sums
 
 _IMPLS = ("auto", "xla", "taps")
@@ -72,6 +74,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: i
             return _conv_xla(x, kernel, stride, padding, 1)
         return _conv_narrow(x, kernel, stride, padding)
     if groups == cin == cout and cin_g == 1:
+        if native_training.depthwise_applies(x, kernel, stride, padding):
+            return native_training.depthwise(x, kernel, stride)
         return _conv_depthwise_taps(x, kernel, stride, padding)
     return _conv_xla(x, kernel, stride, padding, groups)
 

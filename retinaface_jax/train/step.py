@@ -4,11 +4,13 @@ The model runs as a pure function of ``(params, batch_stats)`` through its NNX g
 for the (static) training size are a numpy constant baked into the compiled step. Under a
 ``('data',)`` mesh the state is replicated and the batch sharded, so XLA turns the batch means
 (loss normalisation, BatchNorm statistics) into cross-device reductions and the result does not
-depend on the number of devices.
+depend on the number of devices. On CPU the depthwise convolutions and their gradients run on the
+native kernels (``models.native_training``) when they are available.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from retinaface_jax.config import RetinaFaceConfig
+from retinaface_jax.kernels.native import native_kernels_available
 from retinaface_jax.loss import multibox_loss
+from retinaface_jax.models.conv_ops import get_conv_impl
+from retinaface_jax.models.native_training import native_gradients
 from retinaface_jax.priors import prior_box
 from retinaface_jax.train.sharding import data_sharded, replicated
 from retinaface_jax.train.state import TrainState, merge_model
@@ -71,8 +76,12 @@ def make_train_step(
     loss_fn = make_loss_fn(graphdef, cfg, image_size)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+    native = platform == "cpu" and get_conv_impl() == "taps" and native_kernels_available()
+
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        (_, (new_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch)
+        with native_gradients(mesh) if native else contextlib.nullcontext():
+            (_, (new_stats, metrics)), grads = grad_fn(state.params, state.batch_stats, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
@@ -85,7 +94,7 @@ def make_train_step(
 
     donate_argnums = (0,) if donate else ()
     # the options of the platform the step runs on: the mesh's devices, else JAX's default backend
-    options = compiler_options(None if mesh is None else mesh.devices.flat[0].platform)
+    options = compiler_options(platform)
     if mesh is None:
         return jax.jit(step, donate_argnums=donate_argnums, compiler_options=options)
     rep, dat = replicated(mesh), data_sharded(mesh)

@@ -1,0 +1,102 @@
+"""Native CPU kernels inside the train step: the 3x3 depthwise convolutions and their gradients.
+
+XLA's CPU loops for MobileNet's depthwise layers are memory-bound and slow at training
+resolution (forward + both gradients of 8 x 320 x 320 x 8: ~85 ms under XLA), so on CPU the train
+step runs them as ``ops.depthwise`` / ``ops.depthwise_grad`` (``retinaface_jax.kernels``). The
+choice is made while the step is traced, inside :func:`native_gradients` (which the train step
+enters when it runs on CPU and the kernels are available); inference never enters it, and GPU/TPU
+steps never do, so they keep XLA's own convolutions.
+
+Under a data-sharded mesh the kernels run per device on its share of the batch (``shard_map``):
+the kernel gradient comes out per image and is summed over the batch by XLA, which turns the sum
+into a cross-device reduction, as for every other parameter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from retinaface_jax.kernels import ops
+
+# While a train step is traced: the mesh it is sharded over (None: one device); unset otherwise.
+_ACTIVE: ContextVar[tuple[Mesh | None] | None] = ContextVar("native_gradients", default=None)
+
+
+@contextlib.contextmanager
+def native_gradients(mesh: Mesh | None = None) -> Iterator[None]:
+    """Within this block (while tracing), depthwise convolutions run on the native kernels.
+
+    ``mesh``: the ``('data',)`` mesh the batch is sharded over, if any. The caller checks that the
+    kernels are registered (``native.native_kernels_available()``) and that the step runs on CPU.
+    """
+    token = _ACTIVE.set((mesh,))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def depthwise_applies(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> bool:
+    """Whether this depthwise convolution runs natively here: inside :func:`native_gradients`,
+    float32, a 3x3 kernel with padding 1, stride 1 or 2 and a multiple of 8 channels."""
+    return (
+        _ACTIVE.get() is not None
+        and x.dtype == kernel.dtype == jnp.float32
+        and kernel.shape[:2] == (3, 3)
+        and padding == 1
+        and stride in (1, 2)
+        and x.shape[-1] % 8 == 0
+    )
+
+
+def depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """``ops.depthwise`` with native gradients, batch-parallel over the active mesh."""
+    active = _ACTIVE.get()
+    return _depthwise(x, kernel, stride, None if active is None else active[0])
+
+
+def _batch_parallel(fn, mesh: Mesh | None, in_specs, out_specs):
+    """``fn`` run per device on its rows of the batch (``P(axis)`` specs), or as is without a mesh."""
+    if mesh is None or mesh.devices.size == 1:
+        return fn
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def _specs(mesh: Mesh | None) -> tuple[P, P]:
+    axis = mesh.axis_names[0] if mesh is not None else None
+    return P(axis), P()
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x, kernel, stride, mesh):
+    batch, whole = _specs(mesh)
+    call = _batch_parallel(lambda x, k: ops.depthwise(x, k, stride), mesh, (batch, whole), batch)
+    return call(x, kernel)
+
+
+def _depthwise_fwd(x, kernel, stride, mesh):
+    return _depthwise(x, kernel, stride, mesh), (x, kernel)
+
+
+def _depthwise_bwd(stride, mesh, residuals, dy):
+    x, kernel = residuals
+    batch, whole = _specs(mesh)
+    call = _batch_parallel(
+        lambda x, k, g: ops.depthwise_grad(x, k, g, stride),
+        mesh,
+        (batch, whole, batch),
+        (batch, batch),
+    )
+    dx, dk = call(x, kernel, dy)
+    return dx, dk.sum(0)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)

@@ -1,0 +1,180 @@
+"""The native depthwise kernels of the train step (``models.native_training``): values and both
+gradients against ``lax.conv``, batch-parallel under a 4-device mesh, and used by the CPU train
+step only (inference and non-float32 steps keep XLA)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from retinaface_jax.kernels import native, ops
+from retinaface_jax.models import conv_ops
+from retinaface_jax.models.native_training import depthwise_applies, native_gradients
+from retinaface_jax.train.sharding import make_mesh
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels_required():
+    switch = os.environ.get(native.ENV_SWITCH, "").strip().lower()
+    if switch in ("0", "false", "no", "off"):
+        pytest.skip(f"native CPU kernels disabled by {native.ENV_SWITCH}={switch}")
+    assert native.native_kernels_available(), "the native CPU kernels did not build or register"
+
+
+def reference(x, k, stride):
+    return lax.conv_general_dilated(
+        x,
+        k,
+        (stride, stride),
+        ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=x.shape[-1],
+        precision=lax.Precision.HIGHEST,
+    )
+
+
+# (batch, h, w, channels, stride): 8/16-lane channel counts, 8-lane remainders (24, 40), odd and
+# one-pixel sizes (every pixel an edge), widths below the interior fast path
+CASES = [
+    (2, 9, 11, 8, 1),
+    (2, 10, 12, 16, 2),
+    (1, 7, 5, 24, 2),
+    (3, 1, 1, 8, 1),
+    (2, 2, 3, 32, 2),
+    (1, 13, 11, 40, 1),
+    (2, 6, 2, 48, 1),
+    (1, 5, 8, 8, 2),
+]
+
+
+@pytest.mark.parametrize(
+    "n, h, w, c, s", CASES, ids=[f"{c[0]}x{c[1]}x{c[2]}x{c[3]}-s{c[4]}" for c in CASES]
+)
+def test_depthwise_and_its_gradients_match_lax(n, h, w, c, s):
+    rng = np.random.default_rng([n, h, w, c, s])
+    x = rng.normal(size=(n, h, w, c)).astype(np.float32)
+    k = rng.normal(size=(3, 3, 1, c)).astype(np.float32)
+    y = jax.jit(lambda x, k: ops.depthwise(x, k, s))(x, k)
+    ref, vjp = jax.vjp(lambda x, k: reference(x, k, s), x, k)
+    assert y.shape == ref.shape
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    dy = rng.normal(size=ref.shape).astype(np.float32)
+    dx, dk = jax.jit(lambda x, k, g: ops.depthwise_grad(x, k, g, s))(x, k, dy)
+    dx_ref, dk_ref = vjp(dy)
+    assert dx.shape == x.shape and dk.shape == (n, 3, 3, 1, c)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dk.sum(0), dk_ref, rtol=1e-5, atol=1e-4)
+    # per image: each image's kernel gradient on its own
+    dk0 = vjp(np.concatenate([dy[:1], np.zeros_like(dy[1:])]))[1]
+    np.testing.assert_allclose(dk[0], dk0, rtol=1e-5, atol=1e-4)
+
+
+def test_depthwise_rejects_what_it_cannot_run():
+    x = np.zeros((1, 5, 5, 12), np.float32)
+    with pytest.raises(ValueError, match=r"C a multiple of 8.*got x \(1, 5, 5, 12\)"):
+        ops.depthwise(x, np.zeros((3, 3, 1, 12), np.float32), 1)
+    x = np.zeros((1, 5, 5, 8), np.float32)
+    with pytest.raises(ValueError, match="kernel"):
+        ops.depthwise(x, np.zeros((5, 5, 1, 8), np.float32), 1)
+    with pytest.raises(ValueError, match="stride"):
+        ops.depthwise(x, np.zeros((3, 3, 1, 8), np.float32), 3)
+    with pytest.raises(ValueError, match=r"dy \(1, 4, 4, 8\), expected \(1, 5, 5, 8\)"):
+        ops.depthwise_grad(x, np.zeros((3, 3, 1, 8), np.float32), np.zeros((1, 4, 4, 8)), 1)
+
+
+def loss_and_grads(stride, mesh=None, native=True):
+    """Jitted ``(x, k) -> (sum(sin(depthwise(x, k))), gradients)`` through ``conv_ops.conv2d``."""
+
+    def loss(x, k):
+        return jnp.sum(jnp.sin(conv_ops.conv2d(x, k, stride, 1, x.shape[-1])))
+
+    def f(x, k):
+        with native_gradients(mesh) if native else contextlib.nullcontext():
+            return jax.value_and_grad(loss, argnums=(0, 1))(x, k)
+
+    return jax.jit(f)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_takes_the_kernels_only_inside_native_gradients(stride):
+    rng = np.random.default_rng(stride)
+    x = rng.normal(size=(4, 17, 20, 16)).astype(np.float32)
+    k = rng.normal(size=(3, 3, 1, 16)).astype(np.float32)
+    native_fn = loss_and_grads(stride)
+    xla_fn = loss_and_grads(stride, native=False)
+    assert "retinaface_depthwise_grad" in native_fn.lower(x, k).as_text()
+    assert "retinaface_depthwise" not in xla_fn.lower(x, k).as_text()
+    (v1, (dx1, dk1)), (v2, (dx2, dk2)) = native_fn(x, k), xla_fn(x, k)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5)
+    np.testing.assert_allclose(dx1, dx2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dk1, dk2, rtol=1e-5, atol=1e-4)
+    # not float32, 5x5, padding 0, or channels not a multiple of 8: XLA's formulation
+    with native_gradients():
+        assert depthwise_applies(x, k, stride, 1)
+        assert not depthwise_applies(x, k, stride, 0)
+        assert not depthwise_applies(x, np.zeros((5, 5, 1, 16), np.float32), stride, 1)
+        assert not depthwise_applies(x[..., :12], k[..., :12], stride, 1)
+        with jax.enable_x64(True):
+            x64 = jnp.asarray(x, jnp.float64)
+            assert not depthwise_applies(x64, jnp.asarray(k, jnp.float64), stride, 1)
+    assert not depthwise_applies(x, k, stride, 1)  # outside the block
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_batch_parallel_on_four_devices(stride):
+    """Under a 4-device ``('data',)`` mesh each device runs the kernels on its images (the HLO
+    holds per-device calls of a quarter of the batch) and the values and gradients equal the
+    one-device ones."""
+    mesh = make_mesh(jax.devices()[:4])
+    rng = np.random.default_rng(10 + stride)
+    x = rng.normal(size=(8, 15, 12, 24)).astype(np.float32)
+    k = rng.normal(size=(3, 3, 1, 24)).astype(np.float32)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    ks = jax.device_put(k, NamedSharding(mesh, P()))
+    sharded = loss_and_grads(stride, mesh)
+    single = loss_and_grads(stride)
+    hlo = sharded.lower(xs, ks).compile().as_text()
+    assert "retinaface_depthwise_grad" in hlo and "f32[2,15,12,24]" in hlo, "not per device"
+    (v4, (dx4, dk4)), (v1, (dx1, dk1)) = sharded(xs, ks), single(x, k)
+    assert dx4.sharding.spec == P("data")
+    np.testing.assert_allclose(v4, v1, rtol=1e-5)
+    np.testing.assert_allclose(dx4, dx1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dk4, dk1, rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_train_step_uses_the_kernels(monkeypatch):
+    """The CPU train step runs its depthwise layers natively; with the kernels unavailable it
+    runs XLA's formulation."""
+    import optax
+    from flax import nnx
+
+    from retinaface_jax.config import get_config
+    from retinaface_jax.models.retinaface import RetinaFace
+    from retinaface_jax.train import step as step_module
+    from retinaface_jax.train.state import create_train_state
+
+    cfg = get_config("mobilenet0.25")
+    tx = optax.sgd(1e-3)
+    graphdef, state = create_train_state(RetinaFace(cfg, rngs=nnx.Rngs(0)), tx)
+    size, m = 64, 4
+    batch = {
+        "image": np.zeros((2, size, size, 3), np.float32),
+        "targets": np.zeros((2, m, 15), np.float32),
+        "valid": np.zeros((2, m), bool),
+    }
+
+    def hlo():
+        step = step_module.make_train_step(graphdef, cfg, size, tx, donate=False)
+        return step.lower(state, batch).as_text()
+
+    assert hlo().count("@retinaface_depthwise_grad(") == 13  # MobileNetV1's 13 depthwise layers
+    monkeypatch.setattr(step_module, "native_kernels_available", lambda: False)
+    assert "retinaface_depthwise" not in hlo()
