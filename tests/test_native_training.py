@@ -151,8 +151,8 @@ def test_batch_parallel_on_four_devices(stride):
 
 
 def test_cpu_train_step_uses_the_kernels(monkeypatch):
-    """The CPU train step runs its depthwise layers natively; with the kernels unavailable it
-    runs XLA's formulation."""
+    """The CPU train step runs its depthwise layers and BatchNorm sums natively; with the kernels
+    unavailable it runs XLA's formulation."""
     import optax
     from flax import nnx
 
@@ -175,6 +175,84 @@ def test_cpu_train_step_uses_the_kernels(monkeypatch):
         step = step_module.make_train_step(graphdef, cfg, size, tx, donate=False)
         return step.lower(state, batch).as_text()
 
-    assert hlo().count("@retinaface_depthwise_grad(") == 13  # MobileNetV1's 13 depthwise layers
+    from retinaface_jax.models.layers import BatchNorm2d
+
+    batch_norms = sum(
+        isinstance(m, BatchNorm2d)
+        for _, m in nnx.iter_modules(nnx.merge(graphdef, state.params, state.batch_stats))
+    )
+    text = hlo()
+    assert text.count("@retinaface_depthwise_grad(") == 13  # MobileNetV1's 13 depthwise layers
+    assert text.count("@retinaface_moments(") == batch_norms > 13  # every BatchNorm's statistics
+    assert text.count("@retinaface_bn_grad_sums(") == batch_norms
     monkeypatch.setattr(step_module, "native_kernels_available", lambda: False)
-    assert "retinaface_depthwise" not in hlo()
+    assert "@retinaface_" not in hlo()
+
+
+# -- BatchNorm ----------------------------------------------------------------------------------
+
+BN_SHAPES = [(2, 7, 9, 8), (3, 1, 1, 16), (2, 5, 3, 24), (4, 12, 10, 64), (1, 33, 2, 128)]
+
+
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=["x".join(map(str, s)) for s in BN_SHAPES])
+def test_moments_and_grad_sums_match_float64(shape):
+    """Per image means, M2 and the backward sums, on values with a large common offset (a
+    sum-of-squares formula would cancel catastrophically there)."""
+    rng = np.random.default_rng(list(shape))
+    x = (rng.normal(size=shape) * 3 + 1000).astype(np.float32)
+    g = rng.normal(size=shape).astype(np.float32)
+    x64 = x.astype(np.float64)
+    mean, m2 = jax.jit(ops.moments)(x)
+    mean_ref = x64.mean((1, 2))
+    m2_ref = ((x64 - mean_ref[:, None, None]) ** 2).sum((1, 2))
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-6)
+    np.testing.assert_allclose(m2, m2_ref, rtol=2e-5, atol=1e-3)
+    center = x64.mean((0, 1, 2)).astype(np.float32)
+    sum_g, sum_gx = jax.jit(ops.bn_grad_sums)(g, x, center)
+    np.testing.assert_allclose(sum_g, g.astype(np.float64).sum((1, 2)), rtol=1e-5, atol=1e-4)
+    ref = (g * (x64 - center)).sum((1, 2))
+    np.testing.assert_allclose(sum_gx, ref, rtol=1e-5, atol=1e-3)
+
+
+def test_moments_reject_bad_shapes():
+    with pytest.raises(ValueError, match=r"moments: expected x \[N, H, W, C\].*\(2, 3, 4, 12\)"):
+        ops.moments(np.zeros((2, 3, 4, 12), np.float32))
+    with pytest.raises(ValueError, match="bn_grad_sums: g"):
+        ops.bn_grad_sums(np.zeros((1, 2, 2, 8)), np.zeros((1, 2, 3, 8)), np.zeros(8))
+
+
+def bn_loss_and_grads(mesh=None, native=True):
+    """Jitted ``(x, scale, bias) -> (loss, grads)`` of a BatchNorm + LeakyReLU in train mode."""
+    from retinaface_jax.models.layers import batch_norm_train
+
+    def loss(x, scale, bias):
+        y, mean, var = batch_norm_train(x, scale, bias, 1e-5)
+        z = jnp.where(y >= 0, y, 0.1 * y)
+        return jnp.sum(jnp.sin(z)) + jnp.sum(mean) + jnp.sum(var)  # statistics' cotangents too
+
+    def f(x, scale, bias):
+        with native_gradients(mesh) if native else contextlib.nullcontext():
+            return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, scale, bias)
+
+    return jax.jit(f)
+
+
+def test_batch_norm_train_matches_xla_on_one_and_four_devices():
+    mesh = make_mesh(jax.devices()[:4])
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(8, 11, 13, 24)) * 2 + 5).astype(np.float32)
+    scale = rng.uniform(0.5, 1.5, 24).astype(np.float32)
+    bias = rng.normal(size=24).astype(np.float32)
+    xla = bn_loss_and_grads(native=False)
+    one = bn_loss_and_grads()
+    four = bn_loss_and_grads(mesh)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    assert "@retinaface_bn_grad_sums(" in one.lower(x, scale, bias).as_text()
+    assert "@retinaface_moments(" not in xla.lower(x, scale, bias).as_text()
+    compiled = four.lower(xs, scale, bias).compile().as_text()
+    assert "retinaface_moments" in compiled and "f32[2,11,13,24]" in compiled, "not per device"
+    (v0, g0), (v1, g1), (v4, g4) = xla(x, scale, bias), one(x, scale, bias), four(xs, scale, bias)
+    for v, g in ((v1, g1), (v4, g4)):
+        np.testing.assert_allclose(v, v0, rtol=1e-5)
+        for a, b in zip(g, g0, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -931,6 +931,111 @@ ffi::Error RfDepthwiseGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// -- Training: BatchNorm's per-channel sums ------------------------------------------------------
+// Per image, so the calls stay batch-parallel (XLA combines the images): the batch statistics as
+// (mean, M2) with M2 the sum of squared deviations from the image's mean (each row's own two
+// passes in L1, merged with Chan et al.'s update: one pass over memory, no sum-of-squares
+// cancellation), and the backward's sum(g) and sum(g * (x - mean)).
+
+// Runs fn(n, c0, lanes) over (image, channel chunk) tasks; chunks of 16 channels when they divide C.
+template <class Fn>
+void per_image_chunks(ffi::ThreadPool& pool, int64_t N, int64_t C, Fn&& fn) {
+  const int64_t lanes_c = C % 16 == 0 ? 16 : 8, chunks = C / lanes_c;
+  parallel_for(pool, N * chunks, [&](int64_t task) {
+    fn(task / chunks, task % chunks * lanes_c, lanes_c);
+  });
+}
+
+template <class V>
+void moments_image(const float* X, int64_t HW_rows, int64_t W, int64_t C, int64_t c0, float* mean_out,
+                   float* m2_out) {
+  V mean = bcast<V>(0.f), m2 = bcast<V>(0.f);
+  const V w = bcast<V>(float(W));
+  for (int64_t r = 0; r < HW_rows; ++r) {
+    const float* row = X + r * W * C + c0;
+    V s = bcast<V>(0.f), q = bcast<V>(0.f);
+    for (int64_t i = 0; i < W; ++i) s += loadu<V>(row + i * C);
+    const V rm = s / w;
+    for (int64_t i = 0; i < W; ++i) {
+      const V d = loadu<V>(row + i * C) - rm;
+      q += d * d;
+    }
+    // merge rows 0..r-1 (r * W values) with row r (W values)
+    const V n_old = bcast<V>(float(r * W)), n_new = bcast<V>(float((r + 1) * W));
+    const V delta = rm - mean;
+    mean += delta * (w / n_new);
+    m2 += q + delta * delta * (n_old * w / n_new);
+  }
+  storeu(mean_out + c0, mean);
+  storeu(m2_out + c0, m2);
+}
+
+// x [N, H, W, C] -> moments [N, 2, C]: per image the channel means, then M2.
+ffi::Error RfMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                         ffi::ResultBuffer<ffi::F32> moments) {
+  auto xd = x.dimensions();
+  auto md = moments->dimensions();
+  if (xd.size() != 4 || xd[3] % 8 || xd[3] < 8 || md.size() != 3 || md[0] != xd[0] || md[1] != 2 ||
+      md[2] != xd[3] || xd[1] * xd[2] < 1)
+    return ffi::Error::InvalidArgument(
+        "retinaface_moments: expected x [N, H, W, C] (C a multiple of 8) and moments [N, 2, C]");
+  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3];
+  const float* X = x.typed_data();
+  float* M = moments->typed_data();
+  per_image_chunks(pool, N, C, [&](int64_t n, int64_t c0, int64_t lanes_c) {
+    with_vector_for(lanes_c, [&](auto v) {
+      moments_image<decltype(v)>(X + n * H * W * C, H, W, C, c0, M + n * 2 * C, M + n * 2 * C + C);
+    });
+  });
+  return ffi::Error::Success();
+}
+
+template <class V>
+void grad_sums_image(const float* G, const float* X, const float* mean, int64_t rows, int64_t W,
+                     int64_t C, int64_t c0, float* sum_g, float* sum_gx) {
+  V a = bcast<V>(0.f), b = bcast<V>(0.f);
+  const V m = loadu<V>(mean + c0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *g = G + r * W * C + c0, *x = X + r * W * C + c0;
+    V ra = bcast<V>(0.f), rb = bcast<V>(0.f);  // per row first: shorter float32 chains
+    for (int64_t i = 0; i < W; ++i) {
+      const V gv = loadu<V>(g + i * C);
+      ra += gv;
+      rb += gv * (loadu<V>(x + i * C) - m);
+    }
+    a += ra;
+    b += rb;
+  }
+  storeu(sum_g + c0, a);
+  storeu(sum_gx + c0, b);
+}
+
+// g, x [N, H, W, C], mean [C] -> sums [N, 2, C]: per image sum(g), then sum(g * (x - mean)).
+ffi::Error RfBnGradSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> sums) {
+  auto xd = x.dimensions();
+  auto gd = g.dimensions();
+  auto sd = sums->dimensions();
+  bool ok = xd.size() == 4 && gd.size() == 4 && xd[3] % 8 == 0 && xd[3] >= 8 && sd.size() == 3 &&
+            int64_t(mean.element_count()) == (xd.size() == 4 ? xd[3] : -1);
+  for (size_t i = 0; ok && i < 4; ++i) ok = gd[i] == xd[i];
+  ok = ok && sd[0] == xd[0] && sd[1] == 2 && sd[2] == xd[3];
+  if (!ok)
+    return ffi::Error::InvalidArgument(
+        "retinaface_bn_grad_sums: expected g and x [N, H, W, C] (C a multiple of 8), mean [C] and "
+        "sums [N, 2, C]");
+  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3];
+  const float *G = g.typed_data(), *X = x.typed_data(), *Mn = mean.typed_data();
+  float* S = sums->typed_data();
+  per_image_chunks(pool, N, C, [&](int64_t n, int64_t c0, int64_t lanes_c) {
+    with_vector_for(lanes_c, [&](auto v) {
+      grad_sums_image<decltype(v)>(G + n * H * W * C, X + n * H * W * C, Mn, H, W, C, c0,
+                                   S + n * 2 * C, S + n * 2 * C + C);
+    });
+  });
+  return ffi::Error::Success();
+}
+
 // Greedy NMS of one image's candidates, sorted by score descending (-inf: no candidate), with the
 // exact float32 arithmetic of greedy_nms in retinaface_jax/inference/postprocess.py (the original
 // py_cpu_nms): no contraction into FMAs, IEEE division, NaN propagating through min/max and
@@ -1129,3 +1234,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfDepthwiseGrad, RfDepthwiseGradImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx [N, H, W, C]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk [N, 9, C] per image
                                   .Attr<int64_t>("stride"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfMoments, RfMomentsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [N, H, W, C]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [N, 2, C]: mean, M2
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfBnGradSums, RfBnGradSumsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // g [N, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [N, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // mean [C]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [N, 2, C]: sum g, sum g (x - mean)

@@ -63,6 +63,8 @@ TARGETS: dict[str, str] = {
     "retinaface_topk_nms": "RfTopkNms",
     "retinaface_depthwise": "RfDepthwise",
     "retinaface_depthwise_grad": "RfDepthwiseGrad",
+    "retinaface_moments": "RfMoments",
+    "retinaface_bn_grad_sums": "RfBnGradSums",
 }
 """FFI target name -> handler symbol exported by the library (``XLA_FFI_DEFINE_HANDLER_SYMBOL``)."""
 

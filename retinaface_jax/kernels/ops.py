@@ -28,6 +28,8 @@ HEADS_TARGET = "retinaface_heads"
 TOPK_NMS_TARGET = "retinaface_topk_nms"
 DEPTHWISE_TARGET = "retinaface_depthwise"
 DEPTHWISE_GRAD_TARGET = "retinaface_depthwise_grad"
+MOMENTS_TARGET = "retinaface_moments"
+BN_GRAD_SUMS_TARGET = "retinaface_bn_grad_sums"
 NO_ACTIVATION = 1.0  # negative slope 1: y = v
 _ALIGN = 16  # floats: every array starts on a 64-byte boundary of the buffer
 
@@ -306,3 +308,32 @@ def depthwise_grad(
     )
     dx, dk = jax.ffi.ffi_call(DEPTHWISE_GRAD_TARGET, out)(x, kernel, dy, stride=np.int64(stride))
     return dx, dk.reshape(n, 3, 3, 1, c)
+
+
+def _check_channels(what: str, x: jax.Array) -> None:
+    if x.ndim != 4 or x.shape[-1] % 8 or x.shape[1] * x.shape[2] == 0:
+        raise ValueError(
+            f"{what}: expected x [N, H, W, C] with C a multiple of 8 and H, W >= 1, got {x.shape}"
+        )
+
+
+def moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per image and channel of ``x [N, H, W, C]``: ``(mean [N, C], M2 [N, C])``, M2 the sum of
+    squared deviations from that image's mean (one pass over ``x``)."""
+    _check_channels("moments", x)
+    n, c = x.shape[0], x.shape[3]
+    out = jax.ffi.ffi_call(MOMENTS_TARGET, jax.ShapeDtypeStruct((n, 2, c), jnp.float32))(x)
+    return out[:, 0], out[:, 1]
+
+
+def bn_grad_sums(g: jax.Array, x: jax.Array, mean: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per image and channel: ``(sum(g), sum(g * (x - mean)))`` over ``(H, W)`` of NHWC ``g``
+    and ``x`` (``mean [C]``): BatchNorm's backward reductions in one pass."""
+    _check_channels("bn_grad_sums", x)
+    if g.shape != x.shape or mean.shape != (x.shape[3],):
+        raise ValueError(f"bn_grad_sums: g {g.shape} and mean {mean.shape} for x {x.shape}")
+    n, c = x.shape[0], x.shape[3]
+    out = jax.ffi.ffi_call(BN_GRAD_SUMS_TARGET, jax.ShapeDtypeStruct((n, 2, c), jnp.float32))(
+        g, x, mean
+    )
+    return out[:, 0], out[:, 1]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retinaface_jax.models import native_training
 from retinaface_jax.models.conv_ops import conv2d
 from retinaface_jax.models.reductions import channel_sums
 
@@ -145,6 +146,8 @@ def _batch_stats(x):
     """Batch mean and biased variance per channel (two passes: the mean, then squared deviations)."""
     if x.ndim != 4:
         raise ValueError(f"BatchNorm2d: expected an NHWC input, got shape {x.shape}")
+    if native_training.batch_norm_applies(x):
+        return native_training.batch_moments(x)
     h, n = x.shape[1], math.prod(x.shape[:-1])
     (total,) = channel_sums(lambda rows: [x[:, rows]], h)
     mean = total / n
@@ -175,7 +178,12 @@ def _batch_norm_bwd(eps, residuals, cotangents):
     g, g_mean, g_var = cotangents
     n = math.prod(x.shape[:-1])
     xc = x - mean
-    d_bias, d_scale = channel_sums(lambda rows: [g[:, rows], g[:, rows] * xc[:, rows]], x.shape[1])
+    if native_training.batch_norm_applies(x):
+        d_bias, d_scale = native_training.batch_norm_grad_sums(g, x, mean)
+    else:
+        d_bias, d_scale = channel_sums(
+            lambda rows: [g[:, rows], g[:, rows] * xc[:, rows]], x.shape[1]
+        )
     d_scale = d_scale * inv
     # d/dx of y (through mean and variance), plus the (usually zero) cotangents of the statistics
     dx = (scale * inv) * (g - (d_bias + xc * (inv * d_scale)) / n)

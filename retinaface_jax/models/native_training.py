@@ -1,15 +1,18 @@
-"""Native CPU kernels inside the train step: the 3x3 depthwise convolutions and their gradients.
+"""Native CPU kernels inside the train step: the 3x3 depthwise convolutions and their gradients,
+and BatchNorm's per-channel sums.
 
-XLA's CPU loops for MobileNet's depthwise layers are memory-bound and slow at training
-resolution (forward + both gradients of 8 x 320 x 320 x 8: ~85 ms under XLA), so on CPU the train
-step runs them as ``ops.depthwise`` / ``ops.depthwise_grad`` (``retinaface_jax.kernels``). The
+XLA's CPU loops for MobileNet's depthwise layers and for per-channel reductions are memory-bound
+and slow at training resolution (forward + both gradients of a depthwise layer on
+8 x 320 x 320 x 8: ~85 ms under XLA), so on CPU the train step runs them as ``ops.depthwise`` /
+``ops.depthwise_grad`` and ``ops.moments`` / ``ops.bn_grad_sums`` (``retinaface_jax.kernels``);
+the elementwise parts (normalisation, activations, BatchNorm's input gradient) stay on XLA. The
 choice is made while the step is traced, inside :func:`native_gradients` (which the train step
 enters when it runs on CPU and the kernels are available); inference never enters it, and GPU/TPU
 steps never do, so they keep XLA's own convolutions.
 
 Under a data-sharded mesh the kernels run per device on its share of the batch (``shard_map``):
-the kernel gradient comes out per image and is summed over the batch by XLA, which turns the sum
-into a cross-device reduction, as for every other parameter.
+their sums (kernel gradients, batch statistics) come out per image and are combined over the
+batch by XLA, which turns that into a cross-device reduction, as for every other parameter.
 """
 
 from __future__ import annotations
@@ -100,3 +103,43 @@ def _depthwise_bwd(stride, mesh, residuals, dy):
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def batch_norm_applies(x: jax.Array) -> bool:
+    """Whether BatchNorm's sums over ``x`` run natively here: inside :func:`native_gradients`, a
+    float32 NHWC ``x`` with a multiple of 8 channels."""
+    return (
+        _ACTIVE.get() is not None
+        and x.dtype == jnp.float32
+        and x.ndim == 4
+        and x.shape[-1] % 8 == 0
+        and x.shape[1] * x.shape[2] > 0
+    )
+
+
+def _mesh() -> Mesh | None:
+    active = _ACTIVE.get()
+    return None if active is None else active[0]
+
+
+def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Batch mean and biased variance per channel of NHWC ``x``: per image (mean, M2) from the
+    kernel, combined over the batch (every image has ``H * W`` values)."""
+    mesh = _mesh()
+    batch, _ = _specs(mesh)
+    mean_n, m2_n = _batch_parallel(ops.moments, mesh, (batch,), (batch, batch))(x)
+    n, per_image = x.shape[0], x.shape[1] * x.shape[2]
+    mean = jnp.mean(mean_n, axis=0)
+    m2 = jnp.sum(m2_n, axis=0) + per_image * jnp.sum(jnp.square(mean_n - mean), axis=0)
+    return mean, m2 / (n * per_image)
+
+
+def batch_norm_grad_sums(
+    g: jax.Array, x: jax.Array, mean: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """``(sum(g), sum(g * (x - mean)))`` per channel over the batch and space."""
+    mesh = _mesh()
+    batch, whole = _specs(mesh)
+    call = _batch_parallel(ops.bn_grad_sums, mesh, (batch, batch, whole), (batch, batch))
+    sum_g, sum_gx = call(g, x, mean)
+    return jnp.sum(sum_g, axis=0), jnp.sum(sum_gx, axis=0)
