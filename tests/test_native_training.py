@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from retinaface_jax.kernels import native, ops
-from retinaface_jax.models import conv_ops
+from retinaface_jax.models import conv_ops, native_training
 from retinaface_jax.models.native_training import depthwise_applies, native_gradients
 from retinaface_jax.train.sharding import make_mesh
 
@@ -151,8 +151,8 @@ def test_batch_parallel_on_four_devices(stride):
 
 
 def test_cpu_train_step_uses_the_kernels(monkeypatch):
-    """The CPU train step runs its depthwise layers and BatchNorm sums natively; with the kernels
-    unavailable it runs XLA's formulation."""
+    """The CPU train step runs its depthwise layers, 3x3 stride-1 dense layers and BatchNorm sums
+    natively; with the kernels unavailable it runs XLA's formulation."""
     import optax
     from flax import nnx
 
@@ -175,8 +175,15 @@ def test_cpu_train_step_uses_the_kernels(monkeypatch):
         step = step_module.make_train_step(graphdef, cfg, size, tx, donate=False)
         return step.lower(state, batch).as_text()
 
-    from retinaface_jax.models.layers import BatchNorm2d
+    from retinaface_jax.models.layers import BatchNorm2d, Conv2d
 
+    model = nnx.merge(graphdef, state.params, state.batch_stats)
+    dense = [
+        m
+        for _, m in nnx.iter_modules(model)
+        if isinstance(m, Conv2d) and m.groups == 1 and m.kernel_size == 3 and m.stride == 1
+    ]
+    assert len(dense) == 17  # the FPN merges and five per SSH
     batch_norms = sum(
         isinstance(m, BatchNorm2d)
         for _, m in nnx.iter_modules(nnx.merge(graphdef, state.params, state.batch_stats))
@@ -185,6 +192,7 @@ def test_cpu_train_step_uses_the_kernels(monkeypatch):
     assert text.count("@retinaface_depthwise_grad(") == 13  # MobileNetV1's 13 depthwise layers
     assert text.count("@retinaface_moments(") == batch_norms > 13  # every BatchNorm's statistics
     assert text.count("@retinaface_bn_grad_sums(") == batch_norms
+    assert text.count("@retinaface_conv_winograd(") == 2 * len(dense)  # forward, input gradient
     monkeypatch.setattr(step_module, "native_kernels_available", lambda: False)
     assert "@retinaface_" not in hlo()
 
@@ -256,3 +264,63 @@ def test_batch_norm_train_matches_xla_on_one_and_four_devices():
         np.testing.assert_allclose(v, v0, rtol=1e-5)
         for a, b in zip(g, g0, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# -- dense 3x3 stride-1 convolutions -------------------------------------------------------------
+
+
+def dense_loss_and_grads(mesh=None, native=True):
+    def loss(x, k):
+        return jnp.sum(jnp.sin(conv_ops.conv2d(x, k, 1, 1, 1)))
+
+    def f(x, k):
+        with native_gradients(mesh) if native else contextlib.nullcontext():
+            return jax.value_and_grad(loss, argnums=(0, 1))(x, k)
+
+    return jax.jit(f)
+
+
+# (batch, h, w, cin, cout): 16-lane spans, 8-lane remainders, odd and one-pixel sizes
+DENSE_CASES = [(2, 9, 11, 16, 16), (1, 13, 10, 64, 32), (2, 5, 7, 24, 40), (4, 1, 1, 8, 8)]
+
+
+@pytest.mark.parametrize(
+    "n, h, w, cin, cout",
+    DENSE_CASES,
+    ids=[f"{c[0]}x{c[1]}x{c[2]}-{c[3]}to{c[4]}" for c in DENSE_CASES],
+)
+def test_dense_conv_and_its_gradients_match_xla(n, h, w, cin, cout):
+    rng = np.random.default_rng([n, h, w, cin, cout])
+    x = rng.normal(size=(n, h, w, cin)).astype(np.float32)
+    k = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
+    native_fn, xla_fn = dense_loss_and_grads(), dense_loss_and_grads(native=False)
+    assert native_fn.lower(x, k).as_text().count("@retinaface_conv_winograd(") == 2
+    assert "@retinaface_" not in xla_fn.lower(x, k).as_text()
+    (v1, (dx1, dk1)), (v0, (dx0, dk0)) = native_fn(x, k), xla_fn(x, k)
+    np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx1, dx0, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dk1, dk0, rtol=1e-4, atol=1e-5)
+    with native_gradients():
+        assert native_training.dense_applies(x, k, 1, 1)
+        assert not native_training.dense_applies(x, k, 2, 1)
+        assert not native_training.dense_applies(x, k, 1, 0)
+        assert not native_training.dense_applies(x[..., :4], k[:, :, :4], 1, 1)
+        assert not native_training.dense_applies(x, k[..., :4], 1, 1)
+    assert not native_training.dense_applies(x, k, 1, 1)
+
+
+def test_dense_conv_batch_parallel_on_four_devices():
+    mesh = make_mesh(jax.devices()[:4])
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(8, 10, 12, 16)).astype(np.float32)
+    k = (rng.normal(size=(3, 3, 16, 24)) / 12).astype(np.float32)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    four, one = dense_loss_and_grads(mesh), dense_loss_and_grads()
+    compiled = four.lower(xs, k).compile().as_text()
+    assert "retinaface_conv_winograd" in compiled and "f32[2,10,12,16]" in compiled, (
+        "not per device"
+    )
+    (v4, (dx4, dk4)), (v1, (dx1, dk1)) = four(xs, k), one(x, k)
+    np.testing.assert_allclose(v4, v1, rtol=1e-5)
+    np.testing.assert_allclose(dx4, dx1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dk4, dk1, rtol=1e-4, atol=1e-5)

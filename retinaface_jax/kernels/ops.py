@@ -82,15 +82,18 @@ class ParamBuffer:
         return np.concatenate(self._parts) if self._parts else np.zeros(0, np.float32)
 
 
-def pack_weights(w2: np.ndarray) -> np.ndarray:
+def pack_weights(w2: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
     """``[K, cout]`` (k ordered kh, kw, cin) -> flat blocks of 16 output channels ``[cout/16][K][16]``
-    followed, if ``cout % 16 == 8``, by one ``[K][8]`` block. ``cout`` must be a multiple of 8."""
+    followed, if ``cout % 16 == 8``, by one ``[K][8]`` block. ``cout`` must be a multiple of 8.
+    numpy in, numpy out (packed once on the host); a JAX array (the train step's weights, which
+    change every step) is packed by XLA."""
     k, cout = w2.shape
     if cout % 8:
         raise ValueError(f"pack_weights: output channels must be a multiple of 8, got {cout}")
+    xp = jnp if isinstance(w2, jax.Array) else np
     full = cout // 16 * 16
     blocks = w2[:, :full].reshape(k, -1, 16).transpose(1, 0, 2).reshape(-1)
-    return np.ascontiguousarray(np.concatenate([blocks, w2[:, full:].reshape(-1)]), np.float32)
+    return xp.concatenate([blocks, w2[:, full:].reshape(-1)]).astype(np.float32)
 
 
 def fold_batchnorm(
@@ -115,12 +118,34 @@ def winograd_applies(kernel_size: int, stride: int, cin: int) -> bool:
     return kernel_size == 3 and stride == 1 and cin % 8 == 0
 
 
-def winograd_weights(kernel: np.ndarray) -> np.ndarray:
-    """``[3, 3, cin, cout]`` -> ``[16, cin, cout]``: ``G g G^T`` for each channel pair, computed
-    in float64 and rounded once to float32 (element ``4 * a + b`` of the 4x4 transformed tile)."""
+def winograd_weights(kernel: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+    """``[3, 3, cin, cout]`` -> ``[16, cin, cout]``: ``G g G^T`` for each channel pair (element
+    ``4 * a + b`` of the 4x4 transformed tile). A numpy kernel is transformed in float64 and
+    rounded once to float32; a JAX array (training) in float32 by XLA."""
+    if isinstance(kernel, jax.Array):
+        u = jnp.einsum(
+            "ai,ijcd,bj->abcd",
+            _WINOGRAD_G.astype(np.float32),
+            kernel,
+            _WINOGRAD_G.astype(np.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        return u.reshape(16, *kernel.shape[2:])
     g = np.asarray(kernel, np.float64)
     u = np.einsum("ai,ijcd,bj->abcd", _WINOGRAD_G, g, _WINOGRAD_G)
     return u.reshape(16, *g.shape[2:]).astype(np.float32)
+
+
+def packed_weights(kernel: np.ndarray | jax.Array, winograd: bool) -> np.ndarray | jax.Array:
+    """A ``[k, k, cin, cout]`` kernel as the conv kernels read it: packed (:func:`pack_weights`),
+    per element of the Winograd tile when ``winograd``."""
+    if winograd:
+        return _concatenate([pack_weights(u) for u in winograd_weights(kernel)])
+    return pack_weights(kernel.reshape(-1, kernel.shape[-1]).astype(np.float32))
+
+
+def _concatenate(parts):
+    return (jnp if isinstance(parts[0], jax.Array) else np).concatenate(parts)
 
 
 def conv_layer(
@@ -152,11 +177,7 @@ def conv_layer(
             f"{kernel.shape} stride {stride}"
         )
     winograd = applies if winograd is None else winograd
-    if winograd:
-        packed = np.concatenate([pack_weights(u) for u in winograd_weights(kernel)])
-    else:
-        packed = pack_weights(np.asarray(kernel, np.float32).reshape(-1, cout))
-    w = buffer.add(packed)
+    w = buffer.add(packed_weights(np.asarray(kernel), winograd))
     return ConvLayer(
         w, buffer.add(bias), buffer.add(slope), cin, cout, k, stride, padding, cin_offset, winograd
     )

@@ -1,11 +1,14 @@
 """Native CPU kernels inside the train step: the 3x3 depthwise convolutions and their gradients,
-and BatchNorm's per-channel sums.
+the 3x3 stride-1 dense convolutions (FPN merges, SSH) and their input gradients, and BatchNorm's
+per-channel sums.
 
 XLA's CPU loops for MobileNet's depthwise layers and for per-channel reductions are memory-bound
 and slow at training resolution (forward + both gradients of a depthwise layer on
 8 x 320 x 320 x 8: ~85 ms under XLA), so on CPU the train step runs them as ``ops.depthwise`` /
-``ops.depthwise_grad`` and ``ops.moments`` / ``ops.bn_grad_sums`` (``retinaface_jax.kernels``);
-the elementwise parts (normalisation, activations, BatchNorm's input gradient) stay on XLA. The
+``ops.depthwise_grad``, ``ops.conv`` (Winograd, weights packed by XLA each step) and
+``ops.moments`` / ``ops.bn_grad_sums`` (``retinaface_jax.kernels``); the dense kernels' weight
+gradients and the elementwise parts (normalisation, activations, BatchNorm's input gradient) stay
+on XLA. The
 choice is made while the step is traced, inside :func:`native_gradients` (which the train step
 enters when it runs on CPU and the kernels are available); inference never enters it, and GPU/TPU
 steps never do, so they keep XLA's own convolutions.
@@ -143,3 +146,64 @@ def batch_norm_grad_sums(
     call = _batch_parallel(ops.bn_grad_sums, mesh, (batch, batch, whole), (batch, batch))
     sum_g, sum_gx = call(g, x, mean)
     return jnp.sum(sum_g, axis=0), jnp.sum(sum_gx, axis=0)
+
+
+def dense_applies(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> bool:
+    """Whether this dense convolution runs natively here: inside :func:`native_gradients`,
+    float32, 3x3, stride 1, padding 1, input and output channels multiples of 8 (Winograd F(2x2,
+    3x3) for the convolution and for its input gradient)."""
+    return (
+        _ACTIVE.get() is not None
+        and x.dtype == kernel.dtype == jnp.float32
+        and kernel.shape[:2] == (3, 3)
+        and stride == 1
+        and padding == 1
+        and kernel.shape[2] % 8 == 0
+        and kernel.shape[3] % 8 == 0
+    )
+
+
+def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The 3x3 stride-1 pad-1 convolution on the native Winograd kernel; native input gradient."""
+    return _dense(x, kernel, _mesh())
+
+
+def _winograd(x: jax.Array, kernel: jax.Array, mesh: Mesh | None) -> jax.Array:
+    """``conv(x, kernel)`` (3x3, pad 1, no bias, no activation) by ``ops.conv``, per device."""
+    _, _, cin, cout = kernel.shape
+    align = -(-cout // 16) * 16
+    packed = ops.packed_weights(kernel, winograd=True)
+    bias = packed.size + (-packed.size % 16)  # offsets on 16-float boundaries, as ParamBuffer's
+    params = jnp.concatenate(
+        [packed, jnp.zeros(bias - packed.size + align, jnp.float32), jnp.ones(cout, jnp.float32)]
+    )
+    layer = ops.ConvLayer(0, bias, bias + align, cin, cout, 3, 1, 1, 0, True)
+    batch, whole = _specs(mesh)
+    call = _batch_parallel(lambda x, p: ops.conv(x, p, layer), mesh, (batch, whole), batch)
+    return call(x, params)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense(x, kernel, mesh):
+    return _winograd(x, kernel, mesh)
+
+
+def _dense_fwd(x, kernel, mesh):
+    return _dense(x, kernel, mesh), (x, kernel)
+
+
+def _dense_bwd(mesh, residuals, dy):
+    """dx: the convolution of ``dy`` with the flipped, transposed kernel (pad 3 - 1 - 1 = 1), on
+    the same kernel; the kernel gradient by XLA (its filter-gradient convolution)."""
+    x, kernel = residuals
+    dx = _winograd(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), mesh)
+    _, kernel_vjp = jax.vjp(
+        lambda k: jax.lax.conv_general_dilated(
+            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ),
+        kernel,
+    )
+    return dx, kernel_vjp(dy)[0]
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
