@@ -269,9 +269,9 @@ def test_batch_norm_train_matches_xla_on_one_and_four_devices():
 # -- dense 3x3 stride-1 convolutions -------------------------------------------------------------
 
 
-def dense_loss_and_grads(mesh=None, native=True):
+def dense_loss_and_grads(stride=1, padding=1, mesh=None, native=True):
     def loss(x, k):
-        return jnp.sum(jnp.sin(conv_ops.conv2d(x, k, 1, 1, 1)))
+        return jnp.sum(jnp.sin(conv_ops.conv2d(x, k, stride, padding, 1)))
 
     def f(x, k):
         with native_gradients(mesh) if native else contextlib.nullcontext():
@@ -280,33 +280,75 @@ def dense_loss_and_grads(mesh=None, native=True):
     return jax.jit(f)
 
 
-# (batch, h, w, cin, cout): 16-lane spans, 8-lane remainders, odd and one-pixel sizes
-DENSE_CASES = [(2, 9, 11, 16, 16), (1, 13, 10, 64, 32), (2, 5, 7, 24, 40), (4, 1, 1, 8, 8)]
+# (batch, h, w, cin, cout, kernel, stride, padding): Winograd layers (16-lane spans, 8-lane
+# remainders, one pixel), the narrow stem, and direct layers of other shapes
+DENSE_CASES = [
+    (2, 9, 11, 16, 16, 3, 1, 1),
+    (1, 13, 10, 64, 32, 3, 1, 1),
+    (2, 5, 7, 24, 40, 3, 1, 1),
+    (4, 1, 1, 8, 8, 3, 1, 1),
+    (2, 17, 14, 3, 8, 3, 2, 1),
+    (1, 11, 9, 16, 24, 3, 2, 1),
+    (2, 12, 10, 12, 16, 3, 1, 1),
+    (1, 15, 13, 8, 16, 7, 2, 3),
+    (2, 6, 5, 16, 8, 3, 1, 0),
+]
 
 
 @pytest.mark.parametrize(
-    "n, h, w, cin, cout",
+    "n, h, w, cin, cout, k, s, p",
     DENSE_CASES,
-    ids=[f"{c[0]}x{c[1]}x{c[2]}-{c[3]}to{c[4]}" for c in DENSE_CASES],
+    ids=[f"{c[0]}x{c[1]}x{c[2]}-{c[3]}to{c[4]}-k{c[5]}s{c[6]}p{c[7]}" for c in DENSE_CASES],
 )
-def test_dense_conv_and_its_gradients_match_xla(n, h, w, cin, cout):
-    rng = np.random.default_rng([n, h, w, cin, cout])
+def test_dense_conv_and_its_gradients_match_xla(n, h, w, cin, cout, k, s, p):
+    rng = np.random.default_rng([n, h, w, cin, cout, k, s, p])
     x = rng.normal(size=(n, h, w, cin)).astype(np.float32)
-    k = (rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
-    native_fn, xla_fn = dense_loss_and_grads(), dense_loss_and_grads(native=False)
-    assert native_fn.lower(x, k).as_text().count("@retinaface_conv_winograd(") == 2
-    assert "@retinaface_" not in xla_fn.lower(x, k).as_text()
-    (v1, (dx1, dk1)), (v0, (dx0, dk0)) = native_fn(x, k), xla_fn(x, k)
+    kernel = (rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32)
+    native_fn = dense_loss_and_grads(s, p)
+    xla_fn = dense_loss_and_grads(s, p, native=False)
+    text = native_fn.lower(x, kernel).as_text()
+    forward = (k, s) == (3, 1) and cin % 8 == 0  # Winograd forward; input gradient if pad 1
+    backward = forward and p == 1
+    assert text.count("@retinaface_conv_winograd(") == forward + backward
+    assert text.count("@retinaface_conv(") == (not forward)
+    assert text.count("@retinaface_weight_grad(") == 1
+    assert "@retinaface_" not in xla_fn.lower(x, kernel).as_text()
+    (v1, (dx1, dk1)), (v0, (dx0, dk0)) = native_fn(x, kernel), xla_fn(x, kernel)
     np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx1, dx0, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(dk1, dk0, rtol=1e-4, atol=1e-5)
     with native_gradients():
-        assert native_training.dense_applies(x, k, 1, 1)
-        assert not native_training.dense_applies(x, k, 2, 1)
-        assert not native_training.dense_applies(x, k, 1, 0)
-        assert not native_training.dense_applies(x[..., :4], k[:, :, :4], 1, 1)
-        assert not native_training.dense_applies(x, k[..., :4], 1, 1)
-    assert not native_training.dense_applies(x, k, 1, 1)
+        assert native_training.dense_applies(x, kernel, s, p)
+        assert not native_training.dense_applies(x, kernel[..., :4], s, p)  # cout not 8k
+        assert not native_training.dense_applies(x, kernel[:, :1], s, p)  # not square
+        with jax.enable_x64(True):
+            x64, k64 = jnp.asarray(x, jnp.float64), jnp.asarray(kernel, jnp.float64)
+            assert not native_training.dense_applies(x64, k64, s, p)
+    assert not native_training.dense_applies(x, kernel, s, p)
+
+
+def test_pointwise_weight_gradient_is_native_in_training():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(2, 7, 9, 24)).astype(np.float32)
+    kernel = rng.normal(size=(1, 1, 24, 40)).astype(np.float32)
+    native_fn = dense_loss_and_grads(1, 0)
+    xla_fn = dense_loss_and_grads(1, 0, native=False)
+    assert native_fn.lower(x, kernel).as_text().count("@retinaface_weight_grad(") == 1
+    (v1, (dx1, dk1)), (v0, (dx0, dk0)) = native_fn(x, kernel), xla_fn(x, kernel)
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dk1, dk0, rtol=1e-4, atol=1e-5)
+    # cout not a multiple of 8 (ClassHead: 4): XLA's matmul
+    text = native_fn.lower(x, kernel[..., :4]).as_text()
+    assert "@retinaface_weight_grad(" not in text
+
+
+def test_weight_grad_rejects_mismatched_shapes():
+    x = np.zeros((2, 8, 8, 3), np.float32)
+    with pytest.raises(ValueError, match=r"weight_grad: x \(2, 8, 8, 3\) and dy \(2, 8, 8, 8\)"):
+        ops.weight_grad(x, np.zeros((2, 8, 8, 8), np.float32), 3, 2, 1)
+    with pytest.raises(ValueError, match="multiple of 8 output channels"):
+        ops.weight_grad(x, np.zeros((2, 4, 4, 4), np.float32), 3, 2, 1)
 
 
 def test_dense_conv_batch_parallel_on_four_devices():
@@ -315,7 +357,7 @@ def test_dense_conv_batch_parallel_on_four_devices():
     x = rng.normal(size=(8, 10, 12, 16)).astype(np.float32)
     k = (rng.normal(size=(3, 3, 16, 24)) / 12).astype(np.float32)
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
-    four, one = dense_loss_and_grads(mesh), dense_loss_and_grads()
+    four, one = dense_loss_and_grads(mesh=mesh), dense_loss_and_grads()
     compiled = four.lower(xs, k).compile().as_text()
     assert "retinaface_conv_winograd" in compiled and "f32[2,10,12,16]" in compiled, (
         "not per device"

@@ -931,6 +931,122 @@ ffi::Error RfDepthwiseGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// -- Training: a convolution's kernel gradient ---------------------------------------------------
+// dw[n][i][j][c][co] = sum over output pixels (oh, ow) of x[n, oh*s + i - p, ow*s + j - p, c] *
+// dy[n, oh, ow, co], per image (the caller sums over images: batch-parallel). A GEMM with the
+// pixels as its long dimension: register tiles of 6 input channels x 32 (16) output channels
+// accumulate over the pixels of a block of output rows, which stays in L2 while every tile passes
+// over it (XLA materialises transposes of x for this and runs 3x3 kernel gradients as slow
+// filter-gradient convolutions).
+
+struct WgradShape {
+  int64_t N, H, W, C, OH, OW, CO, k, stride, pad;
+};
+
+// acc[MRT channels][NV vectors] (+)= x[pixel][c0 + m] * dy[pixel][co0 ...] over one run of pixels.
+template <int MRT, int NV, class V>
+inline void wgrad_run(const float* x, int64_t xstep, const float* g, int64_t gstep, int64_t len,
+                      V (&acc)[MRT][NV]) {
+  constexpr int L = lanes<V>;
+  for (int64_t q = 0; q < len; ++q, x += xstep, g += gstep) {
+    V gv[NV];
+#pragma GCC unroll 4
+    for (int b = 0; b < NV; ++b) gv[b] = loadu<V>(g + b * L);
+#pragma GCC unroll 8
+    for (int m = 0; m < MRT; ++m) {
+      const V s = bcast<V>(x[m]);
+#pragma GCC unroll 4
+      for (int b = 0; b < NV; ++b) acc[m][b] += s * gv[b];
+    }
+  }
+}
+
+// Adds rows [oh0, oh1) of image n to dw (tap t's [C][CO] at dw + t * C * CO) for channels
+// [c0, c0 + MRT) and the output-channel span at co0.
+template <int MRT, int NV, class V>
+void wgrad_tile(const WgradShape& s, const float* X, const float* DY, int64_t n, int64_t oh0,
+                int64_t oh1, int64_t c0, int64_t co0, float* dw) {
+  constexpr int L = lanes<V>;
+  for (int64_t i = 0; i < s.k; ++i)
+    for (int64_t j = 0; j < s.k; ++j) {
+      float* out = dw + ((i * s.k + j) * s.C + c0) * s.CO + co0;
+      V acc[MRT][NV];
+      for (int m = 0; m < MRT; ++m)
+        for (int b = 0; b < NV; ++b) acc[m][b] = loadu<V>(out + m * s.CO + b * L);
+      // output columns whose input column iw = ow * stride + j - pad lies inside the image
+      const int64_t lo = std::max<int64_t>(0, (s.pad - j + s.stride - 1) / s.stride);
+      const int64_t hi = std::min<int64_t>(s.OW, (s.W - 1 + s.pad - j) / s.stride + 1);
+      for (int64_t oh = oh0; oh < oh1 && hi > lo; ++oh) {
+        const int64_t ih = oh * s.stride + i - s.pad;
+        if (ih < 0 || ih >= s.H) continue;
+        const float* x = X + ((n * s.H + ih) * s.W + lo * s.stride + j - s.pad) * s.C + c0;
+        const float* g = DY + ((n * s.OH + oh) * s.OW + lo) * s.CO + co0;
+        wgrad_run<MRT, NV, V>(x, s.stride * s.C, g, s.CO, hi - lo, acc);
+      }
+      for (int m = 0; m < MRT; ++m)
+        for (int b = 0; b < NV; ++b) storeu(out + m * s.CO + b * L, acc[m][b]);
+    }
+}
+
+// x [N, H, W, C], dy [N, OH, OW, CO] -> dw [N, k, k, C, CO] (per image), CO a multiple of 8.
+ffi::Error RfWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                            ffi::ResultBuffer<ffi::F32> dw, int64_t k, int64_t stride, int64_t pad) {
+  auto xd = x.dimensions();
+  auto gd = dy.dimensions();
+  auto wd = dw->dimensions();
+  bool ok = xd.size() == 4 && gd.size() == 4 && wd.size() == 5 && k >= 1 && stride >= 1 && pad >= 0;
+  WgradShape s{};
+  if (ok) {
+    s = WgradShape{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3], k, stride, pad};
+    ok = gd[0] == s.N && s.CO % 8 == 0 && s.C >= 1 && s.OH == (s.H + 2 * pad - k) / stride + 1 &&
+         s.OW == (s.W + 2 * pad - k) / stride + 1 && s.OH >= 1 && s.OW >= 1 && wd[0] == s.N &&
+         wd[1] == k && wd[2] == k && wd[3] == s.C && wd[4] == s.CO;
+  }
+  if (!ok)
+    return ffi::Error::InvalidArgument(
+        "retinaface_weight_grad: expected x [N, H, W, C], dy [N, OH, OW, CO] (CO a multiple of 8) "
+        "of a k x k convolution with this stride and padding, and dw [N, k, k, C, CO]");
+  const float *X = x.typed_data(), *DY = dy.typed_data();
+  float* DW = dw->typed_data();
+  std::vector<std::pair<int64_t, int64_t>> spans;  // (co0, width) as for_each_span visits them
+  for_each_span(s.CO, 0, nullptr, [&](auto span, int64_t c0, const float*, int64_t) {
+    spans.emplace_back(c0, decltype(span)::width);
+  });
+  const int64_t nspans = int64_t(spans.size());
+  // rows per block: ~64 KB of dy rows (with their x rows) stay in L2 while every tile passes
+  const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.OW * s.CO));
+  parallel_for(pool, s.N * nspans, [&](int64_t task) {
+    const int64_t n = task / nspans, sp = task % nspans;
+    const int64_t co0 = spans[size_t(sp)].first, width = spans[size_t(sp)].second;
+    float* dwn = DW + n * k * k * s.C * s.CO;
+    for (int64_t t = 0; t < k * k; ++t)
+      for (int64_t c = 0; c < s.C; ++c)
+        std::memset(dwn + (t * s.C + c) * s.CO + co0, 0, size_t(width) * sizeof(float));
+    for (int64_t oh0 = 0; oh0 < s.OH; oh0 += block) {
+      const int64_t oh1 = std::min(s.OH, oh0 + block);
+      for (int64_t c0 = 0; c0 < s.C; c0 += 6) {
+        auto run = [&](auto mr_tag) {
+          constexpr int MRT = decltype(mr_tag)::value;
+          for_each_span(width, 0, nullptr, [&](auto span, int64_t sub, const float*, int64_t) {
+            using S = decltype(span);
+            if (sub == 0)  // one span of this width: the span itself
+              wgrad_tile<MRT, S::nv, typename S::vec>(s, X, DY, n, oh0, oh1, c0, co0, dwn);
+          });
+        };
+        switch (std::min<int64_t>(6, s.C - c0)) {
+          case 1: run(std::integral_constant<int, 1>{}); break;
+          case 2: run(std::integral_constant<int, 2>{}); break;
+          case 3: run(std::integral_constant<int, 3>{}); break;
+          case 4: run(std::integral_constant<int, 4>{}); break;
+          case 5: run(std::integral_constant<int, 5>{}); break;
+          default: run(std::integral_constant<int, 6>{}); break;
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // -- Training: BatchNorm's per-channel sums ------------------------------------------------------
 // Per image, so the calls stay batch-parallel (XLA combines the images): the batch statistics as
 // (mean, M2) with M2 the sum of squared deviations from the image's mean (each row's own two
@@ -1248,3 +1364,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfBnGradSums, RfBnGradSumsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x [N, H, W, C]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // mean [C]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // [N, 2, C]: sum g, sum g (x - mean)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfWeightGrad, RfWeightGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [N, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy [N, OH, OW, CO]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw [N, k, k, C, CO] per image
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad"));

@@ -65,6 +65,7 @@ TARGETS: dict[str, str] = {
     "retinaface_depthwise_grad": "RfDepthwiseGrad",
     "retinaface_moments": "RfMoments",
     "retinaface_bn_grad_sums": "RfBnGradSums",
+    "retinaface_weight_grad": "RfWeightGrad",
 }
 """FFI target name -> handler symbol exported by the library (``XLA_FFI_DEFINE_HANDLER_SYMBOL``)."""
 

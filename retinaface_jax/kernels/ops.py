@@ -30,6 +30,7 @@ DEPTHWISE_TARGET = "retinaface_depthwise"
 DEPTHWISE_GRAD_TARGET = "retinaface_depthwise_grad"
 MOMENTS_TARGET = "retinaface_moments"
 BN_GRAD_SUMS_TARGET = "retinaface_bn_grad_sums"
+WEIGHT_GRAD_TARGET = "retinaface_weight_grad"
 NO_ACTIVATION = 1.0  # negative slope 1: y = v
 _ALIGN = 16  # floats: every array starts on a 64-byte boundary of the buffer
 
@@ -358,3 +359,22 @@ def bn_grad_sums(g: jax.Array, x: jax.Array, mean: jax.Array) -> tuple[jax.Array
         g, x, mean
     )
     return out[:, 0], out[:, 1]
+
+
+def weight_grad(
+    x: jax.Array, dy: jax.Array, kernel_size: int, stride: int, padding: int
+) -> jax.Array:
+    """The kernel gradient of a dense ``k x k`` convolution (NHWC ``x``, cotangent ``dy`` with
+    ``cout`` a multiple of 8) per image: ``[N, k, k, cin, cout]`` (the caller sums over images)."""
+    n, h, w, c = x.shape
+    k, s, p = kernel_size, stride, padding
+    expected = (n, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
+    if x.ndim != 4 or dy.ndim != 4 or dy.shape[:3] != expected or dy.shape[3] % 8:
+        raise ValueError(
+            f"weight_grad: x {x.shape} and dy {dy.shape} do not fit a {k}x{k} stride-{s} pad-{p} "
+            f"convolution with a multiple of 8 output channels (dy [N, OH, OW] {expected})"
+        )
+    out = jax.ShapeDtypeStruct((n, k, k, c, dy.shape[3]), jnp.float32)
+    return jax.ffi.ffi_call(WEIGHT_GRAD_TARGET, out)(
+        x, dy, k=np.int64(k), stride=np.int64(s), pad=np.int64(p)
+    )

@@ -4,7 +4,7 @@ XLA's CPU convolutions are slow for some of the shapes RetinaFace uses, grouped 
 convolution in particular. On CPU we therefore write
 - a depthwise k x k convolution as k*k shifted multiply-adds, with a custom VJP that keeps only
   the input as residual; inside a train step on CPU (``native_training.native_gradients``) the
-  3x3 ones run on the native kernels instead, as do the 3x3 stride-1 dense ones (autodiff would store the k*k shifted views); at inference, inputs of at
+  3x3 ones run on the native kernels instead, as do the dense ones and the 1x1 weight gradients (autodiff would store the k*k shifted views); at inference, inputs of at
   most 8 channels at stride 1 run on flattened rows (see ``_conv_depthwise_taps``),
 - a 1 x 1 convolution as a matmul (einsum), with its weight gradient as one 2-D matmul,
 - a dense convolution of a narrow input (the 3-channel stem) as k*k*C broadcast multiply-adds
@@ -71,7 +71,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: i
                 xs = _pad(x, padding)[:, ::stride, ::stride, :]
             return _pointwise(xs, kernel[0, 0])
         if native_training.dense_applies(x, kernel, stride, padding):
-            return native_training.dense(x, kernel)
+            return native_training.dense(x, kernel, stride, padding)
         if cin >= _MIN_TAP_CHANNELS:
             return _conv_xla(x, kernel, stride, padding, 1)
         return _conv_narrow(x, kernel, stride, padding)
@@ -100,7 +100,10 @@ def _pointwise_bwd(residuals, g):
     that way against 1.20 s with this VJP.
     """
     x, w = residuals
-    dw = x.reshape(-1, w.shape[0]).T @ g.reshape(-1, w.shape[1])
+    if native_training.weight_grad_applies(g):  # in a CPU train step: no transpose of x
+        dw = native_training.weight_grad(x, g, 1, 1, 0)[0, 0]
+    else:
+        dw = x.reshape(-1, w.shape[0]).T @ g.reshape(-1, w.shape[1])
     return jnp.einsum("bhwo,co->bhwc", g, w), dw
 
 

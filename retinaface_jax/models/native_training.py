@@ -149,61 +149,94 @@ def batch_norm_grad_sums(
 
 
 def dense_applies(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> bool:
-    """Whether this dense convolution runs natively here: inside :func:`native_gradients`,
-    float32, 3x3, stride 1, padding 1, input and output channels multiples of 8 (Winograd F(2x2,
-    3x3) for the convolution and for its input gradient)."""
+    """Whether this dense (ungrouped) convolution runs natively here: inside
+    :func:`native_gradients`, float32, a square kernel, a multiple of 8 output channels."""
+    kh, kw, cin, cout = kernel.shape
     return (
         _ACTIVE.get() is not None
         and x.dtype == kernel.dtype == jnp.float32
-        and kernel.shape[:2] == (3, 3)
-        and stride == 1
-        and padding == 1
-        and kernel.shape[2] % 8 == 0
-        and kernel.shape[3] % 8 == 0
+        and kh == kw
+        and cout % 8 == 0
+        and cin <= 4096  # the kernels' widest input
     )
 
 
-def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The 3x3 stride-1 pad-1 convolution on the native Winograd kernel; native input gradient."""
-    return _dense(x, kernel, _mesh())
+def dense(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """A dense convolution on the native kernels (Winograd F(2x2, 3x3) when it applies, else
+    direct), its kernel gradient natively, its input gradient by Winograd for 3x3 stride-1 pad-1
+    layers with channels in multiples of 8 (FPN merges, SSH), else by XLA."""
+    return _dense(x, kernel, stride, padding, _mesh())
 
 
-def _winograd(x: jax.Array, kernel: jax.Array, mesh: Mesh | None) -> jax.Array:
-    """``conv(x, kernel)`` (3x3, pad 1, no bias, no activation) by ``ops.conv``, per device."""
-    _, _, cin, cout = kernel.shape
+def weight_grad_applies(dy: jax.Array) -> bool:
+    """Whether a kernel gradient with cotangent ``dy`` runs natively here (float32, a multiple of
+    8 output channels, inside :func:`native_gradients`)."""
+    return _ACTIVE.get() is not None and dy.dtype == jnp.float32 and dy.shape[-1] % 8 == 0
+
+
+def weight_grad(
+    x: jax.Array, dy: jax.Array, kernel_size: int, stride: int, padding: int
+) -> jax.Array:
+    """The kernel gradient ``[k, k, cin, cout]`` of a dense convolution, per device and image by
+    ``ops.weight_grad``, summed over the batch."""
+    mesh = _mesh()
+    batch, _ = _specs(mesh)
+    call = _batch_parallel(
+        lambda x, g: ops.weight_grad(x, g, kernel_size, stride, padding),
+        mesh,
+        (batch, batch),
+        batch,
+    )
+    return jnp.sum(call(x, dy), axis=0)
+
+
+def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, mesh: Mesh | None):
+    """``conv(x, kernel)`` (no bias, no activation) by ``ops.conv``, per device; the weights are
+    packed (Winograd-transformed when it applies) by XLA."""
+    k, _, cin, cout = kernel.shape
+    winograd = ops.winograd_applies(k, stride, cin)
     align = -(-cout // 16) * 16
-    packed = ops.packed_weights(kernel, winograd=True)
+    packed = ops.packed_weights(kernel, winograd)
     bias = packed.size + (-packed.size % 16)  # offsets on 16-float boundaries, as ParamBuffer's
     params = jnp.concatenate(
         [packed, jnp.zeros(bias - packed.size + align, jnp.float32), jnp.ones(cout, jnp.float32)]
     )
-    layer = ops.ConvLayer(0, bias, bias + align, cin, cout, 3, 1, 1, 0, True)
+    layer = ops.ConvLayer(0, bias, bias + align, cin, cout, k, stride, padding, 0, winograd)
     batch, whole = _specs(mesh)
     call = _batch_parallel(lambda x, p: ops.conv(x, p, layer), mesh, (batch, whole), batch)
     return call(x, params)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _dense(x, kernel, mesh):
-    return _winograd(x, kernel, mesh)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _dense(x, kernel, stride, padding, mesh):
+    return _conv(x, kernel, stride, padding, mesh)
 
 
-def _dense_fwd(x, kernel, mesh):
-    return _dense(x, kernel, mesh), (x, kernel)
+def _dense_fwd(x, kernel, stride, padding, mesh):
+    return _dense(x, kernel, stride, padding, mesh), (x, kernel)
 
 
-def _dense_bwd(mesh, residuals, dy):
-    """dx: the convolution of ``dy`` with the flipped, transposed kernel (pad 3 - 1 - 1 = 1), on
-    the same kernel; the kernel gradient by XLA (its filter-gradient convolution)."""
+def _dense_bwd(stride, padding, mesh, residuals, dy):
+    """dx of a 3x3 stride-1 pad-1 layer: the convolution of ``dy`` with the flipped, transposed
+    kernel (pad 3 - 1 - 1 = 1) on the same kernel; other layers' dx by XLA (unused for the
+    image, so XLA drops it)."""
     x, kernel = residuals
-    dx = _winograd(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), mesh)
-    _, kernel_vjp = jax.vjp(
-        lambda k: jax.lax.conv_general_dilated(
-            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
-        ),
-        kernel,
-    )
-    return dx, kernel_vjp(dy)[0]
+    k, _, cin, cout = kernel.shape
+    if (k, stride, padding) == (3, 1, 1) and cin % 8 == 0:
+        dx = _conv(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), 1, 1, mesh)
+    else:
+        _, x_vjp = jax.vjp(
+            lambda x: jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                (stride, stride),
+                ((padding, padding), (padding, padding)),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            ),
+            x,
+        )
+        (dx,) = x_vjp(dy)
+    return dx, weight_grad(x, dy, k, stride, padding)
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
