@@ -824,31 +824,29 @@ ffi::Error RfDepthwiseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 }
 
 // dx row (n, ih): dx[ih, iw] = sum of dy[oh, ow] * k[i, j] over the taps with
-// oh * stride + i - 1 == ih and ow * stride + j - 1 == iw.
+// oh * stride + i - 1 == ih and ow * stride + j - 1 == iw, accumulated tap by tap into the row
+// (in L1): per tap a branch-free strided loop over the output pixels that reach this row (a
+// per-pixel gather with bounds checks was 1.7x slower at 320 x 320 x 8).
 template <class V>
 void depthwise_dx_row(const DwShape& s, const float* DY, const float* K, int64_t n, int64_t ih,
                       float* out) {
-  const float* dyrow[3];  // tap row i: dy row oh, or nullptr
+  std::memset(out, 0, size_t(s.W * s.C) * sizeof(float));
   for (int i = 0; i < 3; ++i) {
     const int64_t t = ih + 1 - i;
-    const bool ok = t >= 0 && t % s.stride == 0 && t / s.stride < s.OH;
-    dyrow[i] = ok ? DY + (n * s.OH + t / s.stride) * s.OW * s.C : nullptr;
-  }
-  for (int64_t iw = 0; iw < s.W; ++iw) {
-    int64_t ows[3];  // tap column j: dy column ow, or -1
+    if (t < 0 || t % s.stride || t / s.stride >= s.OH) continue;
+    const float* g = DY + (n * s.OH + t / s.stride) * s.OW * s.C;
     for (int j = 0; j < 3; ++j) {
-      const int64_t u = iw + 1 - j;
-      ows[j] = u >= 0 && u % s.stride == 0 && u / s.stride < s.OW ? u / s.stride : -1;
-    }
-    for (int64_t c = 0; c < s.C; c += lanes<V>) {
-      V acc = bcast<V>(0.f);
-      for (int i = 0; i < 3; ++i) {
-        if (!dyrow[i]) continue;
-        for (int j = 0; j < 3; ++j)
-          if (ows[j] >= 0)
-            acc += loadu<V>(dyrow[i] + ows[j] * s.C + c) * loadu<V>(K + (3 * i + j) * s.C + c);
+      // output columns with iw = ow * stride + j - 1 inside [0, W)
+      const int64_t lo = j == 0 ? 1 : 0, hi = std::min<int64_t>(s.OW, (s.W - j) / s.stride + 1);
+      float* o = out + (lo * s.stride + j - 1) * s.C;
+      const float* gp = g + lo * s.C;
+      const int64_t ostep = s.stride * s.C;
+      for (int64_t c = 0; c < s.C; c += lanes<V>) {
+        const V kv = loadu<V>(K + (3 * i + j) * s.C + c);
+        for (int64_t ow = lo; ow < hi; ++ow)
+          storeu(o + (ow - lo) * ostep + c,
+                 loadu<V>(o + (ow - lo) * ostep + c) + loadu<V>(gp + (ow - lo) * s.C + c) * kv);
       }
-      storeu(out + iw * s.C + c, acc);
     }
   }
 }
