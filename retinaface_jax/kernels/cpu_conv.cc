@@ -22,13 +22,20 @@
 //   retinaface_topk_nms: the top_k best-scoring candidates, then greedy NMS with the float32
 //                       arithmetic of the original's py_cpu_nms (see RfTopkNmsImpl).
 //
+// For the CPU train step (weights as arrays, sums per image so the calls stay batch-parallel):
+//   retinaface_depthwise / _grad: the 3x3 depthwise convolution (pad 1) and its input and kernel
+//                       gradients;
+//   retinaface_weight_grad: a dense convolution's kernel gradient (a GEMM over pixel blocks);
+//   retinaface_moments / retinaface_bn_grad_sums: BatchNorm's batch statistics and backward sums.
+//
 // All parameters of a model live in one float32 buffer (one argument of the XLA program instead
 // of ~130: dispatching a call flattens every argument); a kernel reads its layer's slices at the
 // offsets given as attributes. The buffer is built by retinaface_jax/kernels/ops.py. Weights are
 // packed as blocks of 16 output channels: [CO/16][K][16], then, if CO % 16 == 8, one [K][8]
-// block; K = kh*kw*cin ordered (kh, kw, cin). The inner loop is a 6-pixel x 16-channel register
-// tile (12 AVX2 accumulators) fed by broadcasts straight from the NHWC input (no im2col for
-// cin >= 8); the K loop is split so one weight block stays in L1. Rows of the output are shared
+// block; K = kh*kw*cin ordered (kh, kw, cin). The inner loop is a register tile of 6 pixels x 16
+// channels (12 AVX2 accumulators) or, with AVX-512, 6 pixels x 32 channels (12 zmm accumulators)
+// fed by broadcasts straight from the NHWC input (no im2col for cin >= 8); the K loop is split so
+// one weight block stays in L1. Both vector widths add the same products in the same order. Rows of the output are shared
 // between the calling thread and XLA's intra-op thread pool.
 #include <algorithm>
 #include <atomic>
@@ -196,7 +203,7 @@ void for_each_span(int64_t CO, int64_t K, const float* wp, Fn&& fn) {
   if (CO % 16) fn(Span<1, v8>{}, full * 16, wp + full * K * 16, K * 8);
 }
 
-constexpr int MR = 6;  // pixels per register tile (6 x 16 channels = 12 accumulators)
+constexpr int MR = 6;  // pixels per register tile (x 16 or 32 channels = 12 accumulators)
 
 // Runs the packed weight blocks over tiles of one output row. ptrs: [ntiles][taps][MR].
 void conv_row_blocks(const float* const* ptrs, int64_t ntiles, int64_t OW, int taps, int64_t cin,
