@@ -3,8 +3,7 @@
 XLA's CPU convolutions are slow for some of the shapes RetinaFace uses, grouped (depthwise)
 convolution in particular. On CPU we therefore write
 - a depthwise k x k convolution as k*k shifted multiply-adds, with a custom VJP that keeps only
-  the input as residual; inside a train step on CPU (``native_training.native_gradients``) the
-  3x3 ones run on the native kernels instead, as do the dense ones and the 1x1 weight gradients (autodiff would store the k*k shifted views); at inference, inputs of at
+  the input as residual (autodiff would store the k*k shifted views); at inference, inputs of at
   most 8 channels at stride 1 run on flattened rows (see ``_conv_depthwise_taps``),
 - a 1 x 1 convolution as a matmul (einsum), with its weight gradient as one 2-D matmul,
 - a dense convolution of a narrow input (the 3-channel stem) as k*k*C broadcast multiply-adds
@@ -17,7 +16,9 @@ those options (mobilenet0.25, 640x640): XLA's gradients for every dense convolut
 train step from 1.47 to 1.23 s at batch 8 and from 6.4-6.9 to 5.5-5.7 s at batch 32; against
 the code before the options, 1.35 -> 1.13 s at batch 8. (Under XLA's default YNNPACK kernels
 the opposite held: 64->64 at 80x80, ~700 ms for XLA's weight gradient against 93 ms per tap.)
-All formulations compute the same function with the same parameters. On GPU/TPU ``lax.conv``
+Inside a CPU train step (``native_training.native_gradients``) the 3x3 depthwise and the dense
+convolutions with their gradients, and the 1x1 weight gradients, run on the native kernels
+instead. All formulations compute the same function with the same parameters. On GPU/TPU ``lax.conv``
 is the fast path and is used unchanged. ``set_conv_impl`` forces one formulation (tests compare
 both).
 """

@@ -1,17 +1,20 @@
-"""Native CPU kernels inside the train step: the 3x3 depthwise convolutions and their gradients,
-the 3x3 stride-1 dense convolutions (FPN merges, SSH) and their input gradients, and BatchNorm's
-per-channel sums.
+"""Native CPU kernels inside the train step: convolutions and their gradients, BatchNorm's sums.
 
 XLA's CPU loops for MobileNet's depthwise layers and for per-channel reductions are memory-bound
 and slow at training resolution (forward + both gradients of a depthwise layer on
-8 x 320 x 320 x 8: ~85 ms under XLA), so on CPU the train step runs them as ``ops.depthwise`` /
-``ops.depthwise_grad``, ``ops.conv`` (Winograd, weights packed by XLA each step) and
-``ops.moments`` / ``ops.bn_grad_sums`` (``retinaface_jax.kernels``); the dense kernels' weight
-gradients and the elementwise parts (normalisation, activations, BatchNorm's input gradient) stay
-on XLA. The
-choice is made while the step is traced, inside :func:`native_gradients` (which the train step
-enters when it runs on CPU and the kernels are available); inference never enters it, and GPU/TPU
-steps never do, so they keep XLA's own convolutions.
+8 x 320 x 320 x 8: ~85 ms under XLA), its filter-gradient convolutions and the transposes it
+materialises for 1x1 weight gradients are slow too. So on CPU the train step runs
+- the 3x3 depthwise convolutions and both gradients: ``ops.depthwise`` / ``ops.depthwise_grad``;
+- every dense convolution: ``ops.conv`` (Winograd F(2x2, 3x3) for the 3x3 stride-1 ones, whose
+  input gradient is the same kind of layer; weights transformed and packed by XLA each step), its
+  kernel gradient by ``ops.weight_grad``, other input gradients by XLA;
+- the 1x1 convolutions' kernel gradients: ``ops.weight_grad``;
+- BatchNorm's batch statistics and backward sums: ``ops.moments`` / ``ops.bn_grad_sums``;
+while the elementwise parts (normalisation, activations, BatchNorm's input gradient) and the 1x1
+convolutions themselves stay on XLA. The choice is made while the step is traced, inside
+:func:`native_gradients` (which the train step enters when it runs on CPU and the kernels are
+available); inference never enters it, and GPU/TPU steps never do, so they keep XLA's own
+convolutions. float64 always takes XLA's path.
 
 Under a data-sharded mesh the kernels run per device on its share of the batch (``shard_map``):
 their sums (kernel gradients, batch statistics) come out per image and are combined over the

@@ -4,8 +4,8 @@ The model runs as a pure function of ``(params, batch_stats)`` through its NNX g
 for the (static) training size are a numpy constant baked into the compiled step. Under a
 ``('data',)`` mesh the state is replicated and the batch sharded, so XLA turns the batch means
 (loss normalisation, BatchNorm statistics) into cross-device reductions and the result does not
-depend on the number of devices. On CPU the depthwise convolutions and their gradients run on the
-native kernels (``models.native_training``) when they are available.
+depend on the number of devices. On CPU the convolutions, their gradients and BatchNorm's sums run
+on the native kernels (``models.native_training``) when they are available.
 """
 
 from __future__ import annotations
