@@ -1020,31 +1020,40 @@ ffi::Error RfWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   const int64_t nspans = int64_t(spans.size());
   // rows per block: ~64 KB of dy rows (with their x rows) stay in L2 while every tile passes
   const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.OW * s.CO));
-  parallel_for(pool, s.N * nspans, [&](int64_t task) {
-    const int64_t n = task / nspans, sp = task % nspans;
-    const int64_t co0 = spans[size_t(sp)].first, width = spans[size_t(sp)].second;
+  // a task per image runs every output-channel span over a block while it is in L2 (x and dy
+  // come from memory once); with fewer images than threads, a task per (image, span)
+  const int64_t span_groups = s.N >= std::max<int64_t>(1, pool.num_threads()) ? 1 : nspans;
+  parallel_for(pool, s.N * span_groups, [&](int64_t task) {
+    const int64_t n = task / span_groups;
+    const int64_t sp0 = span_groups == 1 ? 0 : task % span_groups;
+    const int64_t sp1 = span_groups == 1 ? nspans : sp0 + 1;
     float* dwn = DW + n * k * k * s.C * s.CO;
-    for (int64_t t = 0; t < k * k; ++t)
-      for (int64_t c = 0; c < s.C; ++c)
-        std::memset(dwn + (t * s.C + c) * s.CO + co0, 0, size_t(width) * sizeof(float));
+    for (int64_t sp = sp0; sp < sp1; ++sp)
+      for (int64_t t = 0; t < k * k; ++t)
+        for (int64_t c = 0; c < s.C; ++c)
+          std::memset(dwn + (t * s.C + c) * s.CO + spans[size_t(sp)].first, 0,
+                      size_t(spans[size_t(sp)].second) * sizeof(float));
     for (int64_t oh0 = 0; oh0 < s.OH; oh0 += block) {
       const int64_t oh1 = std::min(s.OH, oh0 + block);
       for (int64_t c0 = 0; c0 < s.C; c0 += 6) {
-        auto run = [&](auto mr_tag) {
-          constexpr int MRT = decltype(mr_tag)::value;
-          for_each_span(width, 0, nullptr, [&](auto span, int64_t sub, const float*, int64_t) {
-            using S = decltype(span);
-            if (sub == 0)  // one span of this width: the span itself
-              wgrad_tile<MRT, S::nv, typename S::vec>(s, X, DY, n, oh0, oh1, c0, co0, dwn);
-          });
-        };
-        switch (std::min<int64_t>(6, s.C - c0)) {
-          case 1: run(std::integral_constant<int, 1>{}); break;
-          case 2: run(std::integral_constant<int, 2>{}); break;
-          case 3: run(std::integral_constant<int, 3>{}); break;
-          case 4: run(std::integral_constant<int, 4>{}); break;
-          case 5: run(std::integral_constant<int, 5>{}); break;
-          default: run(std::integral_constant<int, 6>{}); break;
+        for (int64_t sp = sp0; sp < sp1; ++sp) {
+          const int64_t co0 = spans[size_t(sp)].first, width = spans[size_t(sp)].second;
+          auto run = [&](auto mr_tag) {
+            constexpr int MRT = decltype(mr_tag)::value;
+            for_each_span(width, 0, nullptr, [&](auto span, int64_t sub, const float*, int64_t) {
+              using S = decltype(span);
+              if (sub == 0)  // one span of this width: the span itself
+                wgrad_tile<MRT, S::nv, typename S::vec>(s, X, DY, n, oh0, oh1, c0, co0, dwn);
+            });
+          };
+          switch (std::min<int64_t>(6, s.C - c0)) {
+            case 1: run(std::integral_constant<int, 1>{}); break;
+            case 2: run(std::integral_constant<int, 2>{}); break;
+            case 3: run(std::integral_constant<int, 3>{}); break;
+            case 4: run(std::integral_constant<int, 4>{}); break;
+            case 5: run(std::integral_constant<int, 5>{}); break;
+            default: run(std::integral_constant<int, 6>{}); break;
+          }
         }
       }
     }
