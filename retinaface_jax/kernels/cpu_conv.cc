@@ -939,7 +939,7 @@ ffi::Error RfDepthwiseGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // -- Training: a convolution's kernel gradient ---------------------------------------------------
 // dw[n][i][j][c][co] = sum over output pixels (oh, ow) of x[n, oh*s + i - p, ow*s + j - p, c] *
 // dy[n, oh, ow, co], per image (the caller sums over images: batch-parallel). A GEMM with the
-// pixels as its long dimension: register tiles of 6 input channels x 32 (16) output channels
+// pixels as its long dimension: register tiles of 12 (6) input channels x 32 (16) output channels
 // accumulate over the pixels of a block of output rows, which stays in L2 while every tile passes
 // over it (XLA materialises transposes of x for this and runs 3x3 kernel gradients as slow
 // filter-gradient convolutions).
@@ -957,7 +957,7 @@ inline void wgrad_run(const float* x, int64_t xstep, const float* g, int64_t gst
     V gv[NV];
 #pragma GCC unroll 4
     for (int b = 0; b < NV; ++b) gv[b] = loadu<V>(g + b * L);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int m = 0; m < MRT; ++m) {
       const V s = bcast<V>(x[m]);
 #pragma GCC unroll 4
@@ -991,6 +991,23 @@ void wgrad_tile(const WgradShape& s, const float* X, const float* DY, int64_t n,
       for (int m = 0; m < MRT; ++m)
         for (int b = 0; b < NV; ++b) storeu(out + m * s.CO + b * L, acc[m][b]);
     }
+}
+
+// Input channels per kernel-gradient tile: 12 x 2 zmm accumulators with AVX-512 (32 registers),
+// 6 x 2 ymm with AVX2 (16 registers).
+#if defined(__AVX512F__)
+constexpr int kWgradChannels = 12;
+#else
+constexpr int kWgradChannels = 6;
+#endif
+
+// Calls run(std::integral_constant<int, m>{}) for m in 1 .. kWgradChannels.
+template <int M = 1, class Run>
+void with_channel_count(int64_t m, Run&& run) {
+  if constexpr (M < kWgradChannels) {
+    if (m != M) return with_channel_count<M + 1>(m, run);
+  }
+  run(std::integral_constant<int, M>{});
 }
 
 // x [N, H, W, C], dy [N, OH, OW, CO] -> dw [N, k, k, C, CO] (per image), CO a multiple of 8.
@@ -1035,7 +1052,7 @@ ffi::Error RfWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
                       size_t(spans[size_t(sp)].second) * sizeof(float));
     for (int64_t oh0 = 0; oh0 < s.OH; oh0 += block) {
       const int64_t oh1 = std::min(s.OH, oh0 + block);
-      for (int64_t c0 = 0; c0 < s.C; c0 += 6) {
+      for (int64_t c0 = 0; c0 < s.C; c0 += kWgradChannels) {
         for (int64_t sp = sp0; sp < sp1; ++sp) {
           const int64_t co0 = spans[size_t(sp)].first, width = spans[size_t(sp)].second;
           auto run = [&](auto mr_tag) {
@@ -1046,14 +1063,7 @@ ffi::Error RfWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
                 wgrad_tile<MRT, S::nv, typename S::vec>(s, X, DY, n, oh0, oh1, c0, co0, dwn);
             });
           };
-          switch (std::min<int64_t>(6, s.C - c0)) {
-            case 1: run(std::integral_constant<int, 1>{}); break;
-            case 2: run(std::integral_constant<int, 2>{}); break;
-            case 3: run(std::integral_constant<int, 3>{}); break;
-            case 4: run(std::integral_constant<int, 4>{}); break;
-            case 5: run(std::integral_constant<int, 5>{}); break;
-            default: run(std::integral_constant<int, 6>{}); break;
-          }
+          with_channel_count(std::min<int64_t>(kWgradChannels, s.C - c0), run);
         }
       }
     }
