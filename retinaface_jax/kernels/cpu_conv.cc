@@ -187,20 +187,36 @@ struct Span {
   using vec = V;
 };
 
-// Calls fn(Span<NV, V>{}, c0, wblk, bstride) over the output channels [0, CO) of weights packed
-// for K inputs (blocks of 16 channels, [K][16] each, then maybe one [K][8]): with AVX-512, 32
-// channels (two blocks, two 16-lane vectors) at a time, else 16 (one block, two 8-lane vectors).
+// The widest span: 32 channels (two 16-lane vectors) with AVX-512, else 16 (two 8-lane vectors).
+#if defined(__AVX512F__)
+constexpr int64_t kSpanMax = 32;
+#else
+constexpr int64_t kSpanMax = 16;
+#endif
+
+// Calls fn(Span<NV, V>{}) for a span of `width` output channels (kSpanMax, 16 or 8).
+template <class Fn>
+void with_span(int64_t width, Fn&& fn) {
+#if defined(__AVX512F__)
+  if (width == 32) return fn(Span<2, v16>{});
+  if (width == 16) return fn(Span<1, v16>{});
+#else
+  if (width == 16) return fn(Span<2, v8>{});
+#endif
+  fn(Span<1, v8>{});
+}
+
+// Calls fn(Span<NV, V>{}, c0, wblk, bstride) over the output channels [0, CO) (a multiple of 8)
+// of weights packed for K inputs (blocks of 16 channels, [K][16] each, then maybe one [K][8]):
+// spans of kSpanMax channels, then of 16, then of 8; span c0's first block at wblk, its next
+// block bstride floats on.
 template <class Fn>
 void for_each_span(int64_t CO, int64_t K, const float* wp, Fn&& fn) {
-  const int64_t full = CO / 16;
-  int64_t b = 0;
-#if defined(__AVX512F__)
-  for (; b + 2 <= full; b += 2) fn(Span<2, v16>{}, b * 16, wp + b * K * 16, K * 16);
-  for (; b < full; ++b) fn(Span<1, v16>{}, b * 16, wp + b * K * 16, K * 16);
-#else
-  for (; b < full; ++b) fn(Span<2, v8>{}, b * 16, wp + b * K * 16, K * 16);
-#endif
-  if (CO % 16) fn(Span<1, v8>{}, full * 16, wp + full * K * 16, K * 8);
+  for (int64_t c0 = 0; c0 < CO;) {
+    const int64_t width = CO - c0 >= kSpanMax ? kSpanMax : CO - c0 >= 16 ? 16 : 8;
+    with_span(width, [&](auto span) { fn(span, c0, wp + c0 * K, K * 16); });
+    c0 += width;
+  }
 }
 
 constexpr int MR = 6;  // pixels per register tile (x 16 or 32 channels = 12 accumulators)
@@ -1057,10 +1073,9 @@ ffi::Error RfWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
           const int64_t co0 = spans[size_t(sp)].first, width = spans[size_t(sp)].second;
           auto run = [&](auto mr_tag) {
             constexpr int MRT = decltype(mr_tag)::value;
-            for_each_span(width, 0, nullptr, [&](auto span, int64_t sub, const float*, int64_t) {
+            with_span(width, [&](auto span) {
               using S = decltype(span);
-              if (sub == 0)  // one span of this width: the span itself
-                wgrad_tile<MRT, S::nv, typename S::vec>(s, X, DY, n, oh0, oh1, c0, co0, dwn);
+              wgrad_tile<MRT, S::nv, typename S::vec>(s, X, DY, n, oh0, oh1, c0, co0, dwn);
             });
           };
           with_channel_count(std::min<int64_t>(kWgradChannels, s.C - c0), run);

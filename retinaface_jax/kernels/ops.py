@@ -14,6 +14,7 @@ to have registered them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -32,6 +33,7 @@ MOMENTS_TARGET = "retinaface_moments"
 BN_GRAD_SUMS_TARGET = "retinaface_bn_grad_sums"
 WEIGHT_GRAD_TARGET = "retinaface_weight_grad"
 NO_ACTIVATION = 1.0  # negative slope 1: y = v
+MAX_CIN = 4096  # the widest input a conv kernel reads (kMaxCin in cpu_conv.cc)
 _ALIGN = 16  # floats: every array starts on a 64-byte boundary of the buffer
 
 
@@ -124,16 +126,11 @@ def winograd_weights(kernel: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
     ``4 * a + b`` of the 4x4 transformed tile). A numpy kernel is transformed in float64 and
     rounded once to float32; a JAX array (training) in float32 by XLA."""
     if isinstance(kernel, jax.Array):
-        u = jnp.einsum(
-            "ai,ijcd,bj->abcd",
-            _WINOGRAD_G.astype(np.float32),
-            kernel,
-            _WINOGRAD_G.astype(np.float32),
-            precision=jax.lax.Precision.HIGHEST,
-        )
-        return u.reshape(16, *kernel.shape[2:])
-    g = np.asarray(kernel, np.float64)
-    u = np.einsum("ai,ijcd,bj->abcd", _WINOGRAD_G, g, _WINOGRAD_G)
+        g, G = kernel, _WINOGRAD_G.astype(np.float32)
+        einsum = partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+    else:
+        g, G, einsum = np.asarray(kernel, np.float64), _WINOGRAD_G, np.einsum
+    u = einsum("ai,ijcd,bj->abcd", G, g, G)
     return u.reshape(16, *g.shape[2:]).astype(np.float32)
 
 
@@ -182,6 +179,25 @@ def conv_layer(
     return ConvLayer(
         w, buffer.add(bias), buffer.add(slope), cin, cout, k, stride, padding, cin_offset, winograd
     )
+
+
+def plain_layer(kernel: jax.Array, *, stride: int, padding: int) -> tuple[jax.Array, ConvLayer]:
+    """A convolution without bias or activation whose weights are a JAX array (the train step's,
+    which change every step): ``(params, layer)``, the parameters packed by XLA in
+    :class:`ParamBuffer`'s layout (Winograd-transformed when :func:`winograd_applies`)."""
+    k, _, cin, cout = kernel.shape
+    winograd = winograd_applies(k, stride, cin)
+    packed = packed_weights(kernel, winograd)
+    bias = packed.size + -packed.size % _ALIGN
+    slope = bias + cout + -cout % _ALIGN
+    params = jnp.concatenate(
+        [
+            packed,
+            jnp.zeros(slope - packed.size, jnp.float32),
+            jnp.full(cout, NO_ACTIVATION, jnp.float32),
+        ]
+    )
+    return params, ConvLayer(0, bias, slope, cin, cout, k, stride, padding, 0, winograd)
 
 
 def dw_layer(

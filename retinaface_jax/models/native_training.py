@@ -41,7 +41,8 @@ _ACTIVE: ContextVar[tuple[Mesh | None] | None] = ContextVar("native_gradients", 
 
 @contextlib.contextmanager
 def native_gradients(mesh: Mesh | None = None) -> Iterator[None]:
-    """Within this block (while tracing), depthwise convolutions run on the native kernels.
+    """Within this block (while tracing), convolutions, their gradients and BatchNorm's sums run
+    on the native kernels where they apply (the ``*_applies`` functions).
 
     ``mesh``: the ``('data',)`` mesh the batch is sharded over, if any. The caller checks that the
     kernels are registered (``native.native_kernels_available()``) and that the step runs on CPU.
@@ -68,27 +69,28 @@ def depthwise_applies(x: jax.Array, kernel: jax.Array, stride: int, padding: int
 
 def depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """``ops.depthwise`` with native gradients, batch-parallel over the active mesh."""
+    return _depthwise(x, kernel, stride, _mesh())
+
+
+def _mesh() -> Mesh | None:
     active = _ACTIVE.get()
-    return _depthwise(x, kernel, stride, None if active is None else active[0])
+    return None if active is None else active[0]
 
 
-def _batch_parallel(fn, mesh: Mesh | None, in_specs, out_specs):
-    """``fn`` run per device on its rows of the batch (``P(axis)`` specs), or as is without a mesh."""
+def _per_device(fn, mesh: Mesh | None, batched: tuple[bool, ...], outputs: int = 1):
+    """``fn`` run per device on its rows of the batch: the operands flagged in ``batched`` split
+    along their leading axis, the others whole; every output split. As is without a mesh."""
     if mesh is None or mesh.devices.size == 1:
         return fn
+    batch, whole = P(mesh.axis_names[0]), P()
+    in_specs = tuple(batch if b else whole for b in batched)
+    out_specs = batch if outputs == 1 else (batch,) * outputs
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-
-
-def _specs(mesh: Mesh | None) -> tuple[P, P]:
-    axis = mesh.axis_names[0] if mesh is not None else None
-    return P(axis), P()
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise(x, kernel, stride, mesh):
-    batch, whole = _specs(mesh)
-    call = _batch_parallel(lambda x, k: ops.depthwise(x, k, stride), mesh, (batch, whole), batch)
-    return call(x, kernel)
+    return _per_device(lambda x, k: ops.depthwise(x, k, stride), mesh, (True, False))(x, kernel)
 
 
 def _depthwise_fwd(x, kernel, stride, mesh):
@@ -97,12 +99,8 @@ def _depthwise_fwd(x, kernel, stride, mesh):
 
 def _depthwise_bwd(stride, mesh, residuals, dy):
     x, kernel = residuals
-    batch, whole = _specs(mesh)
-    call = _batch_parallel(
-        lambda x, k, g: ops.depthwise_grad(x, k, g, stride),
-        mesh,
-        (batch, whole, batch),
-        (batch, batch),
+    call = _per_device(
+        lambda x, k, g: ops.depthwise_grad(x, k, g, stride), mesh, (True, False, True), outputs=2
     )
     dx, dk = call(x, kernel, dy)
     return dx, dk.sum(0)
@@ -123,17 +121,10 @@ def batch_norm_applies(x: jax.Array) -> bool:
     )
 
 
-def _mesh() -> Mesh | None:
-    active = _ACTIVE.get()
-    return None if active is None else active[0]
-
-
 def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Batch mean and biased variance per channel of NHWC ``x``: per image (mean, M2) from the
     kernel, combined over the batch (every image has ``H * W`` values)."""
-    mesh = _mesh()
-    batch, _ = _specs(mesh)
-    mean_n, m2_n = _batch_parallel(ops.moments, mesh, (batch,), (batch, batch))(x)
+    mean_n, m2_n = _per_device(ops.moments, _mesh(), (True,), outputs=2)(x)
     n, per_image = x.shape[0], x.shape[1] * x.shape[2]
     mean = jnp.mean(mean_n, axis=0)
     m2 = jnp.sum(m2_n, axis=0) + per_image * jnp.sum(jnp.square(mean_n - mean), axis=0)
@@ -144,9 +135,7 @@ def batch_norm_grad_sums(
     g: jax.Array, x: jax.Array, mean: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """``(sum(g), sum(g * (x - mean)))`` per channel over the batch and space."""
-    mesh = _mesh()
-    batch, whole = _specs(mesh)
-    call = _batch_parallel(ops.bn_grad_sums, mesh, (batch, batch, whole), (batch, batch))
+    call = _per_device(ops.bn_grad_sums, _mesh(), (True, True, False), outputs=2)
     sum_g, sum_gx = call(g, x, mean)
     return jnp.sum(sum_g, axis=0), jnp.sum(sum_gx, axis=0)
 
@@ -160,7 +149,7 @@ def dense_applies(x: jax.Array, kernel: jax.Array, stride: int, padding: int) ->
         and x.dtype == kernel.dtype == jnp.float32
         and kh == kw
         and cout % 8 == 0
-        and cin <= 4096  # the kernels' widest input
+        and cin <= ops.MAX_CIN
     )
 
 
@@ -182,32 +171,16 @@ def weight_grad(
 ) -> jax.Array:
     """The kernel gradient ``[k, k, cin, cout]`` of a dense convolution, per device and image by
     ``ops.weight_grad``, summed over the batch."""
-    mesh = _mesh()
-    batch, _ = _specs(mesh)
-    call = _batch_parallel(
-        lambda x, g: ops.weight_grad(x, g, kernel_size, stride, padding),
-        mesh,
-        (batch, batch),
-        batch,
+    call = _per_device(
+        lambda x, g: ops.weight_grad(x, g, kernel_size, stride, padding), _mesh(), (True, True)
     )
     return jnp.sum(call(x, dy), axis=0)
 
 
 def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, mesh: Mesh | None):
-    """``conv(x, kernel)`` (no bias, no activation) by ``ops.conv``, per device; the weights are
-    packed (Winograd-transformed when it applies) by XLA."""
-    k, _, cin, cout = kernel.shape
-    winograd = ops.winograd_applies(k, stride, cin)
-    align = -(-cout // 16) * 16
-    packed = ops.packed_weights(kernel, winograd)
-    bias = packed.size + (-packed.size % 16)  # offsets on 16-float boundaries, as ParamBuffer's
-    params = jnp.concatenate(
-        [packed, jnp.zeros(bias - packed.size + align, jnp.float32), jnp.ones(cout, jnp.float32)]
-    )
-    layer = ops.ConvLayer(0, bias, bias + align, cin, cout, k, stride, padding, 0, winograd)
-    batch, whole = _specs(mesh)
-    call = _batch_parallel(lambda x, p: ops.conv(x, p, layer), mesh, (batch, whole), batch)
-    return call(x, params)
+    """``conv(x, kernel)`` (no bias, no activation) by ``ops.conv``, per device."""
+    params, layer = ops.plain_layer(kernel, stride=stride, padding=padding)
+    return _per_device(lambda x, p: ops.conv(x, p, layer), mesh, (True, False))(x, params)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
