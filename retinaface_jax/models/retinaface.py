@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from retinaface_jax.config import RetinaFaceConfig, get_config
+from retinaface_jax.models.conv_ops import conv2d
 from retinaface_jax.models.layers import BatchNorm2d, Conv2d, initialized_at_once
 from retinaface_jax.models.net import FPN, SSH, MobileNetV1
 from retinaface_jax.models.resnet import ResNet50
@@ -83,8 +85,18 @@ class RetinaFace(nnx.Module):
             raise ValueError(f"RetinaFace input: expected [B,H,W,3] (NHWC, BGR), got {x.shape}")
         fpn = self.fpn(self.body.features(x))
         feats = [self.ssh1(fpn[0]), self.ssh2(fpn[1]), self.ssh3(fpn[2])]
+        heads = (self.BboxHead, self.ClassHead, self.LandmarkHead)
+        levels = [_level_heads([h[i] for h in heads], f) for i, f in enumerate(feats)]
+        return tuple(jnp.concatenate([out[k] for out in levels], axis=1) for k in range(len(heads)))
 
-        def run(heads: nnx.List) -> jax.Array:
-            return jnp.concatenate([h(f) for h, f in zip(heads, feats)], axis=1)
 
-        return run(self.BboxHead), run(self.ClassHead), run(self.LandmarkHead)
+def _level_heads(heads: list[_Head], x: jax.Array) -> list[jax.Array]:
+    """One pyramid level's 1x1 heads as one layer: their kernels and biases side by side, so the
+    level's features are read once (and once per gradient) instead of once per head. Each head's
+    output ``[B, H*W*A, width]`` is its slice of the channels."""
+    convs = [h.conv1x1 for h in heads]
+    kernel = jnp.concatenate([c.kernel[...] for c in convs], axis=-1)
+    y = conv2d(x, kernel, 1, 0, 1) + jnp.concatenate([c.bias[...] for c in convs])
+    cuts = np.cumsum([c.out_channels for c in convs])[:-1].tolist()
+    parts = jnp.split(y, cuts, axis=-1)  # its transpose is one concatenation, not pads and adds
+    return [p.reshape(p.shape[0], -1, h.width) for p, h in zip(parts, heads)]
