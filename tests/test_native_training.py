@@ -222,20 +222,42 @@ def test_moments_and_grad_sums_match_float64(shape):
     np.testing.assert_allclose(sum_gx, ref, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("slope", [0.1, 0.0], ids=["leaky", "relu"])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=["x".join(map(str, s)) for s in BN_SHAPES])
+def test_grad_sums_through_the_activation_match_float64(shape, slope):
+    """With an activation, ``dy`` is masked by ``x * scale + shift > 0`` inside the kernel."""
+    rng = np.random.default_rng([*shape, int(slope * 10)])
+    c = shape[-1]
+    scale = rng.uniform(0.5, 2, c).astype(np.float32)
+    shift = rng.normal(size=c).astype(np.float32)
+    x = rng.normal(size=shape).astype(np.float32)
+    near_zero = np.abs(x * scale + shift) < 1e-3  # keep the mask away from rounding at 0
+    x[near_zero] += 0.01
+    dy = rng.normal(size=shape).astype(np.float32)
+    center = x.mean((0, 1, 2), dtype=np.float64).astype(np.float32)
+    x64 = x.astype(np.float64)
+    g = np.where(x64 * scale + shift > 0, dy, slope * dy.astype(np.float64))
+    assert (g != dy).any() and (g == dy).any()
+    sums = jax.jit(ops.bn_grad_sums, static_argnums=5)(dy, x, center, scale, shift, slope)
+    np.testing.assert_allclose(sums[0], g.sum((1, 2)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(sums[1], (g * (x64 - center)).sum((1, 2)), rtol=1e-5, atol=1e-4)
+
+
 def test_moments_reject_bad_shapes():
     with pytest.raises(ValueError, match=r"moments: expected x \[N, H, W, C\].*\(2, 3, 4, 12\)"):
         ops.moments(np.zeros((2, 3, 4, 12), np.float32))
-    with pytest.raises(ValueError, match="bn_grad_sums: g"):
+    with pytest.raises(ValueError, match=r"bn_grad_sums: dy \(1, 2, 2, 8\).*x \(1, 2, 3, 8\)"):
         ops.bn_grad_sums(np.zeros((1, 2, 2, 8)), np.zeros((1, 2, 3, 8)), np.zeros(8))
+    with pytest.raises(ValueError, match="needs scale and shift"):
+        ops.bn_grad_sums(np.zeros((1, 2, 2, 8)), np.zeros((1, 2, 2, 8)), np.zeros(8), slope=0.1)
 
 
-def bn_loss_and_grads(mesh=None, native=True):
+def bn_loss_and_grads(mesh=None, native=True, slope=0.1):
     """Jitted ``(x, scale, bias) -> (loss, grads)`` of a BatchNorm + LeakyReLU in train mode."""
     from retinaface_jax.models.layers import batch_norm_train
 
     def loss(x, scale, bias):
-        y, mean, var = batch_norm_train(x, scale, bias, 1e-5)
-        z = jnp.where(y >= 0, y, 0.1 * y)
+        z, mean, var = batch_norm_train(x, scale, bias, 1e-5, slope)
         return jnp.sum(jnp.sin(z)) + jnp.sum(mean) + jnp.sum(var)  # statistics' cotangents too
 
     def f(x, scale, bias):
@@ -245,15 +267,16 @@ def bn_loss_and_grads(mesh=None, native=True):
     return jax.jit(f)
 
 
-def test_batch_norm_train_matches_xla_on_one_and_four_devices():
+@pytest.mark.parametrize("slope", [1.0, 0.1, 0.0], ids=["none", "leaky", "relu"])
+def test_batch_norm_train_matches_xla_on_one_and_four_devices(slope):
     mesh = make_mesh(jax.devices()[:4])
     rng = np.random.default_rng(3)
     x = (rng.normal(size=(8, 11, 13, 24)) * 2 + 5).astype(np.float32)
     scale = rng.uniform(0.5, 1.5, 24).astype(np.float32)
     bias = rng.normal(size=24).astype(np.float32)
-    xla = bn_loss_and_grads(native=False)
-    one = bn_loss_and_grads()
-    four = bn_loss_and_grads(mesh)
+    xla = bn_loss_and_grads(native=False, slope=slope)
+    one = bn_loss_and_grads(slope=slope)
+    four = bn_loss_and_grads(mesh, slope=slope)
     xs = jax.device_put(x, NamedSharding(mesh, P("data")))
     assert "@retinaface_bn_grad_sums(" in one.lower(x, scale, bias).as_text()
     assert "@retinaface_moments(" not in xla.lower(x, scale, bias).as_text()

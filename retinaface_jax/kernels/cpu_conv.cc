@@ -1145,18 +1145,25 @@ ffi::Error RfMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-template <class V>
-void grad_sums_image(const float* G, const float* X, const float* mean, int64_t rows, int64_t W,
-                     int64_t C, int64_t c0, float* sum_g, float* sum_gx) {
+// Per image: sum(g) and sum(g * (x - mean)) over its rows, g the BatchNorm output's cotangent.
+// Masked: dy is the cotangent of LeakyReLU(z) with z = x * k + c the BatchNorm output, so
+// g = z > 0 ? dy : slope * dy (torch's subgradient at 0), recomputed here instead of stored.
+template <class V, bool Masked>
+void grad_sums_image(const float* Dy, const float* X, const float* mean, const float* k,
+                     const float* c, float slope, int64_t rows, int64_t W, int64_t C, int64_t c0,
+                     float* sum_g, float* sum_gx) {
   V a = bcast<V>(0.f), b = bcast<V>(0.f);
   const V m = loadu<V>(mean + c0);
+  const V kv = loadu<V>(k + c0), cv = loadu<V>(c + c0), sv = bcast<V>(slope);
   for (int64_t r = 0; r < rows; ++r) {
-    const float *g = G + r * W * C + c0, *x = X + r * W * C + c0;
+    const float *dy = Dy + r * W * C + c0, *x = X + r * W * C + c0;
     V ra = bcast<V>(0.f), rb = bcast<V>(0.f);  // per row first: shorter float32 chains
     for (int64_t i = 0; i < W; ++i) {
-      const V gv = loadu<V>(g + i * C);
+      V gv = loadu<V>(dy + i * C);
+      const V xv = loadu<V>(x + i * C);
+      if constexpr (Masked) gv = xv * kv + cv > 0 ? gv : gv * sv;
       ra += gv;
-      rb += gv * (loadu<V>(x + i * C) - m);
+      rb += gv * (xv - m);
     }
     a += ra;
     b += rb;
@@ -1165,27 +1172,38 @@ void grad_sums_image(const float* G, const float* X, const float* mean, int64_t 
   storeu(sum_gx + c0, b);
 }
 
-// g, x [N, H, W, C], mean [C] -> sums [N, 2, C]: per image sum(g), then sum(g * (x - mean)).
-ffi::Error RfBnGradSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x,
-                            ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> sums) {
+// dy, x [N, H, W, C], mean, k, c [C] -> sums [N, 2, C]: per image sum(g), then
+// sum(g * (x - mean)), with g = dy (slope 1: no activation) or dy masked by LeakyReLU(x * k + c).
+ffi::Error RfBnGradSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                            ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
+                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> c,
+                            ffi::ResultBuffer<ffi::F32> sums, float slope) {
   auto xd = x.dimensions();
-  auto gd = g.dimensions();
+  auto gd = dy.dimensions();
   auto sd = sums->dimensions();
+  const int64_t channels = xd.size() == 4 ? xd[3] : -1;
   bool ok = xd.size() == 4 && gd.size() == 4 && xd[3] % 8 == 0 && xd[3] >= 8 && sd.size() == 3 &&
-            int64_t(mean.element_count()) == (xd.size() == 4 ? xd[3] : -1);
+            int64_t(mean.element_count()) == channels && int64_t(k.element_count()) == channels &&
+            int64_t(c.element_count()) == channels;
   for (size_t i = 0; ok && i < 4; ++i) ok = gd[i] == xd[i];
   ok = ok && sd[0] == xd[0] && sd[1] == 2 && sd[2] == xd[3];
   if (!ok)
     return ffi::Error::InvalidArgument(
-        "retinaface_bn_grad_sums: expected g and x [N, H, W, C] (C a multiple of 8), mean [C] and "
-        "sums [N, 2, C]");
+        "retinaface_bn_grad_sums: expected dy and x [N, H, W, C] (C a multiple of 8), mean, k "
+        "and c [C] and sums [N, 2, C]");
   const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3];
-  const float *G = g.typed_data(), *X = x.typed_data(), *Mn = mean.typed_data();
+  const float *G = dy.typed_data(), *X = x.typed_data(), *Mn = mean.typed_data();
+  const float *K = k.typed_data(), *B = c.typed_data();
   float* S = sums->typed_data();
   per_image_chunks(pool, N, C, [&](int64_t n, int64_t c0, int64_t lanes_c) {
     with_vector_for(lanes_c, [&](auto v) {
-      grad_sums_image<decltype(v)>(G + n * H * W * C, X + n * H * W * C, Mn, H, W, C, c0,
-                                   S + n * 2 * C, S + n * 2 * C + C);
+      using V = decltype(v);
+      const float *g = G + n * H * W * C, *xn = X + n * H * W * C;
+      float *sg = S + n * 2 * C, *sgx = S + n * 2 * C + C;
+      if (slope == 1.f)
+        grad_sums_image<V, false>(g, xn, Mn, K, B, slope, H, W, C, c0, sg, sgx);
+      else
+        grad_sums_image<V, true>(g, xn, Mn, K, B, slope, H, W, C, c0, sg, sgx);
     });
   });
   return ffi::Error::Success();
@@ -1399,10 +1417,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfMoments, RfMomentsImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfBnGradSums, RfBnGradSumsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // g [N, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dy [N, H, W, C]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x [N, H, W, C]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // mean [C]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // [N, 2, C]: sum g, sum g (x - mean)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // k [C]: BatchNorm's scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c [C]: and shift
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // [N, 2, C]: sum g, sum g (x - mean)
+                                  .Attr<float>("slope"));         // LeakyReLU's; 1: none
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfWeightGrad, RfWeightGradImpl,
                               ffi::Ffi::Bind()

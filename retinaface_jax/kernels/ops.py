@@ -364,16 +364,34 @@ def moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return out[:, 0], out[:, 1]
 
 
-def bn_grad_sums(g: jax.Array, x: jax.Array, mean: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per image and channel: ``(sum(g), sum(g * (x - mean)))`` over ``(H, W)`` of NHWC ``g``
-    and ``x`` (``mean [C]``): BatchNorm's backward reductions in one pass."""
+def bn_grad_sums(
+    dy: jax.Array,
+    x: jax.Array,
+    mean: jax.Array,
+    scale: jax.Array | None = None,
+    shift: jax.Array | None = None,
+    slope: float = NO_ACTIVATION,
+) -> tuple[jax.Array, jax.Array]:
+    """Per image and channel: ``(sum(g), sum(g * (x - mean)))`` over ``(H, W)`` of NHWC ``dy``
+    and ``x`` (``mean [C]``): BatchNorm's backward reductions in one pass.
+
+    ``g = dy`` when ``slope`` is 1; otherwise ``dy`` is the cotangent of a LeakyReLU after the
+    BatchNorm ``z = x * scale + shift`` and ``g = dy if z > 0 else slope * dy`` is recomputed
+    here (torch's subgradient at 0), so ``g`` is never stored."""
     _check_channels("bn_grad_sums", x)
-    if g.shape != x.shape or mean.shape != (x.shape[3],):
-        raise ValueError(f"bn_grad_sums: g {g.shape} and mean {mean.shape} for x {x.shape}")
-    n, c = x.shape[0], x.shape[3]
-    out = jax.ffi.ffi_call(BN_GRAD_SUMS_TARGET, jax.ShapeDtypeStruct((n, 2, c), jnp.float32))(
-        g, x, mean
-    )
+    c = x.shape[3]
+    if slope != NO_ACTIVATION and (scale is None or shift is None):
+        raise ValueError("bn_grad_sums: an activation (slope != 1) needs scale and shift")
+    scale = mean if scale is None else scale
+    shift = mean if shift is None else shift
+    if dy.shape != x.shape or any(v.shape != (c,) for v in (mean, scale, shift)):
+        raise ValueError(
+            f"bn_grad_sums: dy {dy.shape}, mean {mean.shape}, scale {scale.shape} and shift "
+            f"{shift.shape} for x {x.shape} (expected dy like x and [{c}] vectors)"
+        )
+    out = jax.ffi.ffi_call(
+        BN_GRAD_SUMS_TARGET, jax.ShapeDtypeStruct((x.shape[0], 2, c), jnp.float32)
+    )(dy, x, mean, scale, shift, slope=np.float32(slope))
     return out[:, 0], out[:, 1]
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retinaface_jax.kernels.ops import NO_ACTIVATION
 from retinaface_jax.models import native_training
 from retinaface_jax.models.conv_ops import conv2d
 from retinaface_jax.models.reductions import channel_sums
@@ -123,17 +124,32 @@ class BatchNorm2d(nnx.Module):
         self.var = nnx.BatchStat(_full(num_features, self.INITIAL["var"]))
         self.use_running_average = False
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, activation: float | None = None) -> jax.Array:
+        """Normalise ``x``; ``activation``: the negative slope of a LeakyReLU applied to the
+        result (0: ReLU), fused with the normalisation (in training, its backward recomputes the
+        activation's mask from ``x`` instead of storing another full-size tensor)."""
+        slope = NO_ACTIVATION if activation is None else float(activation)
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
-            return _affine(x, mean, jax.lax.rsqrt(var + self.eps), self.scale[...], self.bias[...])
-        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.eps)
+            z = _affine(x, mean, jax.lax.rsqrt(var + self.eps), self.scale[...], self.bias[...])
+            return leaky_relu(z, slope)
+        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.eps, slope)
         n = math.prod(x.shape[:-1])
         m = self.momentum
         self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
         unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
         self.var[...] = m * self.var[...] + (1 - m) * unbiased
         return y
+
+
+def leaky_relu(x: jax.Array, slope: float) -> jax.Array:
+    """``x > 0 ? x : slope * x``: identity for slope 1, ``relu`` for 0 (torch's subgradients:
+    the slope at 0)."""
+    if slope == NO_ACTIVATION:
+        return x
+    if slope == 0.0:
+        return jax.nn.relu(x)
+    return jnp.where(x > 0, x, x * slope)
 
 
 def _affine(x, mean, inv, scale, bias):
@@ -155,43 +171,60 @@ def _batch_stats(x):
     return mean, squares / n
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x, scale, bias, eps: float):
-    """Training-mode BatchNorm of NHWC ``x``: ``(y, batch mean, biased variance)`` per channel.
+def batch_norm_train(
+    x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, slope: float = NO_ACTIVATION
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode BatchNorm of NHWC ``x``, then ``leaky_relu(., slope)`` (1: none):
+    ``(y, batch mean, biased variance)`` per channel.
 
     The custom VJP is the textbook backward: two full-size reductions (``sum(g)`` and
     ``sum(g * xhat)``) and one elementwise pass. Autodiff through the two-pass variance produced
-    about twice as many reductions over the activation, a large part of a CPU train step. Every
-    per-channel sum goes through ``reductions.channel_sums``.
+    about twice as many reductions over the activation, a large part of a CPU train step. The
+    activation's input gradient ``g`` is recomputed from ``x`` inside both passes, never stored.
+    Every per-channel sum goes through ``reductions.channel_sums`` or the native kernel.
     """
-    return _batch_norm_fwd(x, scale, bias, eps)[0]
+    return _batch_norm(x, scale, bias, eps, float(slope))
 
 
-def _batch_norm_fwd(x, scale, bias, eps):
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm(x, scale, bias, eps, slope):
+    return _batch_norm_fwd(x, scale, bias, eps, slope)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, eps, slope):
     mean, var = _batch_stats(x)
     inv = jax.lax.rsqrt(var + eps)
-    return (_affine(x, mean, inv, scale, bias), mean, var), (x, mean, inv, scale)
+    y = leaky_relu(_affine(x, mean, inv, scale, bias), slope)
+    return (y, mean, var), (x, mean, inv, scale, bias)
 
 
-def _batch_norm_bwd(eps, residuals, cotangents):
-    x, mean, inv, scale = residuals
-    g, g_mean, g_var = cotangents
+def _batch_norm_bwd(eps, slope, residuals, cotangents):
+    x, mean, inv, scale, bias = residuals
+    dy, g_mean, g_var = cotangents
     n = math.prod(x.shape[:-1])
     xc = x - mean
+    k = inv * scale
+
+    def g(rows):  # the cotangent of the normalised x (before the activation)
+        if slope == NO_ACTIVATION:
+            return dy[:, rows]
+        z = _affine(x[:, rows], mean, inv, scale, bias)
+        return jnp.where(z > 0, dy[:, rows], dy[:, rows] * slope)
+
     if native_training.batch_norm_applies(x):
-        d_bias, d_scale = native_training.batch_norm_grad_sums(g, x, mean)
-    else:
-        d_bias, d_scale = channel_sums(
-            lambda rows: [g[:, rows], g[:, rows] * xc[:, rows]], x.shape[1]
+        d_bias, d_scale = native_training.batch_norm_grad_sums(
+            dy, x, mean, k, bias - mean * k, slope
         )
+    else:
+        d_bias, d_scale = channel_sums(lambda rows: [g(rows), g(rows) * xc[:, rows]], x.shape[1])
     d_scale = d_scale * inv
     # d/dx of y (through mean and variance), plus the (usually zero) cotangents of the statistics
-    dx = (scale * inv) * (g - (d_bias + xc * (inv * d_scale)) / n)
+    dx = k * (g(slice(None)) - (d_bias + xc * (inv * d_scale)) / n)
     dx = dx + (g_mean + 2.0 * g_var * xc) / n
     return dx, d_scale, d_bias
 
 
-batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+_batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 class LeakyReLU(nnx.Module):
@@ -201,9 +234,7 @@ class LeakyReLU(nnx.Module):
         self.negative_slope = negative_slope
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.negative_slope == 0.0:
-            return jax.nn.relu(x)
-        return jnp.where(x >= 0, x, x * self.negative_slope)
+        return leaky_relu(x, self.negative_slope)
 
 
 class Linear(nnx.Module):

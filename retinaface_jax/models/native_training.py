@@ -132,11 +132,22 @@ def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def batch_norm_grad_sums(
-    g: jax.Array, x: jax.Array, mean: jax.Array
+    dy: jax.Array,
+    x: jax.Array,
+    mean: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    slope: float = ops.NO_ACTIVATION,
 ) -> tuple[jax.Array, jax.Array]:
-    """``(sum(g), sum(g * (x - mean)))`` per channel over the batch and space."""
-    call = _per_device(ops.bn_grad_sums, _mesh(), (True, True, False), outputs=2)
-    sum_g, sum_gx = call(g, x, mean)
+    """``(sum(g), sum(g * (x - mean)))`` per channel over the batch and space, ``g`` the
+    cotangent ``dy`` through ``leaky_relu(x * scale + shift, slope)`` (``ops.bn_grad_sums``)."""
+    call = _per_device(
+        lambda dy, x, m, k, c: ops.bn_grad_sums(dy, x, m, k, c, slope),
+        _mesh(),
+        (True, True, False, False, False),
+        outputs=2,
+    )
+    sum_g, sum_gx = call(dy, x, mean, scale, shift)
     return jnp.sum(sum_g, axis=0), jnp.sum(sum_gx, axis=0)
 
 

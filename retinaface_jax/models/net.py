@@ -12,31 +12,60 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from retinaface_jax.models.layers import BatchNorm2d, Conv2d, LeakyReLU, Linear, initialized_at_once
+from retinaface_jax.models.layers import (
+    BatchNorm2d,
+    Conv2d,
+    LeakyReLU,
+    Linear,
+    initialized_at_once,
+    leaky_relu,
+)
+
+
+class ConvBlock(nnx.Sequential):
+    """The original's ``nn.Sequential`` conv blocks, with each BatchNorm -> LeakyReLU pair run as
+    one fused layer (``BatchNorm2d(x, activation=slope)``); same layers, same indices.
+
+    ``activation``: the slope of a LeakyReLU applied after the block (0: ReLU; SSH's ReLU after
+    its concatenation), fused into the block's last BatchNorm.
+    """
+
+    def __call__(self, x: jax.Array, activation: float | None = None) -> jax.Array:
+        layers, i = list(self.layers), 0
+        while i < len(layers):
+            layer = layers[i]
+            after = layers[i + 1] if i + 1 < len(layers) else None
+            if isinstance(layer, BatchNorm2d) and isinstance(after, LeakyReLU):
+                x, i = layer(x, after.negative_slope), i + 2
+            elif isinstance(layer, BatchNorm2d) and after is None:
+                return layer(x, activation)
+            else:
+                x, i = layer(x), i + 1
+        return x if activation is None else leaky_relu(x, activation)
 
 
 def conv_bn(inp: int, oup: int, stride: int = 1, leaky: float = 0.0, *, rngs: nnx.Rngs):
     """3x3 conv (padding 1, no bias) -> BatchNorm -> LeakyReLU(leaky)."""
-    return nnx.Sequential(
+    return ConvBlock(
         Conv2d(inp, oup, 3, stride, 1, bias=False, rngs=rngs), BatchNorm2d(oup), LeakyReLU(leaky)
     )
 
 
 def conv_bn_no_relu(inp: int, oup: int, stride: int = 1, *, rngs: nnx.Rngs):
     """3x3 conv (padding 1, no bias) -> BatchNorm."""
-    return nnx.Sequential(Conv2d(inp, oup, 3, stride, 1, bias=False, rngs=rngs), BatchNorm2d(oup))
+    return ConvBlock(Conv2d(inp, oup, 3, stride, 1, bias=False, rngs=rngs), BatchNorm2d(oup))
 
 
 def conv_bn1X1(inp: int, oup: int, stride: int = 1, leaky: float = 0.0, *, rngs: nnx.Rngs):
     """1x1 conv (no bias) -> BatchNorm -> LeakyReLU(leaky)."""
-    return nnx.Sequential(
+    return ConvBlock(
         Conv2d(inp, oup, 1, stride, 0, bias=False, rngs=rngs), BatchNorm2d(oup), LeakyReLU(leaky)
     )
 
 
 def conv_dw(inp: int, oup: int, stride: int, leaky: float = 0.1, *, rngs: nnx.Rngs):
     """Depthwise-separable block: 3x3 depthwise -> BN -> act -> 1x1 pointwise -> BN -> act."""
-    return nnx.Sequential(
+    return ConvBlock(
         Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False, rngs=rngs),
         BatchNorm2d(inp),
         LeakyReLU(leaky),
@@ -69,8 +98,9 @@ class SSH(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         c5_1 = self.conv5X5_1(x)
         c7_2 = self.conv7X7_2(c5_1)
-        out = jnp.concatenate([self.conv3X3(x), self.conv5X5_2(c5_1), self.conv7x7_3(c7_2)], -1)
-        return jax.nn.relu(out)
+        # ReLU(concatenation) as each branch's ReLU, fused into its last BatchNorm
+        branches = (self.conv3X3(x, 0.0), self.conv5X5_2(c5_1, 0.0), self.conv7x7_3(c7_2, 0.0))
+        return jnp.concatenate(branches, -1)
 
 
 def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
