@@ -337,9 +337,10 @@ def test_dense_conv_and_its_gradients_match_xla(n, h, w, cin, cout, k, s, p):
     assert text.count("@retinaface_weight_grad(") == 1
     assert "@retinaface_" not in xla_fn.lower(x, kernel).as_text()
     (v1, (dx1, dk1)), (v0, (dx0, dk0)) = native_fn(x, kernel), xla_fn(x, kernel)
-    np.testing.assert_allclose(v1, v0, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx1, dx0, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(dk1, dk0, rtol=1e-4, atol=1e-5)
+    # Winograd F(4x4, 3x3)'s errors are ~1e-5 of a tensor's scale, not of each element; they
+    # reach the kernel gradient through the loss's cotangent
+    for got, ref, rtol in ((v1, v0, 1e-5), (dx1, dx0, 1e-4), (dk1, dk0, 1e-4)):
+        np.testing.assert_allclose(got, ref, rtol=rtol, atol=1e-5 * max(1.0, np.abs(ref).max()))
     with native_gradients():
         assert native_training.dense_applies(x, kernel, s, p)
         assert not native_training.dense_applies(x, kernel[..., :4], s, p)  # cout not 8k

@@ -11,7 +11,7 @@
 //                       The input may be a channel slice of a wider tensor (cin, cin_offset).
 //   retinaface_conv_u8: the same for a narrow first layer reading the uint8 image, minus a mean.
 //   retinaface_conv_winograd: the same for 3x3 stride-1 layers (cin a multiple of 8) by Winograd
-//                       F(2x2, 3x3): 16 multiply-adds per 2x2 output pixels instead of 36.
+//                       F(4x4, 3x3): 36 multiply-adds per 4x4 output pixels instead of 144.
 //   retinaface_conv_dw: MobileNet's depthwise-separable block: 3x3 depthwise (pad 1) + bias +
 //                       activation, then 1x1 pointwise + bias + activation, one output row at a
 //                       time (the depthwise row stays in cache).
@@ -387,14 +387,39 @@ void conv_rows(const ConvShape& s, const float* X, const float* wp, const float*
   }
 }
 
-// Winograd F(2x2, 3x3) for stride-1 3x3 layers (Lavin & Gray, 2016): each 2x2 block of output
-// pixels ("tile") is A^T [U (.) V] A with V = B^T d B the tile's 4x4 input patch d transformed,
-// U = G g G^T the 3x3 kernel transformed once on the host (16 * C * CO packed weights, one
-// [C x CO] matrix per element xi of the 4x4 grid). The 16 products U[xi] . V[xi] over the input
-// channels are matrix products run by the register tile: 16 multiply-adds per 4 output pixels and
-// channel pair instead of 36. Every tile goes through the same expressions, zeros read outside
-// the image, so a padded image with a zeroed border gives the unpadded image's bits.
+// Winograd F(4x4, 3x3) for stride-1 3x3 layers (Lavin & Gray, 2016): each 4x4 block of output
+// pixels ("tile") is A^T [U (.) V] A with V = B^T d B the tile's 6x6 input patch d transformed,
+// U = G g G^T the 3x3 kernel transformed once by the caller (36 * C * CO packed weights, one
+// [C x CO] matrix per element xi of the 6x6 grid; see ops.winograd_weights). The 36 products
+// U[xi] . V[xi] over the input channels are matrix products run by the register tile: 36
+// multiply-adds per 16 output pixels and channel pair instead of 144 (F(2x2, 3x3): 16 per 4).
+// Every tile goes through the same expressions, zeros read outside the image, so a padded image
+// with a zeroed border gives the unpadded image's bits.
 constexpr int WT = 12;  // tiles transformed and multiplied together (2 register tiles)
+constexpr int WA = 6;   // transformed tile side (4 outputs + 3 - 1)
+
+// B^T d for one column of six inputs (rows of B^T: the interpolation points 0, +-1, +-2, inf).
+template <class V>
+inline void winograd_bt(const V d[6], V t[6]) {
+  const V four = bcast<V>(4.f), five = bcast<V>(5.f), two = bcast<V>(2.f);
+  t[0] = four * d[0] - five * d[2] + d[4];
+  t[1] = d[3] + d[4] - four * (d[1] + d[2]);
+  t[2] = d[4] - d[3] + four * (d[1] - d[2]);
+  t[3] = d[4] - d[2] + two * (d[3] - d[1]);
+  t[4] = d[4] - d[2] + two * (d[1] - d[3]);
+  t[5] = four * d[1] - five * d[3] + d[5];
+}
+
+// A^T m for one column of six products: four outputs.
+template <class V>
+inline void winograd_at(const V m[6], V r[4]) {
+  const V two = bcast<V>(2.f), four = bcast<V>(4.f), eight = bcast<V>(8.f);
+  const V s12 = m[1] + m[2], d12 = m[1] - m[2], s34 = m[3] + m[4], d34 = m[3] - m[4];
+  r[0] = m[0] + s12 + s34;
+  r[1] = d12 + two * d34;
+  r[2] = s12 + four * s34;
+  r[3] = d12 + eight * d34 + m[5];
+}
 
 // V[xi][j][c] for tiles j < nt of tile row (n, ty), tiles tx0 .. tx0 + nt - 1.
 template <class Vec>
@@ -402,30 +427,26 @@ void winograd_input(const ConvShape& s, const float* X, int64_t n, int64_t ty, i
                     float* V) {
   const int64_t C = s.C;
   for (int j = 0; j < nt; ++j) {
-    const int64_t ih0 = 2 * ty - s.pad, iw0 = 2 * (tx0 + j) - s.pad;
-    const float* src[4][4];
-    for (int a = 0; a < 4; ++a)
-      for (int b = 0; b < 4; ++b) {
+    const int64_t ih0 = 4 * ty - s.pad, iw0 = 4 * (tx0 + j) - s.pad;
+    const float* src[WA][WA];
+    for (int a = 0; a < WA; ++a)
+      for (int b = 0; b < WA; ++b) {
         const int64_t ih = ih0 + a, iw = iw0 + b;
         const bool ok = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
         src[a][b] = ok ? X + ((n * s.H + ih) * s.W + iw) * s.CX + s.coff : kZeros;
       }
     for (int64_t c = 0; c < C; c += lanes<Vec>) {
-      Vec t[4][4];  // B^T d
-      for (int b = 0; b < 4; ++b) {
-        const Vec d0 = loadu<Vec>(src[0][b] + c), d1 = loadu<Vec>(src[1][b] + c);
-        const Vec d2 = loadu<Vec>(src[2][b] + c), d3 = loadu<Vec>(src[3][b] + c);
-        t[0][b] = d0 - d2;
-        t[1][b] = d1 + d2;
-        t[2][b] = d2 - d1;
-        t[3][b] = d1 - d3;
+      Vec t[WA][WA];  // t[i][b] = (B^T d)[i][b]
+      for (int b = 0; b < WA; ++b) {
+        Vec d[WA], col[WA];
+        for (int a = 0; a < WA; ++a) d[a] = loadu<Vec>(src[a][b] + c);
+        winograd_bt(d, col);
+        for (int i = 0; i < WA; ++i) t[i][b] = col[i];
       }
-      for (int a = 0; a < 4; ++a) {  // (B^T d) B
-        float* v = V + (int64_t(a * 4) * WT + j) * C + c;
-        storeu(v, t[a][0] - t[a][2]);
-        storeu(v + WT * C, t[a][1] + t[a][2]);
-        storeu(v + 2 * WT * C, t[a][2] - t[a][1]);
-        storeu(v + 3 * WT * C, t[a][1] - t[a][3]);
+      for (int i = 0; i < WA; ++i) {  // (B^T d) B: row i of t through B^T again
+        Vec v[WA];
+        winograd_bt(t[i], v);
+        for (int k = 0; k < WA; ++k) storeu(V + (int64_t(i * WA + k) * WT + j) * C + c, v[k]);
       }
     }
   }
@@ -437,25 +458,22 @@ void winograd_output(const ConvShape& s, const float* M, int64_t n, int64_t ty, 
                      const float* bias, const float* slope, float* Y) {
   const int64_t CO = s.CO;
   for (int j = 0; j < nt; ++j) {
-    const int64_t oh0 = 2 * ty, ow0 = 2 * (tx0 + j);
-    const bool down = oh0 + 1 < s.OH, right = ow0 + 1 < s.OW;
-    float* y00 = Y + ((n * s.OH + oh0) * s.OW + ow0) * CO;
-    float* y10 = y00 + s.OW * CO;
+    const int64_t oh0 = 4 * ty, ow0 = 4 * (tx0 + j);
+    const int rows = int(std::min<int64_t>(4, s.OH - oh0)), cols = int(std::min<int64_t>(4, s.OW - ow0));
+    float* y0 = Y + ((n * s.OH + oh0) * s.OW + ow0) * CO;
     for (int64_t c = 0; c < CO; c += lanes<V>) {
-      V r[2][4];  // A^T M
-      for (int b = 0; b < 4; ++b) {
-        const float* m = M + (int64_t(b) * WT + j) * CO + c;
-        const V m0 = loadu<V>(m), m1 = loadu<V>(m + 4 * WT * CO);
-        const V m2 = loadu<V>(m + 8 * WT * CO), m3 = loadu<V>(m + 12 * WT * CO);
-        r[0][b] = m0 + m1 + m2;
-        r[1][b] = m1 - m2 - m3;
+      V r[4][WA];  // r[i][b] = (A^T M)[i][b]
+      for (int b = 0; b < WA; ++b) {
+        V m[WA], col[4];
+        for (int a = 0; a < WA; ++a) m[a] = loadu<V>(M + (int64_t(a * WA + b) * WT + j) * CO + c);
+        winograd_at(m, col);
+        for (int i = 0; i < 4; ++i) r[i][b] = col[i];
       }
       const V bv = loadu<V>(bias + c), sv = loadu<V>(slope + c);
-      storeu(y00 + c, activate(r[0][0] + r[0][1] + r[0][2] + bv, sv));
-      if (right) storeu(y00 + CO + c, activate(r[0][1] - r[0][2] - r[0][3] + bv, sv));
-      if (down) {
-        storeu(y10 + c, activate(r[1][0] + r[1][1] + r[1][2] + bv, sv));
-        if (right) storeu(y10 + CO + c, activate(r[1][1] - r[1][2] - r[1][3] + bv, sv));
+      for (int i = 0; i < rows; ++i) {
+        V out[4];
+        winograd_at(r[i], out);
+        for (int k = 0; k < cols; ++k) storeu(y0 + (i * s.OW + k) * CO + c, activate(out[k] + bv, sv));
       }
     }
   }
@@ -463,8 +481,8 @@ void winograd_output(const ConvShape& s, const float* M, int64_t n, int64_t ty, 
 
 void winograd_rows(const ConvShape& s, const float* X, const float* U, const float* bias,
                    const float* slope, float* Y, int64_t r0, int64_t r1) {
-  const int64_t TH = (s.OH + 1) / 2, TW = (s.OW + 1) / 2, C = s.C, CO = s.CO;
-  std::vector<float> V(size_t(16) * WT * C), M(size_t(16) * WT * CO);
+  const int64_t TH = (s.OH + 3) / 4, TW = (s.OW + 3) / 4, C = s.C, CO = s.CO;
+  std::vector<float> V(size_t(WA * WA) * WT * C), M(size_t(WA * WA) * WT * CO);
   const float* ptrs[WT];
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / TH, ty = r % TH;
@@ -474,7 +492,7 @@ void winograd_rows(const ConvShape& s, const float* X, const float* U, const flo
         winograd_input<decltype(v)>(s, X, n, ty, tx0, nt, V.data());
       });
       const int ntiles = (nt + MR - 1) / MR;
-      for (int xi = 0; xi < 16; ++xi) {
+      for (int xi = 0; xi < WA * WA; ++xi) {
         const float* v = V.data() + int64_t(xi) * WT * C;
         for (int j = 0; j < ntiles * MR; ++j) ptrs[j] = j < nt ? v + j * C : kZeros;
         conv_row_blocks(ptrs, ntiles, nt, 1, C, U + int64_t(xi) * C * CO, bias, slope,
@@ -598,15 +616,15 @@ ffi::Error RfConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const ConvShape s = *shape;
   if (s.C % 8)
     return ffi::Error::InvalidArgument("retinaface_conv_winograd: cin must be a multiple of 8");
-  if (auto e = check_layer(params, "retinaface_conv_winograd", 16 * s.C * s.CO, s.CO, w_offset,
+  if (auto e = check_layer(params, "retinaface_conv_winograd", 36 * s.C * s.CO, s.CO, w_offset,
                            b_offset, s_offset);
       e.failure())
     return e;
   const float* P = params.typed_data();
   const float* X = x.typed_data();
   float* Y = y->typed_data();
-  const int64_t rows = s.N * ((s.OH + 1) / 2), TW = (s.OW + 1) / 2;
-  const int64_t chunk = rows_per_task(rows, TW * 16 * s.C * s.CO);
+  const int64_t rows = s.N * ((s.OH + 3) / 4), TW = (s.OW + 3) / 4;
+  const int64_t chunk = rows_per_task(rows, TW * 36 * s.C * s.CO);
   parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
     const int64_t r0 = task * chunk, r1 = std::min(rows, r0 + chunk);
     winograd_rows(s, X, P + w_offset, P + b_offset, P + s_offset, Y, r0, r1);
@@ -1352,7 +1370,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvU8, RfConvU8Impl,  // x: the uint8 image
                                                .Attr<int64_t>("kw")
                                                .Attr<int64_t>("m_offset")));  // mean [channels]
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvWinograd, RfConvWinogradImpl,  // weights [16][C][CO] packed
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvWinograd, RfConvWinogradImpl,  // weights [36][C][CO] packed
                               with_offsets(conv_binding<ffi::F32>()
                                                .Attr<int64_t>("pad")
                                                .Attr<int64_t>("cin")

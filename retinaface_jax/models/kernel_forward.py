@@ -5,7 +5,7 @@ layer as fused conv -> BatchNorm -> activation kernels:
 - MobileNetV1: the stem as a dense 3x3 layer (reading a uint8 image directly, mean subtracted in
   the kernel), every ``conv_dw`` block as one kernel (the depthwise output row never leaves the
   cache); a ResNet50 body stays on XLA;
-- every 3x3 stride-1 layer (FPN merges, SSH) by Winograd F(2x2, 3x3) (``ops.conv_layer``);
+- every 3x3 stride-1 layer (FPN merges, SSH) by Winograd F(4x4, 3x3) (``ops.conv_layer``);
 - FPN: the 1x1 laterals and 3x3 merges (the nearest upsampling and the add stay on XLA);
 - SSH: three kernels instead of five. ``conv3X3`` and ``conv5X5_1`` read the same input, so they
   run as one layer with their channels ReLU'd (the ReLU after the concat, moved into the layer)

@@ -5,7 +5,7 @@ and slow at training resolution (forward + both gradients of a depthwise layer o
 8 x 320 x 320 x 8: ~85 ms under XLA), its filter-gradient convolutions and the transposes it
 materialises for 1x1 weight gradients are slow too. So on CPU the train step runs
 - the 3x3 depthwise convolutions and both gradients: ``ops.depthwise`` / ``ops.depthwise_grad``;
-- every dense convolution: ``ops.conv`` (Winograd F(2x2, 3x3) for the 3x3 stride-1 ones, whose
+- every dense convolution: ``ops.conv`` (Winograd F(4x4, 3x3) for the 3x3 stride-1 ones, whose
   input gradient is the same kind of layer; weights transformed and packed by XLA each step), its
   kernel gradient by ``ops.weight_grad``, other input gradients by XLA;
 - the 1x1 convolutions' kernel gradients: ``ops.weight_grad``;
@@ -165,7 +165,7 @@ def dense_applies(x: jax.Array, kernel: jax.Array, stride: int, padding: int) ->
 
 
 def dense(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
-    """A dense convolution on the native kernels (Winograd F(2x2, 3x3) when it applies, else
+    """A dense convolution on the native kernels (Winograd F(4x4, 3x3) when it applies, else
     direct), its kernel gradient natively, its input gradient by Winograd for 3x3 stride-1 pad-1
     layers with channels in multiples of 8 (FPN merges, SSH), else by XLA."""
     return _dense(x, kernel, stride, padding, _mesh())
