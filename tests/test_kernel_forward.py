@@ -763,7 +763,14 @@ def avx2_targets(tmp_path_factory):
     for name, symbol in native.TARGETS.items():
         capsule = jax.ffi.pycapsule(getattr(lib, symbol))
         jax.ffi.register_ffi_target(f"avx2_{name}", capsule, platform="cpu")
-    constants = ("CONV_TARGET", "CONV_DW_TARGET", "WINOGRAD_TARGET", "U8_TARGET", "HEADS_TARGET")
+    constants = (
+        "CONV_TARGET",
+        "CONV_DW_TARGET",
+        "WINOGRAD_TARGET",
+        "U8_TARGET",
+        "HEADS_TARGET",
+        "WEIGHT_GRAD_TARGET",
+    )
     return lib, {c: f"avx2_{getattr(ops, c)}" for c in constants}
 
 
@@ -776,8 +783,9 @@ def test_avx512_and_avx2_builds_give_the_same_bits(
 ):
     """The AVX-512 build (16-lane tiles over 32 channels, 16-lane depthwise and Winograd
     transforms) adds the same products in the same order per output as the 8-lane build: the
-    whole forward, uint8 and float, and layers whose widths take the 8-lane remainders (24
-    channels) give identical bits."""
+    whole forward, uint8 and float, layers whose widths take the 8-lane remainders (24
+    channels) and kernel gradients (Winograd and direct; 12- against 6-channel tiles) give
+    identical bits."""
     from retinaface_jax.models.kernel_forward import kernel_forward
 
     params, plan = mobilenet_kernels
@@ -794,6 +802,7 @@ def test_avx512_and_avx2_builds_give_the_same_bits(
     dw = ops.dw_layer(buf, wdw, bias[:24], slope[:24], point, stride=1)
     small = buf.array()
     x24 = rng.normal(size=(2, 13, 17, 24)).astype(np.float32)
+    dy40 = rng.normal(size=(2, 13, 17, 40)).astype(np.float32)
 
     def make_run():  # a new function per build: JAX caches traces per function object
         def run():
@@ -803,6 +812,8 @@ def test_avx512_and_avx2_builds_give_the_same_bits(
                 ops.conv(x24, small, wino),
                 ops.conv(x24, small, direct),
                 ops.conv_dw(x24, small, dw),
+                ops.weight_grad(x24, dy40, 3, 1, 1),
+                ops.weight_grad(x24, dy40[:, ::2, ::2], 3, 2, 1),
             )
 
         return run

@@ -397,6 +397,10 @@ void conv_rows(const ConvShape& s, const float* X, const float* wp, const float*
 // with a zeroed border gives the unpadded image's bits.
 constexpr int WT = 12;  // tiles transformed and multiplied together (2 register tiles)
 constexpr int WA = 6;   // transformed tile side (4 outputs + 3 - 1)
+// Floats between consecutive ones of the 36 transformed matrices beyond their size: one cache line,
+// so the 36 are not all in the same L1 sets when their size is a multiple of 4 KB (the kernel
+// gradient's [32 tiles x 64 channels] were: 1.75x slower).
+constexpr int64_t kWinogradPad = 16;
 
 // B^T d for one column of six inputs (rows of B^T: the interpolation points 0, +-1, +-2, inf).
 template <class V>
@@ -421,10 +425,11 @@ inline void winograd_at(const V m[6], V r[4]) {
   r[3] = d12 + eight * d34 + m[5];
 }
 
-// V[xi][j][c] for tiles j < nt of tile row (n, ty), tiles tx0 .. tx0 + nt - 1.
+// V[xi][j][c] (at V + xi * xs + j * C + c) for tiles j < nt of tile row (n, ty), tiles
+// tx0 .. tx0 + nt - 1.
 template <class Vec>
 void winograd_input(const ConvShape& s, const float* X, int64_t n, int64_t ty, int64_t tx0, int nt,
-                    float* V) {
+                    float* V, int64_t xs) {
   const int64_t C = s.C;
   for (int j = 0; j < nt; ++j) {
     const int64_t ih0 = 4 * ty - s.pad, iw0 = 4 * (tx0 + j) - s.pad;
@@ -446,16 +451,17 @@ void winograd_input(const ConvShape& s, const float* X, int64_t n, int64_t ty, i
       for (int i = 0; i < WA; ++i) {  // (B^T d) B: row i of t through B^T again
         Vec v[WA];
         winograd_bt(t[i], v);
-        for (int k = 0; k < WA; ++k) storeu(V + (int64_t(i * WA + k) * WT + j) * C + c, v[k]);
+        for (int k = 0; k < WA; ++k) storeu(V + (i * WA + k) * xs + j * C + c, v[k]);
       }
     }
   }
 }
 
-// Y for tiles j < nt from M[xi][j][co]: A^T M A + bias, activation; pixels outside OH x OW dropped.
+// Y for tiles j < nt from M[xi][j][co] (at M + xi * xs + j * CO + co): A^T M A + bias,
+// activation; pixels outside OH x OW dropped.
 template <class V>
-void winograd_output(const ConvShape& s, const float* M, int64_t n, int64_t ty, int64_t tx0, int nt,
-                     const float* bias, const float* slope, float* Y) {
+void winograd_output(const ConvShape& s, const float* M, int64_t xs, int64_t n, int64_t ty,
+                     int64_t tx0, int nt, const float* bias, const float* slope, float* Y) {
   const int64_t CO = s.CO;
   for (int j = 0; j < nt; ++j) {
     const int64_t oh0 = 4 * ty, ow0 = 4 * (tx0 + j);
@@ -465,7 +471,7 @@ void winograd_output(const ConvShape& s, const float* M, int64_t n, int64_t ty, 
       V r[4][WA];  // r[i][b] = (A^T M)[i][b]
       for (int b = 0; b < WA; ++b) {
         V m[WA], col[4];
-        for (int a = 0; a < WA; ++a) m[a] = loadu<V>(M + (int64_t(a * WA + b) * WT + j) * CO + c);
+        for (int a = 0; a < WA; ++a) m[a] = loadu<V>(M + (a * WA + b) * xs + j * CO + c);
         winograd_at(m, col);
         for (int i = 0; i < 4; ++i) r[i][b] = col[i];
       }
@@ -482,24 +488,25 @@ void winograd_output(const ConvShape& s, const float* M, int64_t n, int64_t ty, 
 void winograd_rows(const ConvShape& s, const float* X, const float* U, const float* bias,
                    const float* slope, float* Y, int64_t r0, int64_t r1) {
   const int64_t TH = (s.OH + 3) / 4, TW = (s.OW + 3) / 4, C = s.C, CO = s.CO;
-  std::vector<float> V(size_t(WA * WA) * WT * C), M(size_t(WA * WA) * WT * CO);
+  const int64_t vs = WT * C + kWinogradPad, ms = WT * CO + kWinogradPad;
+  std::vector<float> V(size_t(WA * WA) * vs), M(size_t(WA * WA) * ms);
   const float* ptrs[WT];
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / TH, ty = r % TH;
     for (int64_t tx0 = 0; tx0 < TW; tx0 += WT) {
       const int nt = int(std::min<int64_t>(WT, TW - tx0));
       with_vector_for(C, [&](auto v) {
-        winograd_input<decltype(v)>(s, X, n, ty, tx0, nt, V.data());
+        winograd_input<decltype(v)>(s, X, n, ty, tx0, nt, V.data(), vs);
       });
       const int ntiles = (nt + MR - 1) / MR;
       for (int xi = 0; xi < WA * WA; ++xi) {
-        const float* v = V.data() + int64_t(xi) * WT * C;
+        const float* v = V.data() + xi * vs;
         for (int j = 0; j < ntiles * MR; ++j) ptrs[j] = j < nt ? v + j * C : kZeros;
         conv_row_blocks(ptrs, ntiles, nt, 1, C, U + int64_t(xi) * C * CO, bias, slope,
-                        M.data() + int64_t(xi) * WT * CO, CO, false);
+                        M.data() + xi * ms, CO, false);
       }
       with_vector_for(CO, [&](auto v) {
-        winograd_output<decltype(v)>(s, M.data(), n, ty, tx0, nt, bias, slope, Y);
+        winograd_output<decltype(v)>(s, M.data(), ms, n, ty, tx0, nt, bias, slope, Y);
       });
     }
   }
@@ -1044,6 +1051,142 @@ void with_channel_count(int64_t m, Run&& run) {
   run(std::integral_constant<int, M>{});
 }
 
+// The kernel gradient of a 3x3 stride-1 layer by Winograd F(3x3, 4x4), the transpose of the
+// forward's F(4x4, 3x3): for y = A^T [(G g) (.) (B^T d)] (per axis), the gradient of
+// sum(e * y) for g is G^T [(A e) (.) (B^T d)]. So per 4x4 tile of dy (e) and its 6x6 input patch
+// (d): V = B^T d B as in the forward, E = A e A^T, and M[xi] += V[xi]^T E[xi] ([C x CO] per element
+// xi of the 6x6 grid) over the tiles, then dw = G^T M G: 36 multiply-adds per 16 output pixels
+// and channel pair instead of 144.
+constexpr int kWgradTiles = 32;  // tiles transformed together (the K of each [C x CO] update)
+
+// A e for one column of four cotangents: six values (rows of A: the points 0, +-1, +-2, inf).
+template <class V>
+inline void winograd_a(const V e[4], V out[6]) {
+  const V two = bcast<V>(2.f), four = bcast<V>(4.f), eight = bcast<V>(8.f);
+  const V s02 = e[0] + e[2], s13 = e[1] + e[3];
+  const V t02 = e[0] + four * e[2], t13 = two * e[1] + eight * e[3];
+  out[0] = e[0];
+  out[1] = s02 + s13;
+  out[2] = s02 - s13;
+  out[3] = t02 + t13;
+  out[4] = t02 - t13;
+  out[5] = e[3];
+}
+
+// E[xi][j][co] (at E + xi * xs + j * CO + co) = (A e A^T)[xi] for the dy tiles j < nt of tile
+// row (n, ty), tiles tx0 .. tx0 + nt - 1; cotangents outside OH x OW read as zeros.
+template <class Vec>
+void winograd_cotangent(const ConvShape& s, const float* DY, int64_t n, int64_t ty, int64_t tx0,
+                        int nt, float* E, int64_t xs) {
+  const int64_t CO = s.CO;
+  for (int j = 0; j < nt; ++j) {
+    const int64_t oh0 = 4 * ty, ow0 = 4 * (tx0 + j);
+    const float* src[4][4];
+    for (int a = 0; a < 4; ++a)
+      for (int b = 0; b < 4; ++b) {
+        const int64_t oh = oh0 + a, ow = ow0 + b;
+        src[a][b] = oh < s.OH && ow < s.OW ? DY + ((n * s.OH + oh) * s.OW + ow) * CO : kZeros;
+      }
+    for (int64_t c = 0; c < CO; c += lanes<Vec>) {
+      Vec t[WA][4];  // t[a][b] = (A e)[a][b]
+      for (int b = 0; b < 4; ++b) {
+        Vec e[4], col[WA];
+        for (int a = 0; a < 4; ++a) e[a] = loadu<Vec>(src[a][b] + c);
+        winograd_a(e, col);
+        for (int a = 0; a < WA; ++a) t[a][b] = col[a];
+      }
+      for (int a = 0; a < WA; ++a) {  // (A e) A^T: row a of t through A again
+        Vec v[WA];
+        winograd_a(t[a], v);
+        for (int k = 0; k < WA; ++k) storeu(E + (a * WA + k) * xs + j * CO + c, v[k]);
+      }
+    }
+  }
+}
+
+// dw[i][j][c][co] = (G^T M[.][.][c][co] G)[i][j] for the channels of M ([36][Cg][CO], Cg of them,
+// element xi at M + xi * xs) into dw's channels c0 .. c0 + Cg - 1 (dw: [3][3][C][CO]).
+template <class V>
+void winograd_kernel_gradient(const float* M, int64_t xs, int64_t Cg, int64_t CO, int64_t C,
+                              int64_t c0, float* dw) {
+  // G^T rows (3 x 6): the kernel transform's interpolation weights
+  const float gt[3][WA] = {{1.f / 4, -1.f / 6, -1.f / 6, 1.f / 24, 1.f / 24, 0.f},
+                           {0.f, -1.f / 6, 1.f / 6, 1.f / 12, -1.f / 12, 0.f},
+                           {0.f, -1.f / 6, -1.f / 6, 1.f / 6, 1.f / 6, 1.f}};
+  for (int64_t c = 0; c < Cg; ++c)
+    for (int64_t co = 0; co < CO; co += lanes<V>) {
+      V r[3][WA];  // (G^T M)[i][b]
+      for (int i = 0; i < 3; ++i)
+        for (int b = 0; b < WA; ++b) r[i][b] = bcast<V>(0.f);
+      for (int a = 0; a < WA; ++a)
+        for (int b = 0; b < WA; ++b) {
+          const V m = loadu<V>(M + (a * WA + b) * xs + c * CO + co);
+          for (int i = 0; i < 3; ++i) r[i][b] += bcast<V>(gt[i][a]) * m;
+        }
+      for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) {
+          V out = bcast<V>(0.f);
+          for (int b = 0; b < WA; ++b) out += r[i][b] * bcast<V>(gt[j][b]);
+          storeu(dw + ((i * 3 + j) * C + c0 + c) * CO + co, out);
+        }
+    }
+}
+
+// The Winograd kernel gradient of image n for input channels [c0, c0 + Cg) (Cg a multiple of 8)
+// and every output channel; dwn: the image's [3][3][C][CO].
+void wgrad_winograd_image(const WgradShape& w, const float* X, const float* DY, int64_t n,
+                          int64_t c0, int64_t Cg, const std::vector<std::pair<int64_t, int64_t>>& spans,
+                          float* dwn) {
+  const ConvShape s{w.N, w.H, w.W, w.C, Cg, c0, w.OH, w.OW, w.CO, 3, 3, 1, w.pad};
+  const int64_t CO = w.CO, TH = (w.OH + 3) / 4, TW = (w.OW + 3) / 4, T = kWgradTiles;
+  const int64_t vs = T * Cg + kWinogradPad, es = T * CO + kWinogradPad;
+  const int64_t ms = Cg * CO + kWinogradPad;
+  std::vector<float> V(size_t(WA * WA) * vs), E(size_t(WA * WA) * es), M(size_t(WA * WA) * ms, 0.f);
+  auto accumulate = [&](int64_t len) {  // M[xi] += V[xi][:len]^T E[xi][:len]
+    for (int xi = 0; xi < WA * WA; ++xi)
+      for (int64_t ci = 0; ci < Cg; ci += kWgradChannels)
+        for (const auto& [co0, width] : spans) {
+          float* out = M.data() + xi * ms + ci * CO + co0;
+          const float* v = V.data() + xi * vs + ci;
+          const float* e = E.data() + xi * es + co0;
+          with_channel_count(std::min<int64_t>(kWgradChannels, Cg - ci), [&](auto mr_tag) {
+            constexpr int MRT = decltype(mr_tag)::value;
+            with_span(width, [&](auto span) {
+              using S = decltype(span);
+              constexpr int L = lanes<typename S::vec>;
+              typename S::vec acc[MRT][S::nv];
+              for (int m = 0; m < MRT; ++m)
+                for (int b = 0; b < S::nv; ++b) acc[m][b] = loadu<typename S::vec>(out + m * CO + b * L);
+              wgrad_run<MRT, S::nv, typename S::vec>(v, Cg, e, CO, len, acc);
+              for (int m = 0; m < MRT; ++m)
+                for (int b = 0; b < S::nv; ++b) storeu(out + m * CO + b * L, acc[m][b]);
+            });
+          });
+        }
+  };
+  int64_t filled = 0;
+  for (int64_t ty = 0; ty < TH; ++ty)
+    for (int64_t tx0 = 0; tx0 < TW;) {
+      const int nt = int(std::min<int64_t>(T - filled, TW - tx0));
+      with_vector_for(Cg, [&](auto v) {
+        winograd_input<decltype(v)>(s, X, n, ty, tx0, nt, V.data() + filled * Cg, vs);
+      });
+      with_vector_for(CO, [&](auto v) {
+        winograd_cotangent<decltype(v)>(s, DY, n, ty, tx0, nt, E.data() + filled * CO, es);
+      });
+      filled += nt;
+      tx0 += nt;
+      if (filled == T) {
+        accumulate(T);
+        filled = 0;
+      }
+    }
+  if (filled) accumulate(filled);
+  with_vector_for(CO, [&](auto v) {
+    winograd_kernel_gradient<decltype(v)>(M.data(), ms, Cg, CO, w.C, c0, dwn);
+  });
+}
+
 // x [N, H, W, C], dy [N, OH, OW, CO] -> dw [N, k, k, C, CO] (per image), CO a multiple of 8.
 ffi::Error RfWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                             ffi::ResultBuffer<ffi::F32> dw, int64_t k, int64_t stride, int64_t pad) {
@@ -1069,6 +1212,20 @@ ffi::Error RfWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
     spans.emplace_back(c0, decltype(span)::width);
   });
   const int64_t nspans = int64_t(spans.size());
+  if (k == 3 && stride == 1 && s.C % 8 == 0 && s.CO <= kMaxCin) {
+    // Winograd: a task per image, or per (image, group of 8k input channels) when there are
+    // fewer images than threads
+    const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+    const int64_t groups = std::min<int64_t>(s.C / 8, (threads + s.N - 1) / s.N);
+    const int64_t width = (s.C / 8 + groups - 1) / groups * 8;
+    const int64_t ngroups = (s.C + width - 1) / width;
+    parallel_for(pool, s.N * ngroups, [&](int64_t task) {
+      const int64_t n = task / ngroups, c0 = task % ngroups * width;
+      wgrad_winograd_image(s, X, DY, n, c0, std::min(width, s.C - c0), spans,
+                           DW + n * 9 * s.C * s.CO);
+    });
+    return ffi::Error::Success();
+  }
   // rows per block: ~64 KB of dy rows (with their x rows) stay in L2 while every tile passes
   const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, s.OW * s.CO));
   // a task per image runs every output-channel span over a block while it is in L2 (x and dy
