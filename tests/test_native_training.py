@@ -315,6 +315,8 @@ DENSE_CASES = [
     (2, 12, 10, 12, 16, 3, 1, 1),
     (1, 15, 13, 8, 16, 7, 2, 3),
     (2, 6, 5, 16, 8, 3, 1, 0),
+    (2, 7, 9, 24, 40, 1, 1, 0),
+    (1, 6, 8, 16, 8, 1, 2, 0),
 ]
 
 
@@ -332,8 +334,9 @@ def test_dense_conv_and_its_gradients_match_xla(n, h, w, cin, cout, k, s, p):
     text = native_fn.lower(x, kernel).as_text()
     forward = (k, s) == (3, 1) and cin % 8 == 0  # Winograd forward; input gradient if pad 1
     backward = forward and p == 1
+    pointwise_dx = (k, s) == (1, 1) and cin % 8 == 0  # dx: a 1x1 layer too
     assert text.count("@retinaface_conv_winograd(") == forward + backward
-    assert text.count("@retinaface_conv(") == (not forward)
+    assert text.count("@retinaface_conv(") == (not forward) + pointwise_dx
     assert text.count("@retinaface_weight_grad(") == 1
     assert "@retinaface_" not in xla_fn.lower(x, kernel).as_text()
     (v1, (dx1, dk1)), (v0, (dx0, dk0)) = native_fn(x, kernel), xla_fn(x, kernel)
@@ -344,27 +347,32 @@ def test_dense_conv_and_its_gradients_match_xla(n, h, w, cin, cout, k, s, p):
     with native_gradients():
         assert native_training.dense_applies(x, kernel, s, p)
         assert not native_training.dense_applies(x, kernel[..., :4], s, p)  # cout not 8k
-        assert not native_training.dense_applies(x, kernel[:, :1], s, p)  # not square
+        if k > 1:
+            assert not native_training.dense_applies(x, kernel[:, :1], s, p)  # not square
         with jax.enable_x64(True):
             x64, k64 = jnp.asarray(x, jnp.float64), jnp.asarray(kernel, jnp.float64)
             assert not native_training.dense_applies(x64, k64, s, p)
     assert not native_training.dense_applies(x, kernel, s, p)
 
 
-def test_pointwise_weight_gradient_is_native_in_training():
+def test_pointwise_layers_without_8k_outputs_take_xla_matmuls():
+    """A 1x1 layer with a multiple of 8 outputs runs natively (forward, input gradient: 1x1
+    layers; kernel gradient); with 4 outputs (no packed weight layout) XLA's matmuls."""
     rng = np.random.default_rng(9)
     x = rng.normal(size=(2, 7, 9, 24)).astype(np.float32)
     kernel = rng.normal(size=(1, 1, 24, 40)).astype(np.float32)
     native_fn = dense_loss_and_grads(1, 0)
-    xla_fn = dense_loss_and_grads(1, 0, native=False)
-    assert native_fn.lower(x, kernel).as_text().count("@retinaface_weight_grad(") == 1
-    (v1, (dx1, dk1)), (v0, (dx0, dk0)) = native_fn(x, kernel), xla_fn(x, kernel)
+    text = native_fn.lower(x, kernel).as_text()
+    assert text.count("@retinaface_conv(") == 2 and text.count("@retinaface_weight_grad(") == 1
+    narrow = kernel[..., :4]
+    assert "@retinaface_" not in native_fn.lower(x, narrow).as_text()
+    (v1, (dx1, dk1)), (v0, (dx0, dk0)) = (
+        native_fn(x, narrow),
+        dense_loss_and_grads(1, 0, native=False)(x, narrow),
+    )
     np.testing.assert_allclose(v1, v0, rtol=1e-6)
     np.testing.assert_allclose(dx1, dx0, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dk1, dk0, rtol=1e-4, atol=1e-5)
-    # cout not a multiple of 8 (ClassHead: 4): XLA's matmul
-    text = native_fn.lower(x, kernel[..., :4]).as_text()
-    assert "@retinaface_weight_grad(" not in text
 
 
 # (batch, h, w, cin, cout, padding) of 3x3 stride-1 kernel gradients, run by Winograd F(3x3, 4x4):

@@ -66,13 +66,13 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: i
     kh, kw, cin_g, cout = kernel.shape
     cin = x.shape[-1]
     if groups == 1:
+        if native_training.dense_applies(x, kernel, stride, padding):
+            return native_training.dense(x, kernel, stride, padding)
         if kh == kw == 1:
             xs = x[:, ::stride, ::stride, :] if stride > 1 else x
             if padding:
                 xs = _pad(x, padding)[:, ::stride, ::stride, :]
             return _pointwise(xs, kernel[0, 0])
-        if native_training.dense_applies(x, kernel, stride, padding):
-            return native_training.dense(x, kernel, stride, padding)
         if cin >= _MIN_TAP_CHANNELS:
             return _conv_xla(x, kernel, stride, padding, 1)
         return _conv_narrow(x, kernel, stride, padding)

@@ -5,13 +5,14 @@ and slow at training resolution (forward + both gradients of a depthwise layer o
 8 x 320 x 320 x 8: ~85 ms under XLA), its filter-gradient convolutions and the transposes it
 materialises for 1x1 weight gradients are slow too. So on CPU the train step runs
 - the 3x3 depthwise convolutions and both gradients: ``ops.depthwise`` / ``ops.depthwise_grad``;
-- every dense convolution: ``ops.conv`` (Winograd F(4x4, 3x3) for the 3x3 stride-1 ones, whose
-  input gradient is the same kind of layer; weights transformed and packed by XLA each step), its
-  kernel gradient by ``ops.weight_grad``, other input gradients by XLA;
-- the 1x1 convolutions' kernel gradients: ``ops.weight_grad``;
+- every dense convolution with a multiple of 8 outputs: ``ops.conv`` (Winograd F(4x4, 3x3) for
+  the 3x3 stride-1 ones; weights transformed and packed by XLA each step); the input gradients of
+  3x3 stride-1 pad-1 and 1x1 stride-1 layers, which are layers of the same kind, also by
+  ``ops.conv`` (XLA's dot for the 1x1 ones ran at ~40 % of a core's peak); other input gradients
+  by XLA; every kernel gradient by ``ops.weight_grad`` (Winograd F(3x3, 4x4) for 3x3 stride-1);
 - BatchNorm's batch statistics and backward sums: ``ops.moments`` / ``ops.bn_grad_sums``;
-while the elementwise parts (normalisation, activations, BatchNorm's input gradient) and the 1x1
-convolutions themselves stay on XLA. The choice is made while the step is traced, inside
+while the elementwise parts (normalisation, activations, BatchNorm's input gradient) stay on
+XLA. The choice is made while the step is traced, inside
 :func:`native_gradients` (which the train step enters when it runs on CPU and the kernels are
 available); inference never enters it, and GPU/TPU steps never do, so they keep XLA's own
 convolutions. float64 always takes XLA's path.
@@ -166,8 +167,9 @@ def dense_applies(x: jax.Array, kernel: jax.Array, stride: int, padding: int) ->
 
 def dense(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """A dense convolution on the native kernels (Winograd F(4x4, 3x3) when it applies, else
-    direct), its kernel gradient natively, its input gradient by Winograd for 3x3 stride-1 pad-1
-    layers with channels in multiples of 8 (FPN merges, SSH), else by XLA."""
+    direct), its kernel gradient natively, its input gradient natively for 3x3 stride-1 pad-1
+    (FPN merges, SSH; Winograd) and 1x1 stride-1 layers with a multiple of 8 inputs, else by
+    XLA."""
     return _dense(x, kernel, stride, padding, _mesh())
 
 
@@ -204,13 +206,13 @@ def _dense_fwd(x, kernel, stride, padding, mesh):
 
 
 def _dense_bwd(stride, padding, mesh, residuals, dy):
-    """dx of a 3x3 stride-1 pad-1 layer: the convolution of ``dy`` with the flipped, transposed
-    kernel (pad 3 - 1 - 1 = 1) on the same kernel; other layers' dx by XLA (unused for the
-    image, so XLA drops it)."""
+    """dx of a 3x3 stride-1 pad-1 or 1x1 stride-1 layer: the convolution of ``dy`` with the
+    flipped, transposed kernel (pad k - 1 - p = p) on the same kernel; other layers' dx by XLA
+    (the stem's is unused, so XLA drops it)."""
     x, kernel = residuals
     k, _, cin, cout = kernel.shape
-    if (k, stride, padding) == (3, 1, 1) and cin % 8 == 0:
-        dx = _conv(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), 1, 1, mesh)
+    if (k, stride, padding) in ((3, 1, 1), (1, 1, 0)) and cin % 8 == 0:
+        dx = _conv(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), 1, padding, mesh)
     else:
         _, x_vjp = jax.vjp(
             lambda x: jax.lax.conv_general_dilated(
