@@ -960,12 +960,27 @@ ffi::Error RfDepthwiseGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t rows = s.N * s.H, chunk = rows_per_task(rows, s.W * s.C * 9);
   const int64_t row_tasks = (rows + chunk - 1) / chunk;
   const int64_t lanes_c = s.C % 16 == 0 ? 16 : 8, chunks = s.C / lanes_c;
+  // stride 1: dx is the depthwise convolution of dy with the flipped kernel (pad 1), run by the
+  // forward's row kernel (each dx pixel written once: 0.5x the time of accumulating tap by tap)
+  std::vector<float> flipped, zeros, ones;
+  if (s.stride == 1) {
+    flipped.resize(size_t(9 * s.C));
+    for (int t = 0; t < 9; ++t)
+      std::memcpy(flipped.data() + t * s.C, K + (8 - t) * s.C, size_t(s.C) * sizeof(float));
+    zeros.assign(size_t(s.C), 0.f);
+    ones.assign(size_t(s.C), 1.f);
+  }
   // tasks: dx row blocks, then (image, channel chunk) pairs of dk
   parallel_for(pool, row_tasks + s.N * chunks, [&](int64_t task) {
     if (task < row_tasks) {
       for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r)
         with_vector_for(s.C, [&](auto v) {
-          depthwise_dx_row<decltype(v)>(s, DY, K, r / s.H, r % s.H, DX + r * s.W * s.C);
+          using V = decltype(v);
+          if (s.stride == 1)
+            depthwise_row<V>(DY, r / s.H, r % s.H, s.OH, s.OW, s.C, 1, s.W, flipped.data(),
+                             zeros.data(), ones.data(), DX + r * s.W * s.C);
+          else
+            depthwise_dx_row<V>(s, DY, K, r / s.H, r % s.H, DX + r * s.W * s.C);
         });
       return;
     }
