@@ -1,8 +1,9 @@
 """The original ``models/net.py`` in Flax NNX: conv blocks, ``SSH``, ``FPN`` and ``MobileNetV1``.
 
-Block constructors return ``nnx.Sequential`` with the same layer indices as the original's
-``nn.Sequential`` (activations are parameter-free modules), so ``body.stage1.1.3.weight`` in a
-torch state dict is ``body.stage1.layers[1].layers[3].kernel`` here.
+Block constructors return ``ConvBlock`` (an ``nnx.Sequential``) with the same layer indices as
+the original's ``nn.Sequential`` (activations are parameter-free modules), so
+``body.stage1.1.3.weight`` in a torch state dict is ``body.stage1.layers[1].layers[3].kernel``
+here.
 """
 
 from __future__ import annotations
