@@ -17,8 +17,7 @@ train step from 1.47 to 1.23 s at batch 8 and from 6.4-6.9 to 5.5-5.7 s at batch
 the code before the options, 1.35 -> 1.13 s at batch 8. (Under XLA's default YNNPACK kernels
 the opposite held: 64->64 at 80x80, ~700 ms for XLA's weight gradient against 93 ms per tap.)
 Inside a CPU train step (``native_training.native_gradients``) the 3x3 depthwise and the dense
-convolutions with their gradients, and the 1x1 weight gradients, run on the native kernels
-instead. All formulations compute the same function with the same parameters. On GPU/TPU ``lax.conv``
+convolutions (1x1 included) with their gradients run on the native kernels instead. All formulations compute the same function with the same parameters. On GPU/TPU ``lax.conv``
 is the fast path and is used unchanged. ``set_conv_impl`` forces one formulation (tests compare
 both).
 """
@@ -101,10 +100,7 @@ def _pointwise_bwd(residuals, g):
     that way against 1.20 s with this VJP.
     """
     x, w = residuals
-    if native_training.weight_grad_applies(g):  # in a CPU train step: no transpose of x
-        dw = native_training.weight_grad(x, g, 1, 1, 0)[0, 0]
-    else:
-        dw = x.reshape(-1, w.shape[0]).T @ g.reshape(-1, w.shape[1])
+    dw = x.reshape(-1, w.shape[0]).T @ g.reshape(-1, w.shape[1])
     return jnp.einsum("bhwo,co->bhwc", g, w), dw
 
 

@@ -152,10 +152,16 @@ def leaky_relu(x: jax.Array, slope: float) -> jax.Array:
     return jnp.where(x > 0, x, x * slope)
 
 
+def _scale_shift(mean, inv, scale, bias):
+    """``(k, c)`` per channel with ``(x - mean) * inv * scale + bias == x * k + c``."""
+    k = inv * scale
+    return k, bias - mean * k
+
+
 def _affine(x, mean, inv, scale, bias):
     """``(x - mean) * inv * scale + bias`` written as one multiply-add per element."""
-    k = inv * scale
-    return x * k + (bias - mean * k)
+    k, c = _scale_shift(mean, inv, scale, bias)
+    return x * k + c
 
 
 def _batch_stats(x):
@@ -203,18 +209,15 @@ def _batch_norm_bwd(eps, slope, residuals, cotangents):
     dy, g_mean, g_var = cotangents
     n = math.prod(x.shape[:-1])
     xc = x - mean
-    k = inv * scale
+    k, c = _scale_shift(mean, inv, scale, bias)
 
     def g(rows):  # the cotangent of the normalised x (before the activation)
         if slope == NO_ACTIVATION:
             return dy[:, rows]
-        z = _affine(x[:, rows], mean, inv, scale, bias)
-        return jnp.where(z > 0, dy[:, rows], dy[:, rows] * slope)
+        return jnp.where(x[:, rows] * k + c > 0, dy[:, rows], dy[:, rows] * slope)
 
     if native_training.batch_norm_applies(x):
-        d_bias, d_scale = native_training.batch_norm_grad_sums(
-            dy, x, mean, k, bias - mean * k, slope
-        )
+        d_bias, d_scale = native_training.batch_norm_grad_sums(dy, x, mean, k, c, slope)
     else:
         d_bias, d_scale = channel_sums(lambda rows: [g(rows), g(rows) * xc[:, rows]], x.shape[1])
     d_scale = d_scale * inv

@@ -173,12 +173,6 @@ def dense(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Arr
     return _dense(x, kernel, stride, padding, _mesh())
 
 
-def weight_grad_applies(dy: jax.Array) -> bool:
-    """Whether a kernel gradient with cotangent ``dy`` runs natively here (float32, a multiple of
-    8 output channels, inside :func:`native_gradients`)."""
-    return _ACTIVE.get() is not None and dy.dtype == jnp.float32 and dy.shape[-1] % 8 == 0
-
-
 def weight_grad(
     x: jax.Array, dy: jax.Array, kernel_size: int, stride: int, padding: int
 ) -> jax.Array:
