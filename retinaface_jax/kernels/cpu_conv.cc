@@ -92,16 +92,18 @@ void with_vector_for(int64_t n, Fn&& fn) {
   fn(v8{});
 }
 
-// A task's temporary buffer: per thread and per `slot` (the buffers one task holds at once),
-// reused across tasks and calls. A heap allocation per task cost ~2.5 % of the train step's CPU
-// time in malloc's bin searches and zero-filling. Contents are unspecified (not zeroed).
-template <class T, int slot>
+// A task's temporary buffer of T: per thread, reused across tasks and calls (a task needing
+// several carves them from one block). A heap allocation per task had cost ~2.5 % of the train
+// step's CPU time in malloc's bin searches and zero-filling. Contents are unspecified.
+template <class T>
 T* scratch(size_t n) {
   thread_local std::vector<T> buf;
   if (buf.size() < n) buf.resize(n);
   return buf.data();
 }
 
+// Floats between buffers carved from one scratch block: one cache line, as heap neighbours had.
+constexpr int64_t kScratchGap = 16;
 constexpr int64_t kMaxCin = 4096;
 alignas(64) const float kZeros[kMaxCin] = {0};  // read in place of padding pixels
 
@@ -376,7 +378,7 @@ void conv_rows(const ConvShape& s, const float* X, const float* wp, const float*
                const float* slope, float* Y, int64_t r0, int64_t r1) {
   const int taps = int(s.kh * s.kw);
   const int64_t ntiles = (s.OW + MR - 1) / MR;
-  const float** ptrs = scratch<const float*, 0>(size_t(ntiles) * taps * MR);
+  const float** ptrs = scratch<const float*>(size_t(ntiles) * taps * MR);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / s.OH, oh = r % s.OH;
     for (int64_t tt = 0; tt < ntiles; ++tt) {
@@ -499,8 +501,8 @@ void winograd_rows(const ConvShape& s, const float* X, const float* U, const flo
                    const float* slope, float* Y, int64_t r0, int64_t r1) {
   const int64_t TH = (s.OH + 3) / 4, TW = (s.OW + 3) / 4, C = s.C, CO = s.CO;
   const int64_t vs = WT * C + kWinogradPad, ms = WT * CO + kWinogradPad;
-  float* V = scratch<float, 0>(size_t(WA * WA) * vs);
-  float* M = scratch<float, 1>(size_t(WA * WA) * ms);
+  float* V = scratch<float>(size_t(WA * WA) * (vs + ms) + kScratchGap);
+  float* M = V + WA * WA * vs + kScratchGap;
   const float* ptrs[WT];
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / TH, ty = r % TH;
@@ -819,8 +821,8 @@ ffi::Error RfConvDwImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t chunk = rows_per_task(rows, OW * C * (CO + 9));
   const int64_t ntiles = (OW + MR - 1) / MR;
   parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
-    float* buf = scratch<float, 0>(size_t(OW) * C);
-    const float** ptrs = scratch<const float*, 0>(size_t(ntiles) * MR);
+    float* buf = scratch<float>(size_t(OW) * C);
+    const float** ptrs = scratch<const float*>(size_t(ntiles) * MR);
     for (int64_t m = 0; m < ntiles * MR; ++m) ptrs[m] = m < OW ? buf + m * C : kZeros;
     const int64_t r0 = task * chunk, r1 = std::min(rows, r0 + chunk);
     for (int64_t r = r0; r < r1; ++r) {
@@ -1167,9 +1169,9 @@ void wgrad_winograd_image(const WgradShape& w, const float* X, const float* DY, 
   const int64_t CO = w.CO, TH = (w.OH + 3) / 4, TW = (w.OW + 3) / 4, T = kWgradTiles;
   const int64_t vs = T * Cg + kWinogradPad, es = T * CO + kWinogradPad;
   const int64_t ms = Cg * CO + kWinogradPad;
-  float* V = scratch<float, 0>(size_t(WA * WA) * vs);
-  float* E = scratch<float, 1>(size_t(WA * WA) * es);
-  float* M = scratch<float, 2>(size_t(WA * WA) * ms);
+  float* V = scratch<float>(size_t(WA * WA) * (vs + es + ms) + 2 * kScratchGap);
+  float* E = V + WA * WA * vs + kScratchGap;
+  float* M = E + WA * WA * es + kScratchGap;
   std::fill(M, M + WA * WA * ms, 0.f);
   auto accumulate = [&](int64_t len) {  // M[xi] += V[xi][:len]^T E[xi][:len]
     for (int xi = 0; xi < WA * WA; ++xi)
