@@ -102,8 +102,16 @@ def warm_up(fns: dict[str, Callable[[], object]], seconds: float = 2.0, calls: i
         rounds += 1
 
 
+# Seconds to wait before timing one side after the other ran: onnxruntime's and XLA's worker
+# threads keep spinning for a while after a run and slow whatever runs next on this 2-core machine.
+SETTLE_SECONDS = 0.2
+
+
 def alternating_medians(
-    fns: dict[str, Callable[[], object]], calls: int, block: int = 10, settle: float = 0.2
+    fns: dict[str, Callable[[], object]],
+    calls: int,
+    block: int = 10,
+    settle: float = SETTLE_SECONDS,
 ) -> dict[str, float]:
     """Median seconds per call of each function, timed in alternating blocks of ``block`` calls.
 

@@ -10,7 +10,7 @@ about 6.5 anchor forwards per trained image on a 2-core Zen 3 CPU (AVX2) and 6.8
 Zen 5 (AVX-512; three runs, the anchor's speed moves with the machine's load). The last line is
 ``ratio <number>`` (batch 8) so it can be tracked.
 
-    python benchmarks/train_step.py [--batches 8,32] [--steps 5] [--anchor-calls 4] [--size 640]
+    python benchmarks/train_step.py [--batches 8,32] [--steps 10] [--anchor-calls 4] [--size 640]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from common import machine, onnx_anchor, shared_dir
+from common import SETTLE_SECONDS, machine, onnx_anchor, shared_dir
 from flax import nnx
 
 from retinaface_jax.config import get_config
@@ -67,7 +67,10 @@ def time_step(
     """(compile seconds, seconds per step, seconds per anchor forward) of the jitted train step.
 
     After every timed step the anchor forward runs ``anchor_calls`` times, so both sides of the
-    ratio are measured under the same machine load (this VM's speed drifts by +-30 %).
+    ratio are measured under the same machine load (this VM's speed drifts by +-30 %). Each side
+    starts after a ``SETTLE_SECONDS`` pause: timed right after the step, the anchor ran ~4 %
+    slower (8.43 against 8.08 ms, median of 60 calls each, XLA's threads still spinning), which
+    flattered the ratio; onnxruntime's spinning threads likewise slow a step timed right after it.
     """
     schedule = learning_rate_schedule(cfg, steps_per_epoch=1000)
     tx = make_optimizer(cfg, schedule)
@@ -82,10 +85,12 @@ def time_step(
     jax.block_until_ready(m)
     step_times, anchor_times = [], []
     for _ in range(steps):
+        time.sleep(SETTLE_SECONDS)
         t = time.perf_counter()
         state, m = compiled(state, batch)
         jax.block_until_ready((state, m))
         step_times.append(time.perf_counter() - t)
+        time.sleep(SETTLE_SECONDS)
         for _ in range(anchor_calls):
             t = time.perf_counter()
             anchor()
@@ -99,7 +104,7 @@ def main() -> None:
     reexec_with_tuned_malloc()  # as train.py does
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per batch size")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per batch size")
     p.add_argument("--size", type=int, default=640)
     p.add_argument("--workers", type=int, default=2, help="grain worker processes")
     p.add_argument(
