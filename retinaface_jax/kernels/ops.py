@@ -392,6 +392,7 @@ def bn_grad_sums(
     c = x.shape[3]
     if slope != NO_ACTIVATION and (scale is None or shift is None):
         raise ValueError("bn_grad_sums: an activation (slope != 1) needs scale and shift")
+    # without an activation the kernel ignores scale and shift: any [C] vector fills the slots
     scale = mean if scale is None else scale
     shift = mean if shift is None else shift
     if dy.shape != x.shape or any(v.shape != (c,) for v in (mean, scale, shift)):

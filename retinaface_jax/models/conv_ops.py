@@ -17,9 +17,9 @@ train step from 1.47 to 1.23 s at batch 8 and from 6.4-6.9 to 5.5-5.7 s at batch
 the code before the options, 1.35 -> 1.13 s at batch 8. (Under XLA's default YNNPACK kernels
 the opposite held: 64->64 at 80x80, ~700 ms for XLA's weight gradient against 93 ms per tap.)
 Inside a CPU train step (``native_training.native_gradients``) the 3x3 depthwise and the dense
-convolutions (1x1 included) with their gradients run on the native kernels instead. All formulations compute the same function with the same parameters. On GPU/TPU ``lax.conv``
-is the fast path and is used unchanged. ``set_conv_impl`` forces one formulation (tests compare
-both).
+convolutions (1x1 included) with their gradients run on the native kernels instead. All
+formulations compute the same function with the same parameters. On GPU/TPU ``lax.conv`` is the
+fast path and is used unchanged. ``set_conv_impl`` forces one formulation (tests compare both).
 """
 
 from __future__ import annotations
