@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -110,6 +112,34 @@ def test_worker_processes_give_identical_batches(records) -> None:
     got = _take(make_train_iterator(records, CFG, num_workers=2, prefetch=1, **kw), 3)
     for a, b in zip(ref, got, strict=True):
         assert _equal(a, b)
+
+
+_EXIT_AFTER_LAST_BATCH = """
+import sys
+from retinaface_jax.config import get_config
+from retinaface_jax.data.labels import load_records
+from retinaface_jax.data.pipeline import make_train_iterator
+
+if __name__ == "__main__":
+    records, _ = load_records(sys.argv[1])
+    cfg = get_config("mobilenet", image_size=64)
+    with make_train_iterator(records[:12], cfg, batch_size=4, seed=0, num_steps=4) as it:
+        for _ in range(4):
+            next(it)
+"""
+
+
+def test_worker_shared_memory_is_unlinked_before_exit(shared: Path, tmp_path: Path) -> None:
+    """A script that exits right after its last batch leaves no segment to the resource tracker
+    (which would warn "leaked shared_memory objects"): the two workers' last batches included."""
+    script = tmp_path / "exit_after_last_batch.py"
+    script.write_text(_EXIT_AFTER_LAST_BATCH)
+    label = shared / "data" / "widerface" / "train" / "label.txt"
+    out = subprocess.run(
+        [sys.executable, str(script), str(label)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "leaked" not in out.stderr, out.stderr[-2000:]
 
 
 def test_pad_targets_keeps_the_largest_in_order() -> None:
