@@ -151,13 +151,12 @@ def test_pad_to_square_and_mirror() -> None:
     assert same[0] is image
 
 
-def test_resize_subtract_mean_uses_the_five_interpolations() -> None:
+def test_resize_uses_the_five_interpolations() -> None:
     image = np.random.default_rng(0).integers(0, 256, (50, 50, 3), dtype=np.uint8)
     for k, method in enumerate(A.INTERPOLATIONS):
-        got = A.resize_subtract_mean(image, 32, MEAN, ScriptedRng([k], []))
-        want = cv2.resize(image, (32, 32), interpolation=method).astype(np.float32) - MEAN
-        assert got.dtype == np.float32
-        np.testing.assert_array_equal(got, want)
+        got = A.resize(image, 32, ScriptedRng([k], []))
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, cv2.resize(image, (32, 32), interpolation=method))
 
 
 def test_augment_boxes_follow_the_pixels() -> None:
@@ -177,7 +176,7 @@ def test_augment_boxes_follow_the_pixels() -> None:
             rgb_mean=MEAN,
             rng=np.random.default_rng(seed),
         )
-        assert out.shape == (size, size, 3) and out.dtype == np.float32
+        assert out.shape == (size, size, 3) and out.dtype == np.uint8
         assert t.shape == (1, 15) and t[0, 14] == 1
         x1, y1, x2, y2 = np.round(t[0, :4] * size).astype(int)
         gray = out.sum(-1)

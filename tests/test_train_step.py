@@ -163,6 +163,20 @@ def test_step_lowers_loss_and_updates_batch_stats():
     assert not np.allclose(stats["stem_bn"]["var"], 1.0)
 
 
+def test_uint8_images_train_as_float32_minus_the_mean():
+    """The pipeline's uint8 batches: the step subtracts ``rgb_mean`` in float32, as the original
+    does before its batches reach the model, so the step is the same bit for bit."""
+    cfg = tiny_cfg()
+    (batch,) = make_batches(1, seed=2)
+    u8 = np.random.default_rng(3).integers(0, 256, batch["image"].shape, dtype=np.uint8)
+    minus_mean = u8.astype(np.float32) - np.asarray(cfg.rgb_mean, np.float32)
+    m_u8, p_u8, s_u8 = run_steps(jax.devices()[:1], [dict(batch, image=u8)])
+    m_f, p_f, s_f = run_steps(jax.devices()[:1], [dict(batch, image=minus_mean)])
+    assert m_u8 == m_f
+    assert_trees_close(p_u8, p_f, rtol=0, atol=0)
+    assert_trees_close(s_u8, s_f, rtol=0, atol=0)
+
+
 def test_four_devices_match_one_device():
     """Same loss, parameters and BatchNorm statistics on a 4-device mesh as on 1 device."""
     assert len(jax.devices()) >= 4, "conftest must configure 4 CPU devices"

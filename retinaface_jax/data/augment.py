@@ -163,17 +163,15 @@ def mirror(
     return image, boxes, lm.reshape(-1, 10)
 
 
-def resize_subtract_mean(
-    image: np.ndarray,
-    image_size: int,
-    rgb_mean: tuple[float, float, float],
-    rng: np.random.Generator,
-) -> np.ndarray:
-    """Resize to ``image_size``² with one of five OpenCV interpolations; float32 minus the mean."""
+def resize(image: np.ndarray, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Resize to ``image_size``² with one of five OpenCV interpolations, uint8 to uint8.
+
+    The original then subtracts the mean in float32 (``_resize_subtract_mean``); here the train
+    step does that subtraction (``train.step``): the same arithmetic, and a quarter of
+    the bytes through the workers' shared memory and onto the devices.
+    """
     method = INTERPOLATIONS[rng.integers(len(INTERPOLATIONS))]
-    image = cv2.resize(image, (image_size, image_size), interpolation=method)
-    # == image.astype(float32) - mean, in one OpenCV pass
-    return cv2.subtract(image, (*map(float, rgb_mean), 0.0), dtype=cv2.CV_32F)
+    return cv2.resize(image, (image_size, image_size), interpolation=method)
 
 
 def augment(
@@ -188,7 +186,8 @@ def augment(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The original's ``preproc`` on one BGR uint8 image with pixel boxes/landmarks.
 
-    Returns ``image`` float32 [S,S,3] (BGR minus ``rgb_mean``) and ``targets`` float32 [K,15]
+    Returns ``image`` uint8 [S,S,3] BGR (the mean is subtracted in the train step; ``rgb_mean``
+    fills the padding, as in the original) and ``targets`` float32 [K,15]
     (x1,y1,x2,y2, ten landmark coordinates, label), normalised to [0, 1]. Landmarks of faces with
     label -1 are set to 0 (the loss never reads them). K may be 0.
     """
@@ -203,7 +202,7 @@ def augment(
         image = pad_to_square(image, rgb_mean)
     image, boxes, landmarks = mirror(image, boxes, landmarks, rng)
     height, width = image.shape[:2]
-    image = resize_subtract_mean(image, image_size, rgb_mean, rng)
+    image = resize(image, image_size, rng)
     scale = np.array([width, height], np.float64)
     boxes = (boxes.reshape(-1, 2, 2) / scale).reshape(-1, 4)
     landmarks = (landmarks.reshape(-1, 5, 2) / scale).reshape(-1, 10)

@@ -10,7 +10,7 @@ of an uninterrupted run.
 
 Batch format (consumed by the train step)::
 
-    {'image':   float32 [b, S, S, 3]   NHWC, BGR minus cfg.rgb_mean,
+    {'image':   uint8   [b, S, S, 3]   NHWC, BGR (the train step subtracts cfg.rgb_mean),
      'targets': float32 [b, M, 15]     x1,y1,x2,y2, 10 landmark coords (normalised), label 1 / -1;
                                        padded rows are zero,
      'valid':   bool    [b, M]}

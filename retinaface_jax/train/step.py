@@ -44,7 +44,7 @@ def make_loss_fn(
 
     def loss_fn(params: Any, batch_stats: Any, batch: Batch) -> tuple[jax.Array, Any]:
         model = merge_model(graphdef, params, batch_stats)
-        predictions = model(batch["image"])
+        predictions = model(_model_input(batch["image"], cfg.rgb_mean))
         loss_l, loss_c, loss_landm = multibox_loss(
             predictions, priors, batch["targets"], batch["valid"], cfg
         )
@@ -54,6 +54,14 @@ def make_loss_fn(
         return total, (new_stats, parts)
 
     return loss_fn
+
+
+def _model_input(image: jax.Array, rgb_mean: tuple[float, float, float]) -> jax.Array:
+    """A batch's images as the model takes them: uint8 BGR (the pipeline's) becomes float32 minus
+    ``rgb_mean``, the original's arithmetic, exact; float32 is already mean-subtracted."""
+    if image.dtype == jnp.uint8:
+        return image.astype(jnp.float32) - jnp.asarray(rgb_mean, jnp.float32)
+    return image
 
 
 def make_train_step(
@@ -67,7 +75,8 @@ def make_train_step(
 ) -> StepFn:
     """The jitted ``step(state, batch) -> (state, metrics)``.
 
-    ``batch``: ``image [B,S,S,3]`` float32, ``targets [B,M,15]``, ``valid [B,M]``. ``metrics``:
+    ``batch``: ``image [B,S,S,3]`` (uint8 BGR as the pipeline gives it, or float32 already minus
+    the mean), ``targets [B,M,15]``, ``valid [B,M]``. ``metrics``:
     scalar ``loss`` (``loc_weight * loss_l + loss_c + loss_landm``), its three parts and ``lr``
     (the rate used for this update, when ``schedule`` is given). With ``mesh`` the state is kept
     replicated and the batch is expected sharded along ``'data'``. ``donate`` reuses the input
