@@ -15,6 +15,7 @@ import pytest
 from retinaface_jax.config import get_config
 from retinaface_jax.data.labels import FaceRecord, load_records
 from retinaface_jax.data.pipeline import (
+    BatchIterator,
     StepBatches,
     epoch_permutation,
     make_train_iterator,
@@ -137,6 +138,19 @@ def test_worker_shared_memory_is_unlinked_before_exit(shared: Path, tmp_path: Pa
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "leaked" not in out.stderr, out.stderr[-2000:]
+
+
+def test_close_after_grain_shut_its_deletion_pool_down(monkeypatch) -> None:
+    """At interpreter shutdown grain's pool may be gone: closing must not raise over the error
+    that is unwinding (a ``with`` block's)."""
+    from multiprocessing.pool import ThreadPool
+
+    from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
+
+    pool = ThreadPool(1)
+    pool.terminate()
+    monkeypatch.setattr(SharedMemoryArray, "_del_thread_pool", pool)
+    BatchIterator(iter(())).close()
 
 
 def test_pad_targets_keeps_the_largest_in_order() -> None:

@@ -288,5 +288,9 @@ def _release_shared_memory() -> None:
     except ImportError:
         return
     pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
-    if pool is not None:
+    if pool is None:
+        return
+    try:
         pool.apply(int)
+    except ValueError:  # "Pool not running": shut down already, nothing left to wait for
+        pass
