@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from program_inputs import empty_batch, trace_detector_program
 
 from retinaface_jax.config import get_config
 from retinaface_jax.inference.detector import Detector
@@ -56,11 +57,7 @@ def test_train_step_for_accelerators_uses_xla_convolutions(platform, monkeypatch
     schedule = learning_rate_schedule(cfg, steps_per_epoch=10)
     tx = make_optimizer(cfg, schedule)
     graphdef, state = create_train_state(model, tx)
-    batch = {
-        "image": np.zeros((2, SIZE, SIZE, 3), np.uint8),
-        "targets": np.zeros((2, 4, 15), np.float32),
-        "valid": np.zeros((2, 4), bool),
-    }
+    batch = empty_batch(2, SIZE, dtype=np.uint8)
     step = make_train_step(graphdef, cfg, SIZE, tx, schedule, donate=False)
     text = step.trace(state, batch).lower(lowering_platforms=(platform,)).as_text()
     assert _custom_calls(text) == []
@@ -77,11 +74,7 @@ def test_the_same_step_on_cpu_calls_the_native_kernels() -> None:
     schedule = learning_rate_schedule(cfg, steps_per_epoch=10)
     tx = make_optimizer(cfg, schedule)
     graphdef, state = create_train_state(RetinaFace(cfg, rngs=nnx.Rngs(0)), tx)
-    batch = {
-        "image": np.zeros((2, SIZE, SIZE, 3), np.uint8),
-        "targets": np.zeros((2, 4, 15), np.float32),
-        "valid": np.zeros((2, 4), bool),
-    }
+    batch = empty_batch(2, SIZE, dtype=np.uint8)
     step = make_train_step(graphdef, cfg, SIZE, tx, schedule, donate=False)
     text = step.trace(state, batch).lower().as_text()
     assert any(name.startswith("retinaface_") for name in _custom_calls(text))
@@ -92,17 +85,7 @@ def test_detector_for_accelerators_uses_xla_convolutions(platform, monkeypatch) 
     cfg, model = _model(platform, monkeypatch)
     detector = Detector(model, cfg, compilation_cache=False)
     assert detector.kernels == "xla"
-    traced = detector._program.trace(
-        detector._weights,
-        np.zeros((1, SIZE, SIZE, 3), np.uint8),
-        np.array([[SIZE, SIZE]], np.int32),
-        np.ones((1,), np.float32),
-        np.float32(0.5),
-        np.float32(0.4),
-        k=10,
-        max_keep=5,
-        masked=False,
-    )
+    traced = trace_detector_program(detector, np.zeros((1, SIZE, SIZE, 3), np.uint8))
     text = traced.lower(lowering_platforms=(platform,)).as_text()
     assert not any(name.startswith("retinaface_") for name in _custom_calls(text))
     assert text.count("stablehlo.convolution") == _forward_convolutions(model)

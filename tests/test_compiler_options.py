@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from program_inputs import empty_batch, trace_detector_program
 
 import retinaface_jax
 from retinaface_jax import xla_options as options_module
@@ -49,28 +50,13 @@ def test_train_step_and_detector_are_compiled_with_the_options():
     schedule = learning_rate_schedule(cfg, steps_per_epoch=10)
     tx = make_optimizer(cfg, schedule)
     graphdef, state = create_train_state(RetinaFace(cfg, rngs=nnx.Rngs(0)), tx)
-    batch = {
-        "image": np.zeros((2, 64, 64, 3), np.float32),
-        "targets": np.zeros((2, 4, 15), np.float32),
-        "valid": np.zeros((2, 4), bool),
-    }
+    batch = empty_batch(2, 64)
     step = make_train_step(graphdef, cfg, 64, tx, schedule, donate=False)
     assert "__ynn_fusion" not in step.lower(state, batch).compile().as_text()
 
     model = RetinaFace(cfg, rngs=nnx.Rngs(0))
     detector = retinaface_jax.Detector(model, cfg, compilation_cache=False)
-    image = np.zeros((1, 64, 64, 3), np.uint8)
-    lowered = detector._program.lower(
-        detector._weights,
-        image,
-        np.array([[64, 64]], np.int32),
-        np.ones((1,), np.float32),
-        np.float32(0.5),
-        np.float32(0.4),
-        k=10,
-        max_keep=5,
-        masked=False,
-    )
+    lowered = trace_detector_program(detector, np.zeros((1, 64, 64, 3), np.uint8)).lower()
     assert "__ynn_fusion" not in lowered.compile().as_text()
 
 
@@ -83,11 +69,7 @@ def test_data_parallel_train_step_gets_the_options_of_its_mesh_platform(monkeypa
     schedule = learning_rate_schedule(cfg, steps_per_epoch=10)
     tx = make_optimizer(cfg, schedule)
     graphdef, state = create_train_state(RetinaFace(cfg, rngs=nnx.Rngs(0)), tx)
-    batch = {
-        "image": np.zeros((n, 32, 32, 3), np.float32),
-        "targets": np.zeros((n, 2, 15), np.float32),
-        "valid": np.zeros((n, 2), bool),
-    }
+    batch = empty_batch(n, 32, faces=2)
     step = make_train_step(graphdef, cfg, 32, tx, schedule, mesh=mesh, donate=False)
     lowered = step.lower(replicate(state, mesh), shard_batch(batch, mesh))
     assert "__ynn_fusion" not in lowered.compile().as_text()

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax import lax
+from program_inputs import trace_detector_program
 
 from retinaface_jax.kernels import native, ops
 from retinaface_jax.kernels.native import native_kernels_available
@@ -1120,12 +1121,11 @@ def test_detector_program_reads_uint8_images_in_the_stem_kernel(mobilenet):
     from retinaface_jax.inference.detector import Detector
 
     det = Detector(mobilenet, kernels="native", compilation_cache=False)
-    valid, resize, thr = np.array([[64, 96]], np.int32), np.ones(1, np.float32), np.float32(0.5)
 
     def targets(dtype, masked: bool) -> set[str]:
         images = np.zeros((1, 64, 96, 3), dtype)
-        args = (det._weights, images, valid, resize, thr, thr)
-        text = det._program.lower(*args, k=100, max_keep=10, masked=masked).as_text()
+        traced = trace_detector_program(det, images, k=100, max_keep=10, masked=masked)
+        text = traced.lower().as_text()
         return set(re.findall(r"retinaface_conv\w*", text))
 
     assert "retinaface_conv_u8" in targets(np.uint8, masked=False)

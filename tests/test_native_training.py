@@ -14,6 +14,7 @@ import pytest
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from program_inputs import empty_batch
 
 from retinaface_jax.kernels import native, ops
 from retinaface_jax.models import conv_ops, native_training
@@ -164,12 +165,8 @@ def test_cpu_train_step_uses_the_kernels(monkeypatch):
     cfg = get_config("mobilenet0.25")
     tx = optax.sgd(1e-3)
     graphdef, state = create_train_state(RetinaFace(cfg, rngs=nnx.Rngs(0)), tx)
-    size, m = 64, 4
-    batch = {
-        "image": np.zeros((2, size, size, 3), np.float32),
-        "targets": np.zeros((2, m, 15), np.float32),
-        "valid": np.zeros((2, m), bool),
-    }
+    size = 64
+    batch = empty_batch(2, size)
 
     def hlo():
         step = step_module.make_train_step(graphdef, cfg, size, tx, donate=False)
