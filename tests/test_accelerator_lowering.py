@@ -50,16 +50,21 @@ def _forward_convolutions(model: RetinaFace) -> int:
     return convs - 2 * 3
 
 
+def _train_step_text(cfg, model: RetinaFace, platform: str | None = None) -> str:
+    """The train step's StableHLO for a blank uint8 batch, lowered for ``platform`` (None: here)."""
+    schedule = learning_rate_schedule(cfg, steps_per_epoch=10)
+    tx = make_optimizer(cfg, schedule)
+    graphdef, state = create_train_state(model, tx)
+    step = make_train_step(graphdef, cfg, SIZE, tx, schedule, donate=False)
+    traced = step.trace(state, empty_batch(2, SIZE, dtype=np.uint8))
+    return traced.lower(lowering_platforms=(platform,) if platform else None).as_text()
+
+
 @pytest.mark.parametrize("platform", sorted(PLATFORMS))
 def test_train_step_for_accelerators_uses_xla_convolutions(platform, monkeypatch) -> None:
     cfg, model = _model(platform, monkeypatch)
     forward = _forward_convolutions(model)
-    schedule = learning_rate_schedule(cfg, steps_per_epoch=10)
-    tx = make_optimizer(cfg, schedule)
-    graphdef, state = create_train_state(model, tx)
-    batch = empty_batch(2, SIZE, dtype=np.uint8)
-    step = make_train_step(graphdef, cfg, SIZE, tx, schedule, donate=False)
-    text = step.trace(state, batch).lower(lowering_platforms=(platform,)).as_text()
+    text = _train_step_text(cfg, model, platform)
     assert _custom_calls(text) == []
     assert text.count("stablehlo.convolution") == 3 * forward - 1
 
@@ -71,12 +76,7 @@ def test_the_same_step_on_cpu_calls_the_native_kernels() -> None:
     if not native_kernels_available():
         pytest.skip("the native kernels did not build here")
     cfg = get_config("mobilenet0.25", image_size=SIZE, batch_size=2)
-    schedule = learning_rate_schedule(cfg, steps_per_epoch=10)
-    tx = make_optimizer(cfg, schedule)
-    graphdef, state = create_train_state(RetinaFace(cfg, rngs=nnx.Rngs(0)), tx)
-    batch = empty_batch(2, SIZE, dtype=np.uint8)
-    step = make_train_step(graphdef, cfg, SIZE, tx, schedule, donate=False)
-    text = step.trace(state, batch).lower().as_text()
+    text = _train_step_text(cfg, RetinaFace(cfg, rngs=nnx.Rngs(0)))
     assert any(name.startswith("retinaface_") for name in _custom_calls(text))
 
 

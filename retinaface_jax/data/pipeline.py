@@ -282,14 +282,14 @@ def _release_shared_memory() -> None:
     requests in order, so a no-op put through it returns once the earlier unlinks are done. The
     pool is grain's private attribute; a grain version without it has nothing to wait for.
     """
-    gc.collect()
     try:
         from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
     except ImportError:
         return
     pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
-    if pool is None:
+    if pool is None:  # no worker has run in this process: no shared memory to release
         return
+    gc.collect()
     try:
         pool.apply(int)
     except ValueError:  # "Pool not running": shut down already, nothing left to wait for
