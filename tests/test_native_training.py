@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -186,9 +187,13 @@ def test_cpu_train_step_uses_the_kernels(monkeypatch):
         for _, m in nnx.iter_modules(nnx.merge(graphdef, state.params, state.batch_stats))
     )
     text = hlo()
-    assert text.count("@retinaface_depthwise_grad(") == 13  # MobileNetV1's 13 depthwise layers
+    # MobileNetV1's 13 depthwise layers: the 11 after a BatchNorm of the same stage read it
+    # through (depthwise_bn), the first of stages 2 and 3 read the stage input
+    assert text.count("@retinaface_depthwise_bn_grad(") == 11
+    assert text.count("@retinaface_depthwise_grad(") == 2
     assert text.count("@retinaface_moments(") == batch_norms > 13  # every BatchNorm's statistics
-    assert text.count("@retinaface_bn_grad_sums(") == batch_norms
+    # backward sums: by the 11 depthwise_bn gradients, the other BatchNorms' by bn_grad_sums
+    assert text.count("@retinaface_bn_grad_sums(") == batch_norms - 11
     assert text.count("@retinaface_conv_winograd(") == 2 * len(dense)  # forward, input gradient
     monkeypatch.setattr(step_module, "native_kernels_available", lambda: False)
     assert "@retinaface_" not in hlo()
@@ -284,6 +289,64 @@ def test_batch_norm_train_matches_xla_on_one_and_four_devices(slope):
         np.testing.assert_allclose(v, v0, rtol=1e-5)
         for a, b in zip(g, g0, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def bn_depthwise_loss_and_grads(stride, slope, mesh=None, native=True):
+    """Jitted ``(x, scale, bias, kernel) -> (loss, grads)`` of BatchNorm -> LeakyReLU -> 3x3
+    depthwise: fused (``into_depthwise``) inside ``native_gradients``, else the two layers by XLA."""
+    from retinaface_jax.models.layers import BatchNorm2d, Conv2d
+
+    c = 24
+
+    def loss(x, scale, bias, kernel):
+        norm = BatchNorm2d(c)
+        conv = Conv2d(c, c, 3, stride, 1, groups=c, bias=False, rngs=nnx.Rngs(0))
+        norm.scale[...], norm.bias[...], conv.kernel[...] = scale, bias, kernel
+        y = jnp.sum(jnp.sin(norm.into_depthwise(x, slope, conv)))
+        return y + jnp.sum(norm.mean[...]) + jnp.sum(norm.var[...])  # running statistics too
+
+    def f(*args):
+        with native_gradients(mesh) if native else contextlib.nullcontext():
+            return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))(*args)
+
+    return jax.jit(f)
+
+
+@pytest.mark.parametrize("stride, slope", [(1, 0.1), (2, 0.0), (1, 1.0)])
+def test_batch_norm_into_depthwise_matches_xla_on_one_and_four_devices(stride, slope):
+    """The fused BatchNorm -> LeakyReLU -> depthwise (activation never stored, the BatchNorm's
+    backward sums from the depthwise gradient kernel) computes the two layers' loss and gradients."""
+    mesh = make_mesh(jax.devices()[:4])
+    rng = np.random.default_rng(5)
+    args = (
+        (rng.normal(size=(8, 11, 13, 24)) * 2 + 5).astype(np.float32),
+        rng.uniform(0.5, 1.5, 24).astype(np.float32),
+        rng.normal(size=24).astype(np.float32),
+        rng.normal(size=(3, 3, 1, 24)).astype(np.float32),
+    )
+    xla = bn_depthwise_loss_and_grads(stride, slope, native=False)
+    one = bn_depthwise_loss_and_grads(stride, slope)
+    four = bn_depthwise_loss_and_grads(stride, slope, mesh)
+    text = one.lower(*args).as_text()
+    assert "@retinaface_depthwise_bn(" in text and "@retinaface_depthwise_bn_grad(" in text
+    assert "@retinaface_bn_grad_sums(" not in text  # the sums come with the depthwise gradient
+    assert "@retinaface_" not in xla.lower(*args).as_text()
+    sharded = (jax.device_put(args[0], NamedSharding(mesh, P("data"))), *args[1:])
+    compiled = four.lower(*sharded).compile().as_text()
+    assert "retinaface_depthwise_bn_grad" in compiled and "f32[2,11,13,24]" in compiled
+    (v0, g0), (v1, g1), (v4, g4) = xla(*args), one(*args), four(*sharded)
+    for v, g in ((v1, g1), (v4, g4)):
+        np.testing.assert_allclose(v, v0, rtol=1e-5)
+        for a, b in zip(g, g0, strict=True):  # sums of ~1e3 terms: rounding relative to the largest
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_depthwise_bn_rejects_bad_shapes():
+    x, k = np.zeros((1, 4, 4, 8), np.float32), np.zeros((3, 3, 1, 8), np.float32)
+    with pytest.raises(ValueError, match=r"depthwise_bn: expected \[8\] vectors.*'shift': \(4,\)"):
+        ops.depthwise_bn(x, k, np.ones(8, np.float32), np.ones(4, np.float32), 0.1, 1)
+    with pytest.raises(ValueError, match=r"depthwise_bn_grad: dy \(1, 4, 4, 8\), expected"):
+        ops.depthwise_bn_grad(x, k, x, np.ones(8), np.ones(8), np.ones(8), 0.1, 2)
 
 
 # -- dense 3x3 stride-1 convolutions -------------------------------------------------------------

@@ -63,6 +63,8 @@ TARGETS: dict[str, str] = {
     "retinaface_topk_nms": "RfTopkNms",
     "retinaface_depthwise": "RfDepthwise",
     "retinaface_depthwise_grad": "RfDepthwiseGrad",
+    "retinaface_depthwise_bn": "RfDepthwiseBn",
+    "retinaface_depthwise_bn_grad": "RfDepthwiseBnGrad",
     "retinaface_moments": "RfMoments",
     "retinaface_bn_grad_sums": "RfBnGradSums",
     "retinaface_weight_grad": "RfWeightGrad",

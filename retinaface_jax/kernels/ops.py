@@ -29,10 +29,13 @@ HEADS_TARGET = "retinaface_heads"
 TOPK_NMS_TARGET = "retinaface_topk_nms"
 DEPTHWISE_TARGET = "retinaface_depthwise"
 DEPTHWISE_GRAD_TARGET = "retinaface_depthwise_grad"
+DEPTHWISE_BN_TARGET = "retinaface_depthwise_bn"
+DEPTHWISE_BN_GRAD_TARGET = "retinaface_depthwise_bn_grad"
 MOMENTS_TARGET = "retinaface_moments"
 BN_GRAD_SUMS_TARGET = "retinaface_bn_grad_sums"
 WEIGHT_GRAD_TARGET = "retinaface_weight_grad"
 NO_ACTIVATION = 1.0  # negative slope 1: y = v
+DEPTHWISE_BN_BLOCKS = 8  # row blocks per image of depthwise_bn_grad: 64 tasks at batch 8
 MAX_CIN = 4096  # the widest input a conv kernel reads (kMaxCin in cpu_conv.cc)
 _ALIGN = 16  # floats: every array starts on a 64-byte boundary of the buffer
 
@@ -356,6 +359,59 @@ def depthwise_grad(
     )
     dx, dk = jax.ffi.ffi_call(DEPTHWISE_GRAD_TARGET, out)(x, kernel, dy, stride=np.int64(stride))
     return dx, dk.reshape(n, 3, 3, 1, c)
+
+
+def _check_vectors(what: str, c: int, **vectors: jax.Array) -> None:
+    bad = {name: v.shape for name, v in vectors.items() if v.shape != (c,)}
+    if bad:
+        raise ValueError(f"{what}: expected [{c}] vectors, got {bad}")
+
+
+def depthwise_bn(
+    x: jax.Array, kernel: jax.Array, scale: jax.Array, shift: jax.Array, slope: float, stride: int
+) -> jax.Array:
+    """``depthwise(leaky_relu(x * scale + shift, slope), kernel, stride)`` with the activation
+    computed row by row inside the kernel, never stored: ``x`` is a BatchNorm's input, ``scale``
+    and ``shift [C]`` its batch statistics and affine parameters folded together."""
+    oh, ow = _depthwise_shapes(x, kernel, stride)
+    _check_vectors("depthwise_bn", x.shape[3], scale=scale, shift=shift)
+    out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, x.shape[3]), jnp.float32)
+    return jax.ffi.ffi_call(DEPTHWISE_BN_TARGET, out)(
+        x, kernel, scale, shift, stride=np.int64(stride), slope=np.float32(slope)
+    )
+
+
+def depthwise_bn_grad(
+    x: jax.Array,
+    kernel: jax.Array,
+    dy: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    mean: jax.Array,
+    slope: float,
+    stride: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients of :func:`depthwise_bn` for the cotangent ``dy``: ``(da, dkernel, sums)`` with
+    ``da [N, H, W, C]`` the cotangent of the activation, ``dkernel [N, B, 3, 3, 1, C]`` per image
+    and block of rows (``B = min(output rows, DEPTHWISE_BN_BLOCKS)``: tasks for the thread pool)
+    and ``sums [N, H, 2, C]`` per row of ``da``: the BatchNorm's backward sums ``sum(g)`` and
+    ``sum(g * (x - mean))`` (``g`` the cotangent before the activation), as :func:`bn_grad_sums`
+    computes them per image. The caller sums ``dkernel`` and ``sums`` over the batch."""
+    oh, ow = _depthwise_shapes(x, kernel, stride)
+    n, h, w, c = x.shape
+    if dy.shape != (n, oh, ow, c):
+        raise ValueError(f"depthwise_bn_grad: dy {dy.shape}, expected {(n, oh, ow, c)}")
+    _check_vectors("depthwise_bn_grad", c, scale=scale, shift=shift, mean=mean)
+    blocks = min(oh, DEPTHWISE_BN_BLOCKS)
+    out = (
+        jax.ShapeDtypeStruct(x.shape, jnp.float32),
+        jax.ShapeDtypeStruct((n, blocks, 9, c), jnp.float32),
+        jax.ShapeDtypeStruct((n, h, 2, c), jnp.float32),
+    )
+    da, dk, sums = jax.ffi.ffi_call(DEPTHWISE_BN_GRAD_TARGET, out)(
+        x, kernel, dy, scale, shift, mean, stride=np.int64(stride), slope=np.float32(slope)
+    )
+    return da, dk.reshape(n, blocks, 3, 3, 1, c), sums
 
 
 def _check_channels(what: str, x: jax.Array) -> None:

@@ -134,12 +134,39 @@ class BatchNorm2d(nnx.Module):
             z = _affine(x, mean, jax.lax.rsqrt(var + self.eps), self.scale[...], self.bias[...])
             return leaky_relu(z, slope)
         y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.eps, slope)
-        n = math.prod(x.shape[:-1])
+        self._update_running(mean, var, math.prod(x.shape[:-1]))
+        return y
+
+    def into_depthwise(self, x: jax.Array, activation: float, conv: Conv2d) -> jax.Array:
+        """``conv(self(x, activation))`` for a 3x3 depthwise ``conv`` (padding 1, no bias).
+
+        In a CPU train step (``native_training.depthwise_applies``) the activation is never
+        stored: the depthwise kernels read ``x`` and normalise it row by row as they go, and the
+        depthwise layer's input gradient comes with this layer's backward sums
+        (:func:`batch_norm_depthwise_train`). Elsewhere it is the two layers one after the other.
+        """
+        kernel = conv.kernel[...]
+        fused = (
+            not self.use_running_average
+            and conv.bias is None
+            and conv.groups == x.shape[-1] == conv.out_channels
+            and native_training.depthwise_applies(x, kernel, conv.stride, conv.padding)
+        )
+        if not fused:
+            return conv(self(x, activation))
+        y, mean, var = batch_norm_depthwise_train(
+            x, self.scale[...], self.bias[...], kernel, self.eps, activation, conv.stride
+        )
+        self._update_running(mean, var, math.prod(x.shape[:-1]))
+        return y
+
+    def _update_running(self, mean: jax.Array, var: jax.Array, n: int) -> None:
+        """Running averages from a batch's mean and biased variance over ``n`` values (the
+        variance made unbiased, as torch does)."""
         m = self.momentum
         self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
         unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
         self.var[...] = m * self.var[...] + (1 - m) * unbiased
-        return y
 
 
 def leaky_relu(x: jax.Array, slope: float) -> jax.Array:
@@ -207,27 +234,84 @@ def _batch_norm_fwd(x, scale, bias, eps, slope):
 def _batch_norm_bwd(eps, slope, residuals, cotangents):
     x, mean, inv, scale, bias = residuals
     dy, g_mean, g_var = cotangents
+    k, c = _scale_shift(mean, inv, scale, bias)
+    if native_training.batch_norm_applies(x):
+        sums = native_training.batch_norm_grad_sums(dy, x, mean, k, c, slope)
+    else:
+        xc = x - mean
+
+        def g(rows):
+            return _activation_cotangent(dy[:, rows], x[:, rows] * k + c, slope)
+
+        sums = channel_sums(lambda rows: [g(rows), g(rows) * xc[:, rows]], x.shape[1])
+    return _batch_norm_input_grad(dy, x, mean, inv, k, c, slope, sums, g_mean, g_var)
+
+
+def _activation_cotangent(dy, z, slope):
+    """The cotangent of ``z`` given that of ``leaky_relu(z, slope)``: ``dy`` masked by ``z > 0``."""
+    return dy if slope == NO_ACTIVATION else jnp.where(z > 0, dy, dy * slope)
+
+
+def _batch_norm_input_grad(dy, x, mean, inv, k, c, slope, sums, g_mean, g_var):
+    """``(dx, dscale, dbias)`` of BatchNorm -> ``leaky_relu(., slope)`` from the output's
+    cotangent ``dy`` and the backward sums ``(sum(g), sum(g * (x - mean)))`` over the batch."""
+    d_bias, d_scale = sums
+    d_scale = d_scale * inv
     n = math.prod(x.shape[:-1])
     xc = x - mean
-    k, c = _scale_shift(mean, inv, scale, bias)
-
-    def g(rows):  # the cotangent of the normalised x (before the activation)
-        if slope == NO_ACTIVATION:
-            return dy[:, rows]
-        return jnp.where(x[:, rows] * k + c > 0, dy[:, rows], dy[:, rows] * slope)
-
-    if native_training.batch_norm_applies(x):
-        d_bias, d_scale = native_training.batch_norm_grad_sums(dy, x, mean, k, c, slope)
-    else:
-        d_bias, d_scale = channel_sums(lambda rows: [g(rows), g(rows) * xc[:, rows]], x.shape[1])
-    d_scale = d_scale * inv
     # d/dx of y (through mean and variance), plus the (usually zero) cotangents of the statistics
-    dx = k * (g(slice(None)) - (d_bias + xc * (inv * d_scale)) / n)
+    g = _activation_cotangent(dy, x * k + c, slope)
+    dx = k * (g - (d_bias + xc * (inv * d_scale)) / n)
     dx = dx + (g_mean + 2.0 * g_var * xc) / n
     return dx, d_scale, d_bias
 
 
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+def batch_norm_depthwise_train(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    kernel: jax.Array,
+    eps: float,
+    slope: float,
+    stride: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode BatchNorm of NHWC ``x``, ``leaky_relu(., slope)``, then the 3x3 depthwise
+    convolution (padding 1) with ``kernel [3, 3, 1, C]``: ``(y, batch mean, biased variance)``.
+
+    For the native CPU kernels only (``native_training.depthwise_applies``): the activation is
+    computed inside the depthwise kernels and never stored, and the backward sums of the
+    BatchNorm come from the depthwise input gradient's kernel. Same function and gradients as
+    ``conv2d(batch_norm_train(x, ...)[0], kernel, ...)``.
+    """
+    return _bn_depthwise(x, scale, bias, kernel, eps, float(slope), stride)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _bn_depthwise(x, scale, bias, kernel, eps, slope, stride):
+    return _bn_depthwise_fwd(x, scale, bias, kernel, eps, slope, stride)[0]
+
+
+def _bn_depthwise_fwd(x, scale, bias, kernel, eps, slope, stride):
+    mean, var = _batch_stats(x)
+    inv = jax.lax.rsqrt(var + eps)
+    k, c = _scale_shift(mean, inv, scale, bias)
+    y = native_training.depthwise_bn(x, kernel, k, c, slope, stride)
+    return (y, mean, var), (x, mean, inv, scale, bias, kernel)
+
+
+def _bn_depthwise_bwd(eps, slope, stride, residuals, cotangents):
+    x, mean, inv, scale, bias, kernel = residuals
+    dy, g_mean, g_var = cotangents
+    k, c = _scale_shift(mean, inv, scale, bias)
+    da, dkernel, *sums = native_training.depthwise_bn_grad(x, kernel, dy, k, c, mean, slope, stride)
+    dx, d_scale, d_bias = _batch_norm_input_grad(da, x, mean, inv, k, c, slope, sums, g_mean, g_var)
+    return dx, d_scale, d_bias, dkernel
+
+
+_bn_depthwise.defvjp(_bn_depthwise_fwd, _bn_depthwise_bwd)
 
 
 class LeakyReLU(nnx.Module):

@@ -110,6 +110,46 @@ def _depthwise_bwd(stride, mesh, residuals, dy):
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+def depthwise_bn(
+    x: jax.Array, kernel: jax.Array, scale: jax.Array, shift: jax.Array, slope: float, stride: int
+) -> jax.Array:
+    """``ops.depthwise_bn`` (the depthwise layer reading ``leaky_relu(x * scale + shift)``
+    without storing it), per device; differentiated only through :func:`depthwise_bn_grad`."""
+    call = _per_device(
+        lambda x, w, k, c: ops.depthwise_bn(x, w, k, c, slope, stride),
+        _mesh(),
+        (True, False, False, False),
+    )
+    return call(x, kernel, scale, shift)
+
+
+def depthwise_bn_grad(
+    x: jax.Array,
+    kernel: jax.Array,
+    dy: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    mean: jax.Array,
+    slope: float,
+    stride: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``ops.depthwise_bn_grad`` per device: ``(da, dkernel, sum(g), sum(g * (x - mean)))`` with
+    the kernel gradient and the BatchNorm's sums combined over the batch."""
+    call = _per_device(
+        lambda x, w, g, k, c, m: ops.depthwise_bn_grad(x, w, g, k, c, m, slope, stride),
+        _mesh(),
+        (True, False, True, False, False, False),
+        outputs=3,
+    )
+    da, dk, sums = call(x, kernel, dy, scale, shift, mean)
+    return (
+        da,
+        jnp.sum(dk, axis=(0, 1)),
+        jnp.sum(sums[:, :, 0], axis=(0, 1)),
+        jnp.sum(sums[:, :, 1], axis=(0, 1)),
+    )
+
+
 def batch_norm_applies(x: jax.Array) -> bool:
     """Whether BatchNorm's sums over ``x`` run natively here: inside :func:`native_gradients`, a
     float32 NHWC ``x`` with a multiple of 8 channels."""

@@ -8,6 +8,8 @@ here.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,26 +25,63 @@ from retinaface_jax.models.layers import (
 )
 
 
+class PendingBatchNorm(NamedTuple):
+    """A block's closing BatchNorm -> LeakyReLU, not applied yet: the next block, when it starts
+    with a depthwise layer, reads it through (``BatchNorm2d.into_depthwise``)."""
+
+    x: jax.Array  # the BatchNorm's input
+    norm: BatchNorm2d
+    slope: float
+
+    def apply(self) -> jax.Array:
+        return self.norm(self.x, self.slope)
+
+
 class ConvBlock(nnx.Sequential):
     """The original's ``nn.Sequential`` conv blocks, with each BatchNorm -> LeakyReLU pair run as
     one fused layer (``BatchNorm2d(x, activation=slope)``); same layers, same indices.
 
     ``activation``: the slope of a LeakyReLU applied after the block (0: ReLU; SSH's ReLU after
-    its concatenation), fused into the block's last BatchNorm.
+    its concatenation), fused into the block's last BatchNorm. ``pending=True``: a block ending in
+    BatchNorm -> LeakyReLU returns them unapplied (:class:`PendingBatchNorm`) for the next block,
+    which takes ``x`` either way.
     """
 
-    def __call__(self, x: jax.Array, activation: float | None = None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array | PendingBatchNorm,
+        activation: float | None = None,
+        *,
+        pending: bool = False,
+    ) -> jax.Array | PendingBatchNorm:
         layers, i = list(self.layers), 0
+        if isinstance(x, PendingBatchNorm):
+            first = layers[0]
+            if isinstance(first, Conv2d) and first.groups > 1:
+                x, i = x.norm.into_depthwise(x.x, x.slope, first), 1
+            else:
+                x = x.apply()
         while i < len(layers):
             layer = layers[i]
             after = layers[i + 1] if i + 1 < len(layers) else None
             if isinstance(layer, BatchNorm2d) and isinstance(after, LeakyReLU):
+                if pending and i + 2 == len(layers) and activation is None:
+                    return PendingBatchNorm(x, layer, after.negative_slope)
                 x, i = layer(x, after.negative_slope), i + 2
             elif isinstance(layer, BatchNorm2d) and after is None:
                 return layer(x, activation)
             else:
                 x, i = layer(x), i + 1
         return x if activation is None else leaky_relu(x, activation)
+
+
+def run_blocks(blocks: nnx.Sequential, x: jax.Array) -> jax.Array:
+    """``blocks(x)`` for a sequence of ``ConvBlock``s, each block's closing BatchNorm ->
+    LeakyReLU handed to the next block unapplied (``pending``), so that a depthwise layer there
+    can read it through; the last block's output is applied."""
+    for block in blocks.layers:
+        x = block(x, pending=True)
+    return x.apply() if isinstance(x, PendingBatchNorm) else x
 
 
 def conv_bn(inp: int, oup: int, stride: int = 1, leaky: float = 0.0, *, rngs: nnx.Rngs):
@@ -168,9 +207,9 @@ class MobileNetV1(nnx.Module):
 
     def features(self, x: jax.Array) -> list[jax.Array]:
         """Stage outputs at strides 8, 16, 32 (the original's IntermediateLayerGetter)."""
-        s1 = self.stage1(x)
-        s2 = self.stage2(s1)
-        return [s1, s2, self.stage3(s2)]
+        s1 = run_blocks(self.stage1, x)
+        s2 = run_blocks(self.stage2, s1)
+        return [s1, s2, run_blocks(self.stage3, s2)]
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """ImageNet logits ``[B, 1000]`` (needs ``include_top=True``)."""
