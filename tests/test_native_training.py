@@ -188,12 +188,15 @@ def test_cpu_train_step_uses_the_kernels(monkeypatch):
     )
     text = hlo()
     # MobileNetV1's 13 depthwise layers: the 11 after a BatchNorm of the same stage read it
-    # through (depthwise_bn), the first of stages 2 and 3 read the stage input
+    # through (depthwise_bn), the first of stages 2 and 3 read the stage input; its 13 pointwise
+    # layers all read their depthwise layer's BatchNorm through (conv_bn)
     assert text.count("@retinaface_depthwise_bn_grad(") == 11
     assert text.count("@retinaface_depthwise_grad(") == 2
+    assert text.count("@retinaface_conv_bn(") == text.count("@retinaface_weight_grad_bn(") == 13
     assert text.count("@retinaface_moments(") == batch_norms > 13  # every BatchNorm's statistics
-    # backward sums: by the 11 depthwise_bn gradients, the other BatchNorms' by bn_grad_sums
-    assert text.count("@retinaface_bn_grad_sums(") == batch_norms - 11
+    # backward sums: by the 24 read-through input gradients, the other BatchNorms' by bn_grad_sums
+    assert text.count("@retinaface_conv_bn_input_grad(") == 13
+    assert text.count("@retinaface_bn_grad_sums(") == batch_norms - 24
     assert text.count("@retinaface_conv_winograd(") == 2 * len(dense)  # forward, input gradient
     monkeypatch.setattr(step_module, "native_kernels_available", lambda: False)
     assert "@retinaface_" not in hlo()
@@ -291,18 +294,16 @@ def test_batch_norm_train_matches_xla_on_one_and_four_devices(slope):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def bn_depthwise_loss_and_grads(stride, slope, mesh=None, native=True):
-    """Jitted ``(x, scale, bias, kernel) -> (loss, grads)`` of BatchNorm -> LeakyReLU -> 3x3
-    depthwise: fused (``into_depthwise``) inside ``native_gradients``, else the two layers by XLA."""
+def bn_conv_loss_and_grads(conv_args, slope, mesh=None, native=True):
+    """Jitted ``(x, scale, bias, kernel) -> (loss, grads)`` of BatchNorm -> LeakyReLU -> the
+    ``Conv2d(*conv_args)``: read through (``into_conv``) inside ``native_gradients``, else the two
+    layers by XLA."""
     from retinaface_jax.models.layers import BatchNorm2d, Conv2d
 
-    c = 24
-
     def loss(x, scale, bias, kernel):
-        norm = BatchNorm2d(c)
-        conv = Conv2d(c, c, 3, stride, 1, groups=c, bias=False, rngs=nnx.Rngs(0))
+        norm, conv = BatchNorm2d(x.shape[-1]), Conv2d(*conv_args, bias=False, rngs=nnx.Rngs(0))
         norm.scale[...], norm.bias[...], conv.kernel[...] = scale, bias, kernel
-        y = jnp.sum(jnp.sin(norm.into_depthwise(x, slope, conv)))
+        y = jnp.sum(jnp.sin(norm.into_conv(x, slope, conv)))
         return y + jnp.sum(norm.mean[...]) + jnp.sum(norm.var[...])  # running statistics too
 
     def f(*args):
@@ -312,28 +313,44 @@ def bn_depthwise_loss_and_grads(stride, slope, mesh=None, native=True):
     return jax.jit(f)
 
 
-@pytest.mark.parametrize("stride, slope", [(1, 0.1), (2, 0.0), (1, 1.0)])
-def test_batch_norm_into_depthwise_matches_xla_on_one_and_four_devices(stride, slope):
-    """The fused BatchNorm -> LeakyReLU -> depthwise (activation never stored, the BatchNorm's
-    backward sums from the depthwise gradient kernel) computes the two layers' loss and gradients."""
+# (Conv2d arguments: in, out, kernel size, stride, padding, groups), the kernels, slope
+INTO_CONV_CASES = [
+    ((24, 24, 3, 1, 1, 24), "depthwise_bn", 0.1),
+    ((24, 24, 3, 2, 1, 24), "depthwise_bn", 0.0),
+    ((24, 24, 3, 1, 1, 24), "depthwise_bn", 1.0),
+    ((24, 40, 1, 1, 0, 1), "conv_bn", 0.1),
+    ((24, 16, 1, 1, 0, 1), "conv_bn", 0.0),
+]
+
+
+@pytest.mark.parametrize(
+    "conv_args, kernels, slope",
+    INTO_CONV_CASES,
+    ids=[f"{c[1]}-{c[0]}-{c[2]}" for c in INTO_CONV_CASES],
+)
+def test_batch_norm_into_conv_matches_xla_on_one_and_four_devices(conv_args, kernels, slope):
+    """The BatchNorm -> LeakyReLU read through by the next layer (activation never stored, the
+    BatchNorm's backward sums from that layer's input-gradient kernel) computes the two layers'
+    loss and gradients, on one device and batch-parallel on four."""
     mesh = make_mesh(jax.devices()[:4])
     rng = np.random.default_rng(5)
+    cin, cout, k, _, _, groups = conv_args
     args = (
-        (rng.normal(size=(8, 11, 13, 24)) * 2 + 5).astype(np.float32),
-        rng.uniform(0.5, 1.5, 24).astype(np.float32),
-        rng.normal(size=24).astype(np.float32),
-        rng.normal(size=(3, 3, 1, 24)).astype(np.float32),
+        (rng.normal(size=(8, 11, 13, cin)) * 2 + 5).astype(np.float32),
+        rng.uniform(0.5, 1.5, cin).astype(np.float32),
+        rng.normal(size=cin).astype(np.float32),
+        rng.normal(size=(k, k, cin // groups, cout)).astype(np.float32),
     )
-    xla = bn_depthwise_loss_and_grads(stride, slope, native=False)
-    one = bn_depthwise_loss_and_grads(stride, slope)
-    four = bn_depthwise_loss_and_grads(stride, slope, mesh)
+    xla = bn_conv_loss_and_grads(conv_args, slope, native=False)
+    one = bn_conv_loss_and_grads(conv_args, slope)
+    four = bn_conv_loss_and_grads(conv_args, slope, mesh)
     text = one.lower(*args).as_text()
-    assert "@retinaface_depthwise_bn(" in text and "@retinaface_depthwise_bn_grad(" in text
-    assert "@retinaface_bn_grad_sums(" not in text  # the sums come with the depthwise gradient
+    assert f"@retinaface_{kernels}(" in text
+    assert "@retinaface_bn_grad_sums(" not in text  # the sums come with the input gradient
     assert "@retinaface_" not in xla.lower(*args).as_text()
     sharded = (jax.device_put(args[0], NamedSharding(mesh, P("data"))), *args[1:])
     compiled = four.lower(*sharded).compile().as_text()
-    assert "retinaface_depthwise_bn_grad" in compiled and "f32[2,11,13,24]" in compiled
+    assert f"retinaface_{kernels}" in compiled and f"f32[2,11,13,{cin}]" in compiled
     (v0, g0), (v1, g1), (v4, g4) = xla(*args), one(*args), four(*sharded)
     for v, g in ((v1, g1), (v4, g4)):
         np.testing.assert_allclose(v, v0, rtol=1e-5)
@@ -341,8 +358,19 @@ def test_batch_norm_into_depthwise_matches_xla_on_one_and_four_devices(stride, s
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
 
-def test_depthwise_bn_rejects_bad_shapes():
+def test_read_through_kernels_reject_bad_shapes():
     x, k = np.zeros((1, 4, 4, 8), np.float32), np.zeros((3, 3, 1, 8), np.float32)
+    params, layer = ops.plain_layer(jnp.zeros((1, 1, 8, 16)), stride=1, padding=0)
+    with pytest.raises(
+        ValueError, match=r"conv_bn: expected a 1x1 stride-1 layer.*\(1, 4, 4, 16\)"
+    ):
+        ops.conv_bn(
+            np.zeros((1, 4, 4, 16), np.float32), params, layer, np.ones(16), np.ones(16), 0.1
+        )
+    with pytest.raises(ValueError, match=r"conv_bn_input_grad: x \(1, 4, 4, 8\), expected"):
+        ops.conv_bn_input_grad(x, params, layer, x, np.ones(16), np.ones(16), np.ones(16), 0.1)
+    with pytest.raises(ValueError, match=r"weight_grad_bn: dy \(1, 4, 3, 16\) for x"):
+        ops.weight_grad_bn(x, np.zeros((1, 4, 3, 16)), np.ones(8), np.ones(8), 0.1)
     with pytest.raises(ValueError, match=r"depthwise_bn: expected \[8\] vectors.*'shift': \(4,\)"):
         ops.depthwise_bn(x, k, np.ones(8, np.float32), np.ones(4, np.float32), 0.1, 1)
     with pytest.raises(ValueError, match=r"depthwise_bn_grad: dy \(1, 4, 4, 8\), expected"):

@@ -893,10 +893,10 @@ struct FloatImageRows {
 };
 
 // Rows of a = act(x * k + c, slope) for x [N, H, W, C] (a BatchNorm folded into the per-channel
-// scale k and shift c, then a LeakyReLU), channels [c0, c0 + cw) of each pixel computed on first
-// use into three row buffers (row ih in buffer ih % 3: the three rows a depthwise output row reads
-// never collide, and stride-1 neighbours reuse two of them). The other channels of a buffer are
-// unspecified. A buffer comes from the thread's scratch: one BatchNormRows per task at a time.
+// scale k and shift c, then a LeakyReLU), computed on first use into three row buffers (row ih in
+// buffer ih % 3: the three rows a depthwise output row reads never collide, and stride-1
+// neighbours reuse two of them). The buffers come from the thread's scratch: one BatchNormRows
+// per task at a time.
 // Filling a row prefetches the next one: without that, alternating between filling a row from
 // memory and using it in cache streamed x at half the bandwidth of a plain read (18 vs 38 GB/s).
 struct BatchNormRows {
@@ -906,11 +906,10 @@ struct BatchNormRows {
   float slope;
   float* buf;
   int64_t tag[3] = {-1, -1, -1};
-  BatchNormRows(const float* x, const DwShape& s, const float* scale, const float* shift, float sl,
-                int64_t first = 0, int64_t width = -1)
-      : X(x), H(s.H), W(s.W), C(s.C), c0(first), cw(width < 0 ? s.C : width), rows(s.N * s.H),
-        k(scale), c(shift), slope(sl),
-        buf(scratch<float>(size_t(3 * (s.W * s.C + kScratchGap)))) {}
+  BatchNormRows(const float* x, int64_t n, int64_t h, int64_t w, int64_t ch, const float* scale,
+                const float* shift, float sl)
+      : X(x), H(h), W(w), C(ch), c0(0), cw(ch), rows(n * h), k(scale), c(shift), slope(sl),
+        buf(scratch<float>(size_t(3 * (w * ch + kScratchGap)))) {}
   const float* operator()(int64_t n, int64_t ih) {
     const int64_t key = n * H + ih, slot = ih % 3;
     float* row = buf + slot * (W * C + kScratchGap);
@@ -1594,7 +1593,7 @@ ffi::Error RfDepthwiseBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* Y = y->typed_data();
   const int64_t rows = s.N * s.OH, chunk = rows_per_task(rows, s.OW * s.C * 9);
   parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
-    BatchNormRows input(X, s, k.typed_data(), c.typed_data(), slope);
+    BatchNormRows input(X, s.N, s.H, s.W, s.C, k.typed_data(), c.typed_data(), slope);
     for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r) {
       const int64_t n = r / s.OH, oh = r % s.OH;
       const float* in[3];
@@ -1652,7 +1651,7 @@ ffi::Error RfDepthwiseBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     const int64_t n = task / blocks, b = task % blocks;
     const int64_t o0 = b * s.OH / blocks, o1 = (b + 1) * s.OH / blocks;
     const int64_t h1 = b + 1 == blocks ? s.H : o1 * s.stride;
-    BatchNormRows input(X, s, Kb, Cb, slope);
+    BatchNormRows input(X, s.N, s.H, s.W, s.C, Kb, Cb, slope);
     std::vector<float> acc(size_t(9 * s.C), 0.f);
     with_vector_for(s.C, [&](auto v) {
       using V = decltype(v);
@@ -1681,6 +1680,159 @@ ffi::Error RfDepthwiseBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       for (; ih < h1; ++ih) input_gradient_row(ih);
     });
     std::memcpy(DK + (n * blocks + b) * 9 * s.C, acc.data(), acc.size() * sizeof(float));
+  });
+  return ffi::Error::Success();
+}
+
+// -- Training: a BatchNorm + LeakyReLU read through by the 1x1 layer after it ----------------
+// The same for a 1x1 stride-1 layer (MobileNet's pointwise layers after their depthwise layer's
+// BatchNorm): its forward and its kernel gradient normalise x row by row (BatchNormRows), and its
+// input gradient's rows end with the BatchNorm's backward sums.
+
+// y = conv1x1(act(x * k + c, slope)) with the packed weights, bias and slopes at the offsets.
+ffi::Error RfConvBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> params,
+                        ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> c,
+                        ffi::ResultBuffer<ffi::F32> y, int64_t w_offset, int64_t b_offset,
+                        int64_t s_offset, float slope) {
+  const int64_t cin = x.dimensions().size() == 4 ? x.dimensions()[3] : 0;
+  auto shape = conv_shape("retinaface_conv_bn", x.dimensions(), y->dimensions(), cin, 0, 1, 1, 1, 0);
+  if (shape.has_error()) return shape.error();
+  const ConvShape s = *shape;
+  if (int64_t(k.element_count()) != s.C || int64_t(c.element_count()) != s.C)
+    return ffi::Error::InvalidArgument("retinaface_conv_bn: expected k and c of [C] values");
+  if (auto e = check_layer(params, "retinaface_conv_bn", s.C * s.CO, s.CO, w_offset, b_offset,
+                           s_offset);
+      e.failure())
+    return e;
+  const float* P = params.typed_data();
+  const float* X = x.typed_data();
+  float* Y = y->typed_data();
+  const int64_t rows = s.N * s.H, ntiles = (s.W + MR - 1) / MR;
+  const int64_t chunk = rows_per_task(rows, s.W * s.CO * s.C);
+  parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
+    BatchNormRows input(X, s.N, s.H, s.W, s.C, k.typed_data(), c.typed_data(), slope);
+    std::vector<const float*> ptrs(size_t(ntiles * MR));
+    for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r) {
+      const float* a = input(r / s.H, r % s.H);
+      for (int64_t m = 0; m < ntiles * MR; ++m) ptrs[size_t(m)] = m < s.W ? a + m * s.C : kZeros;
+      conv_row_blocks(ptrs.data(), ntiles, s.W, 1, s.C, P + w_offset, P + b_offset, P + s_offset,
+                      Y + r * s.W * s.CO, s.CO);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// The input gradient of that layer, da = conv1x1(dy, w^T) with w^T packed at the offsets (cout
+// inputs, C outputs), each row followed by the BatchNorm's backward sums over it: sums [N, H, 2, C]
+// of g and g * (x - mean), g = x * k + c > 0 ? da : slope * da.
+ffi::Error RfConvBnInputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                                 ffi::Buffer<ffi::F32> params, ffi::Buffer<ffi::F32> x,
+                                 ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> c,
+                                 ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> da,
+                                 ffi::ResultBuffer<ffi::F32> sums, int64_t w_offset,
+                                 int64_t b_offset, int64_t s_offset, float slope) {
+  const int64_t cout = dy.dimensions().size() == 4 ? dy.dimensions()[3] : 0;
+  auto shape = conv_shape("retinaface_conv_bn_input_grad", dy.dimensions(), da->dimensions(), cout,
+                          0, 1, 1, 1, 0);
+  if (shape.has_error()) return shape.error();
+  const ConvShape s = *shape;  // from dy (s.C = cout) to da (s.CO = C)
+  auto xd = x.dimensions();
+  auto sd = sums->dimensions();
+  bool ok = xd.size() == 4 && sd.size() == 4 && sd[0] == s.N && sd[1] == s.H && sd[2] == 2 &&
+            sd[3] == s.CO && int64_t(k.element_count()) == s.CO &&
+            int64_t(c.element_count()) == s.CO && int64_t(mean.element_count()) == s.CO;
+  for (size_t i = 0; ok && i < 4; ++i) ok = xd[i] == da->dimensions()[i];
+  if (!ok)
+    return ffi::Error::InvalidArgument(
+        "retinaface_conv_bn_input_grad: expected x shaped like da, sums [N, H, 2, C] and k, c, "
+        "mean of [C] values");
+  if (auto e = check_layer(params, "retinaface_conv_bn_input_grad", s.C * s.CO, s.CO, w_offset,
+                           b_offset, s_offset);
+      e.failure())
+    return e;
+  const float *P = params.typed_data(), *G = dy.typed_data(), *X = x.typed_data();
+  const float *Kb = k.typed_data(), *Cb = c.typed_data(), *Mn = mean.typed_data();
+  float *DA = da->typed_data(), *S = sums->typed_data();
+  const int64_t rows = s.N * s.H, ntiles = (s.W + MR - 1) / MR, C = s.CO;
+  const int64_t chunk = rows_per_task(rows, s.W * s.CO * s.C);
+  parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
+    std::vector<const float*> ptrs(size_t(ntiles * MR));
+    for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r) {
+      const float* g = G + r * s.W * s.C;
+      prefetch(X + r * s.W * C, s.W * C);  // the x row the sums below read
+      for (int64_t m = 0; m < ntiles * MR; ++m) ptrs[size_t(m)] = m < s.W ? g + m * s.C : kZeros;
+      float* out = DA + r * s.W * C;
+      conv_row_blocks(ptrs.data(), ntiles, s.W, 1, s.C, P + w_offset, P + b_offset, P + s_offset,
+                      out, C);
+      with_vector_for(C, [&](auto v) {
+        using V = decltype(v);
+        for (int64_t c0 = 0; c0 < C; c0 += lanes<V>)
+          grad_sums_image<V, true>(out, X + r * s.W * C, Mn, Kb, Cb, slope, 1, s.W, C, c0,
+                                   S + r * 2 * C, S + r * 2 * C + C);
+      });
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// The kernel gradient of that layer per image, dw [N, 1, 1, C, CO] = sum over pixels of
+// act(x * k + c) dy^T: blocks of rows normalised into scratch, then the kernel-gradient tiles.
+ffi::Error RfWeightGradBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
+                              ffi::Buffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> dw,
+                              float slope) {
+  auto xd = x.dimensions();
+  auto gd = dy.dimensions();
+  auto wd = dw->dimensions();
+  bool ok = xd.size() == 4 && gd.size() == 4 && wd.size() == 5;
+  for (size_t i = 0; ok && i < 3; ++i) ok = xd[i] == gd[i];
+  ok = ok && gd[3] % 8 == 0 && wd[0] == xd[0] && wd[1] == 1 && wd[2] == 1 && wd[3] == xd[3] &&
+       wd[4] == gd[3] && int64_t(k.element_count()) == xd[3] &&
+       int64_t(c.element_count()) == xd[3];
+  if (!ok)
+    return ffi::Error::InvalidArgument(
+        "retinaface_weight_grad_bn: expected x [N, H, W, C], dy [N, H, W, CO] (CO a multiple of "
+        "8), k and c of [C] values and dw [N, 1, 1, C, CO]");
+  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3], CO = gd[3];
+  const float *X = x.typed_data(), *DY = dy.typed_data(), *Kb = k.typed_data(), *Cb = c.typed_data();
+  float* DW = dw->typed_data();
+  std::vector<std::pair<int64_t, int64_t>> spans;  // (co0, width) as for_each_span visits them
+  for_each_span(CO, 0, nullptr, [&](auto span, int64_t c0, const float*, int64_t) {
+    spans.emplace_back(c0, decltype(span)::width);
+  });
+  // rows per block: ~64 KB of dy rows (with their normalised x rows) stay in L2 while every
+  // tile passes, as in RfWeightGradImpl
+  const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, W * CO));
+  parallel_for(pool, N, [&](int64_t n) {
+    float* a = scratch<float>(size_t(block * W * C));
+    float* dwn = DW + n * C * CO;
+    std::fill(dwn, dwn + C * CO, 0.f);
+    for (int64_t h0 = 0; h0 < H; h0 += block) {
+      const int64_t rows = std::min(block, H - h0);
+      const float* xb = X + (n * H + h0) * W * C;
+      if (h0 + rows < H) prefetch(xb + rows * W * C, rows * W * C);
+      with_vector_for(C, [&](auto v) {
+        using V = decltype(v);
+        const V sv = bcast<V>(slope);
+        for (int64_t ch = 0; ch < C; ch += lanes<V>) {
+          const V kv = loadu<V>(Kb + ch), cv = loadu<V>(Cb + ch);
+          for (int64_t p = 0; p < rows * W; ++p)
+            storeu(a + p * C + ch, activate(loadu<V>(xb + p * C + ch) * kv + cv, sv));
+        }
+      });
+      // the block as one image of `rows` rows: 1x1, stride 1, no padding
+      const WgradShape b{1, rows, W, C, rows, W, CO, 1, 1, 0};
+      const float* g = DY + (n * H + h0) * W * CO;
+      for (int64_t c0 = 0; c0 < C; c0 += kWgradChannels)
+        for (const auto& [co0, width] : spans)
+          with_channel_count(std::min<int64_t>(kWgradChannels, C - c0), [&](auto mr_tag) {
+            constexpr int MRT = decltype(mr_tag)::value;
+            with_span(width, [&](auto span) {
+              using S = decltype(span);
+              wgrad_tile<MRT, S::nv, typename S::vec>(b, a, g, 0, 0, rows, c0, co0, dwn);
+            });
+          });
+    }
   });
   return ffi::Error::Success();
 }
@@ -1908,6 +2060,45 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfDepthwiseBnGrad, RfDepthwiseBnGradImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk [N, B, 9, C] per row block
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sums [N, H, 2, C] per row
                                   .Attr<int64_t>("stride")
+                                  .Attr<float>("slope"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvBn, RfConvBnImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [N, H, W, C]: BatchNorm input
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // the layer's parameters
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k [C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c [C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [N, H, W, CO]
+                                  .Attr<int64_t>("w_offset")
+                                  .Attr<int64_t>("b_offset")
+                                  .Attr<int64_t>("s_offset")
+                                  .Attr<float>("slope"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvBnInputGrad, RfConvBnInputGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy [N, H, W, CO]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w^T packed, zero bias, slope 1
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [N, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k [C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c [C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean [C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // da [N, H, W, C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // sums [N, H, 2, C] per row
+                                  .Attr<int64_t>("w_offset")
+                                  .Attr<int64_t>("b_offset")
+                                  .Attr<int64_t>("s_offset")
+                                  .Attr<float>("slope"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfWeightGradBn, RfWeightGradBnImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [N, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy [N, H, W, CO]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // k [C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c [C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw [N, 1, 1, C, CO] per image
                                   .Attr<float>("slope"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfMoments, RfMomentsImpl,

@@ -31,6 +31,9 @@ DEPTHWISE_TARGET = "retinaface_depthwise"
 DEPTHWISE_GRAD_TARGET = "retinaface_depthwise_grad"
 DEPTHWISE_BN_TARGET = "retinaface_depthwise_bn"
 DEPTHWISE_BN_GRAD_TARGET = "retinaface_depthwise_bn_grad"
+CONV_BN_TARGET = "retinaface_conv_bn"
+CONV_BN_INPUT_GRAD_TARGET = "retinaface_conv_bn_input_grad"
+WEIGHT_GRAD_BN_TARGET = "retinaface_weight_grad_bn"
 MOMENTS_TARGET = "retinaface_moments"
 BN_GRAD_SUMS_TARGET = "retinaface_bn_grad_sums"
 WEIGHT_GRAD_TARGET = "retinaface_weight_grad"
@@ -241,11 +244,7 @@ def conv(x: jax.Array, params: jax.Array, layer: ConvLayer, mean: int | None = N
     out = jax.ShapeDtypeStruct(
         (n, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1, layer.cout), jnp.float32
     )
-    offsets = {
-        "w_offset": np.int64(layer.w),
-        "b_offset": np.int64(layer.b),
-        "s_offset": np.int64(layer.slope),
-    }
+    offsets = _offsets(layer)
     shape = dict(stride=np.int64(s), pad=np.int64(p), kh=np.int64(k), kw=np.int64(k))
     if x.dtype == jnp.uint8:
         if mean is None or c != layer.cin or layer.cin_offset or layer.cin >= 8 or layer.winograd:
@@ -412,6 +411,86 @@ def depthwise_bn_grad(
         x, kernel, dy, scale, shift, mean, stride=np.int64(stride), slope=np.float32(slope)
     )
     return da, dk.reshape(n, blocks, 3, 3, 1, c), sums
+
+
+def _offsets(layer: ConvLayer) -> dict[str, np.int64]:
+    return {
+        "w_offset": np.int64(layer.w),
+        "b_offset": np.int64(layer.b),
+        "s_offset": np.int64(layer.slope),
+    }
+
+
+def _check_pointwise(what: str, x: jax.Array, layer: ConvLayer) -> None:
+    if (layer.kernel_size, layer.stride, layer.padding, layer.cin_offset) != (1, 1, 0, 0) or (
+        x.ndim != 4 or x.shape[3] != layer.cin
+    ):
+        raise ValueError(
+            f"{what}: expected a 1x1 stride-1 layer reading every channel of x, got x {x.shape}, "
+            f"{layer}"
+        )
+
+
+def conv_bn(
+    x: jax.Array,
+    params: jax.Array,
+    layer: ConvLayer,
+    scale: jax.Array,
+    shift: jax.Array,
+    slope: float,
+) -> jax.Array:
+    """The 1x1 stride-1 ``layer`` on ``leaky_relu(x * scale + shift, slope)``, the activation
+    computed row by row inside the kernel and never stored (``x``: a BatchNorm's input)."""
+    _check_pointwise("conv_bn", x, layer)
+    _check_vectors("conv_bn", x.shape[3], scale=scale, shift=shift)
+    out = jax.ShapeDtypeStruct((*x.shape[:3], layer.cout), jnp.float32)
+    return jax.ffi.ffi_call(CONV_BN_TARGET, out)(
+        x, params, scale, shift, **_offsets(layer), slope=np.float32(slope)
+    )
+
+
+def conv_bn_input_grad(
+    dy: jax.Array,
+    params: jax.Array,
+    layer: ConvLayer,
+    x: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    mean: jax.Array,
+    slope: float,
+) -> tuple[jax.Array, jax.Array]:
+    """The input gradient of :func:`conv_bn`: ``layer`` holds the transposed kernel (``dy``'s
+    channels in, ``x``'s out). ``(da, sums)``: ``da`` the cotangent of the activation, ``sums
+    [N, H, 2, C]`` per row the BatchNorm's backward sums ``sum(g)``, ``sum(g * (x - mean))``."""
+    _check_pointwise("conv_bn_input_grad", dy, layer)
+    c = layer.cout
+    if x.shape != (*dy.shape[:3], c):
+        raise ValueError(f"conv_bn_input_grad: x {x.shape}, expected {(*dy.shape[:3], c)}")
+    _check_vectors("conv_bn_input_grad", c, scale=scale, shift=shift, mean=mean)
+    out = (
+        jax.ShapeDtypeStruct(x.shape, jnp.float32),
+        jax.ShapeDtypeStruct((x.shape[0], x.shape[1], 2, c), jnp.float32),
+    )
+    return jax.ffi.ffi_call(CONV_BN_INPUT_GRAD_TARGET, out)(
+        dy, params, x, scale, shift, mean, **_offsets(layer), slope=np.float32(slope)
+    )
+
+
+def weight_grad_bn(
+    x: jax.Array, dy: jax.Array, scale: jax.Array, shift: jax.Array, slope: float
+) -> jax.Array:
+    """The kernel gradient ``[N, 1, 1, C, CO]`` per image of :func:`conv_bn` (1x1, stride 1)."""
+    n, h, w, c = x.shape
+    if dy.ndim != 4 or dy.shape[:3] != (n, h, w) or dy.shape[3] % 8:
+        raise ValueError(
+            f"weight_grad_bn: dy {dy.shape} for x {x.shape} (expected [N, H, W, CO], CO a "
+            "multiple of 8)"
+        )
+    _check_vectors("weight_grad_bn", c, scale=scale, shift=shift)
+    out = jax.ShapeDtypeStruct((n, 1, 1, c, dy.shape[3]), jnp.float32)
+    return jax.ffi.ffi_call(WEIGHT_GRAD_BN_TARGET, out)(
+        x, dy, scale, shift, slope=np.float32(slope)
+    )
 
 
 def _check_channels(what: str, x: jax.Array) -> None:

@@ -137,25 +137,31 @@ class BatchNorm2d(nnx.Module):
         self._update_running(mean, var, math.prod(x.shape[:-1]))
         return y
 
-    def into_depthwise(self, x: jax.Array, activation: float, conv: Conv2d) -> jax.Array:
-        """``conv(self(x, activation))`` for a 3x3 depthwise ``conv`` (padding 1, no bias).
+    def into_conv(self, x: jax.Array, activation: float, conv: Conv2d) -> jax.Array:
+        """``conv(self(x, activation))``.
 
-        In a CPU train step (``native_training.depthwise_applies``) the activation is never
-        stored: the depthwise kernels read ``x`` and normalise it row by row as they go, and the
-        depthwise layer's input gradient comes with this layer's backward sums
-        (:func:`batch_norm_depthwise_train`). Elsewhere it is the two layers one after the other.
+        In a CPU train step, when ``conv`` is a 3x3 depthwise layer (padding 1) or a 1x1
+        stride-1 layer without bias that the native kernels run, the activation is never stored:
+        the layer's kernels read ``x`` and normalise it row by row as they go, and the layer's
+        input gradient comes with this layer's backward sums (:func:`batch_norm_conv_train`).
+        Elsewhere it is the two layers one after the other.
         """
-        kernel = conv.kernel[...]
-        fused = (
-            not self.use_running_average
-            and conv.bias is None
-            and conv.groups == x.shape[-1] == conv.out_channels
-            and native_training.depthwise_applies(x, kernel, conv.stride, conv.padding)
-        )
-        if not fused:
+        kernel, stride, padding = conv.kernel[...], conv.stride, conv.padding
+        if conv.groups > 1:
+            consumer, applies = "depthwise", native_training.depthwise_applies
+            applies_here = conv.groups == x.shape[-1] == conv.out_channels
+        else:
+            consumer, applies, applies_here = (
+                "pointwise",
+                native_training.pointwise_bn_applies,
+                True,
+            )
+        if self.use_running_average or conv.bias is not None or not applies_here:
             return conv(self(x, activation))
-        y, mean, var = batch_norm_depthwise_train(
-            x, self.scale[...], self.bias[...], kernel, self.eps, activation, conv.stride
+        if not applies(x, kernel, stride, padding):
+            return conv(self(x, activation))
+        y, mean, var = batch_norm_conv_train(
+            x, self.scale[...], self.bias[...], kernel, self.eps, activation, consumer, stride
         )
         self._update_running(mean, var, math.prod(x.shape[:-1]))
         return y
@@ -269,49 +275,59 @@ def _batch_norm_input_grad(dy, x, mean, inv, k, c, slope, sums, g_mean, g_var):
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
-def batch_norm_depthwise_train(
+def batch_norm_conv_train(
     x: jax.Array,
     scale: jax.Array,
     bias: jax.Array,
     kernel: jax.Array,
     eps: float,
     slope: float,
-    stride: int,
+    consumer: str,
+    stride: int = 1,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Training-mode BatchNorm of NHWC ``x``, ``leaky_relu(., slope)``, then the 3x3 depthwise
-    convolution (padding 1) with ``kernel [3, 3, 1, C]``: ``(y, batch mean, biased variance)``.
+    """Training-mode BatchNorm of NHWC ``x``, ``leaky_relu(., slope)``, then the ``consumer``
+    convolution with ``kernel``: ``'depthwise'`` (3x3, padding 1, ``[3, 3, 1, C]``) or
+    ``'pointwise'`` (1x1, stride 1, ``[1, 1, C, CO]``). Returns ``(y, batch mean, biased
+    variance)``.
 
-    For the native CPU kernels only (``native_training.depthwise_applies``): the activation is
-    computed inside the depthwise kernels and never stored, and the backward sums of the
-    BatchNorm come from the depthwise input gradient's kernel. Same function and gradients as
-    ``conv2d(batch_norm_train(x, ...)[0], kernel, ...)``.
+    For the native CPU kernels only (``native_training.depthwise_applies`` /
+    ``pointwise_bn_applies``): the activation is computed inside the convolution's kernels and
+    never stored, and the BatchNorm's backward sums come from the kernel of the convolution's
+    input gradient. Same function and gradients as the two layers one after the other.
     """
-    return _bn_depthwise(x, scale, bias, kernel, eps, float(slope), stride)
+    if consumer not in _CONSUMERS:
+        raise ValueError(f"batch_norm_conv_train: consumer must be one of {_CONSUMERS}")
+    return _bn_conv(x, scale, bias, kernel, eps, float(slope), consumer, stride)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _bn_depthwise(x, scale, bias, kernel, eps, slope, stride):
-    return _bn_depthwise_fwd(x, scale, bias, kernel, eps, slope, stride)[0]
+_CONSUMERS = ("depthwise", "pointwise")
 
 
-def _bn_depthwise_fwd(x, scale, bias, kernel, eps, slope, stride):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _bn_conv(x, scale, bias, kernel, eps, slope, consumer, stride):
+    return _bn_conv_fwd(x, scale, bias, kernel, eps, slope, consumer, stride)[0]
+
+
+def _bn_conv_fwd(x, scale, bias, kernel, eps, slope, consumer, stride):
     mean, var = _batch_stats(x)
     inv = jax.lax.rsqrt(var + eps)
     k, c = _scale_shift(mean, inv, scale, bias)
-    y = native_training.depthwise_bn(x, kernel, k, c, slope, stride)
+    y = native_training.batch_norm_into(consumer, x, kernel, k, c, slope, stride)
     return (y, mean, var), (x, mean, inv, scale, bias, kernel)
 
 
-def _bn_depthwise_bwd(eps, slope, stride, residuals, cotangents):
+def _bn_conv_bwd(eps, slope, consumer, stride, residuals, cotangents):
     x, mean, inv, scale, bias, kernel = residuals
     dy, g_mean, g_var = cotangents
     k, c = _scale_shift(mean, inv, scale, bias)
-    da, dkernel, *sums = native_training.depthwise_bn_grad(x, kernel, dy, k, c, mean, slope, stride)
+    da, dkernel, sums = native_training.batch_norm_into_grad(
+        consumer, x, kernel, dy, k, c, mean, slope, stride
+    )
     dx, d_scale, d_bias = _batch_norm_input_grad(da, x, mean, inv, k, c, slope, sums, g_mean, g_var)
     return dx, d_scale, d_bias, dkernel
 
 
-_bn_depthwise.defvjp(_bn_depthwise_fwd, _bn_depthwise_bwd)
+_bn_conv.defvjp(_bn_conv_fwd, _bn_conv_bwd)
 
 
 class LeakyReLU(nnx.Module):

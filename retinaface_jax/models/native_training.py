@@ -110,20 +110,46 @@ def _depthwise_bwd(stride, mesh, residuals, dy):
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
-def depthwise_bn(
-    x: jax.Array, kernel: jax.Array, scale: jax.Array, shift: jax.Array, slope: float, stride: int
-) -> jax.Array:
-    """``ops.depthwise_bn`` (the depthwise layer reading ``leaky_relu(x * scale + shift)``
-    without storing it), per device; differentiated only through :func:`depthwise_bn_grad`."""
-    call = _per_device(
-        lambda x, w, k, c: ops.depthwise_bn(x, w, k, c, slope, stride),
-        _mesh(),
-        (True, False, False, False),
+def pointwise_bn_applies(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> bool:
+    """Whether a 1x1 layer reading a BatchNorm -> LeakyReLU runs natively here, the activation
+    never stored (:func:`batch_norm_into`): inside :func:`native_gradients`, float32, stride 1, no
+    padding, multiples of 8 channels in and out."""
+    return (
+        _ACTIVE.get() is not None
+        and x.dtype == kernel.dtype == jnp.float32
+        and kernel.shape[:2] == (1, 1)
+        and (stride, padding) == (1, 0)
+        and x.shape[-1] % 8 == 0
+        and kernel.shape[-1] % 8 == 0
+        and x.shape[-1] <= ops.MAX_CIN
+        and kernel.shape[-1] <= ops.MAX_CIN
     )
-    return call(x, kernel, scale, shift)
 
 
-def depthwise_bn_grad(
+def batch_norm_into(
+    consumer: str,
+    x: jax.Array,
+    kernel: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    slope: float,
+    stride: int = 1,
+) -> jax.Array:
+    """The ``consumer`` layer (``'depthwise'``: 3x3, padding 1; ``'pointwise'``: 1x1, stride 1)
+    on ``leaky_relu(x * scale + shift, slope)``, computed row by row inside its kernel
+    (``ops.depthwise_bn`` / ``ops.conv_bn``) and never stored; per device. Differentiated only
+    through :func:`batch_norm_into_grad`."""
+    mesh, batched = _mesh(), (True, False, False, False)
+    if consumer == "depthwise":
+        call = _per_device(lambda *a: ops.depthwise_bn(*a, slope, stride), mesh, batched)
+        return call(x, kernel, scale, shift)
+    params, layer = ops.plain_layer(kernel, stride=1, padding=0)
+    call = _per_device(lambda x, p, k, c: ops.conv_bn(x, p, layer, k, c, slope), mesh, batched)
+    return call(x, params, scale, shift)
+
+
+def batch_norm_into_grad(
+    consumer: str,
     x: jax.Array,
     kernel: jax.Array,
     dy: jax.Array,
@@ -131,23 +157,35 @@ def depthwise_bn_grad(
     shift: jax.Array,
     mean: jax.Array,
     slope: float,
-    stride: int,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``ops.depthwise_bn_grad`` per device: ``(da, dkernel, sum(g), sum(g * (x - mean)))`` with
-    the kernel gradient and the BatchNorm's sums combined over the batch."""
-    call = _per_device(
-        lambda x, w, g, k, c, m: ops.depthwise_bn_grad(x, w, g, k, c, m, slope, stride),
-        _mesh(),
-        (True, False, True, False, False, False),
-        outputs=3,
-    )
-    da, dk, sums = call(x, kernel, dy, scale, shift, mean)
-    return (
-        da,
-        jnp.sum(dk, axis=(0, 1)),
-        jnp.sum(sums[:, :, 0], axis=(0, 1)),
-        jnp.sum(sums[:, :, 1], axis=(0, 1)),
-    )
+    stride: int = 1,
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
+    """Gradients of :func:`batch_norm_into` for the cotangent ``dy``, per device: ``(da,
+    dkernel, (sum(g), sum(g * (x - mean))))``: ``da`` the cotangent of the activation, the
+    kernel gradient and the BatchNorm's backward sums combined over the batch."""
+    mesh = _mesh()
+    if consumer == "depthwise":
+        call = _per_device(
+            lambda *a: ops.depthwise_bn_grad(*a, slope, stride),
+            mesh,
+            (True, False, True, False, False, False),
+            outputs=3,
+        )
+        da, dk, sums = call(x, kernel, dy, scale, shift, mean)
+        dk = jnp.sum(dk, axis=(0, 1))
+    else:
+        params, layer = ops.plain_layer(jnp.transpose(kernel, (0, 1, 3, 2)), stride=1, padding=0)
+        input_grad = _per_device(
+            lambda g, p, *a: ops.conv_bn_input_grad(g, p, layer, *a, slope),
+            mesh,
+            (True, False, True, False, False, False),
+            outputs=2,
+        )
+        kernel_grad = _per_device(
+            lambda *a: ops.weight_grad_bn(*a, slope), mesh, (True, True, False, False)
+        )
+        da, sums = input_grad(dy, params, x, scale, shift, mean)
+        dk = jnp.sum(kernel_grad(x, dy, scale, shift), axis=0)
+    return da, dk, (jnp.sum(sums[:, :, 0], axis=(0, 1)), jnp.sum(sums[:, :, 1], axis=(0, 1)))
 
 
 def batch_norm_applies(x: jax.Array) -> bool:

@@ -26,8 +26,8 @@ from retinaface_jax.models.layers import (
 
 
 class PendingBatchNorm(NamedTuple):
-    """A block's closing BatchNorm -> LeakyReLU, not applied yet: the next block, when it starts
-    with a depthwise layer, reads it through (``BatchNorm2d.into_depthwise``)."""
+    """A block's closing BatchNorm -> LeakyReLU, not applied yet: the next block's first
+    convolution reads it through (``BatchNorm2d.into_conv``)."""
 
     x: jax.Array  # the BatchNorm's input
     norm: BatchNorm2d
@@ -57,8 +57,8 @@ class ConvBlock(nnx.Sequential):
         layers, i = list(self.layers), 0
         if isinstance(x, PendingBatchNorm):
             first = layers[0]
-            if isinstance(first, Conv2d) and first.groups > 1:
-                x, i = x.norm.into_depthwise(x.x, x.slope, first), 1
+            if isinstance(first, Conv2d):
+                x, i = x.norm.into_conv(x.x, x.slope, first), 1
             else:
                 x = x.apply()
         while i < len(layers):
@@ -67,6 +67,10 @@ class ConvBlock(nnx.Sequential):
             if isinstance(layer, BatchNorm2d) and isinstance(after, LeakyReLU):
                 if pending and i + 2 == len(layers) and activation is None:
                     return PendingBatchNorm(x, layer, after.negative_slope)
+                following = layers[i + 2] if i + 2 < len(layers) else None
+                if isinstance(following, Conv2d):  # read through by the next layer
+                    x, i = layer.into_conv(x, after.negative_slope, following), i + 3
+                    continue
                 x, i = layer(x, after.negative_slope), i + 2
             elif isinstance(layer, BatchNorm2d) and after is None:
                 return layer(x, activation)
