@@ -11,6 +11,11 @@ materialises for 1x1 weight gradients are slow too. So on CPU the train step run
   ``ops.conv`` (XLA's dot for the 1x1 ones ran at ~40 % of a core's peak); other input gradients
   by XLA; every kernel gradient by ``ops.weight_grad`` (Winograd F(3x3, 4x4) for 3x3 stride-1);
 - BatchNorm's batch statistics and backward sums: ``ops.moments`` / ``ops.bn_grad_sums``;
+- a BatchNorm + LeakyReLU whose next layer is a 3x3 depthwise or a 1x1 stride-1 layer: read
+  through by that layer (:func:`batch_norm_into`, ``layers.BatchNorm2d.into_conv``). Its
+  forward and kernel-gradient kernels normalise the BatchNorm's input row by row, so the
+  activation is never stored, and its input-gradient kernel computes the BatchNorm's backward
+  sums over each row it writes (:func:`batch_norm_into_grad`);
 while the elementwise parts (normalisation, activations, BatchNorm's input gradient) stay on
 XLA. The choice is made while the step is traced, inside
 :func:`native_gradients` (which the train step enters when it runs on CPU and the kernels are
