@@ -192,10 +192,9 @@ def test_cpu_train_step_uses_the_kernels(monkeypatch):
     # layers all read their depthwise layer's BatchNorm through (conv_bn)
     assert text.count("@retinaface_depthwise_bn_grad(") == 11
     assert text.count("@retinaface_depthwise_grad(") == 2
-    assert text.count("@retinaface_conv_bn(") == text.count("@retinaface_weight_grad_bn(") == 13
+    assert text.count("@retinaface_conv_bn(") == text.count("@retinaface_conv_bn_grad(") == 13
     assert text.count("@retinaface_moments(") == batch_norms > 13  # every BatchNorm's statistics
-    # backward sums: by the 24 read-through input gradients, the other BatchNorms' by bn_grad_sums
-    assert text.count("@retinaface_conv_bn_input_grad(") == 13
+    # backward sums: by the 24 read-through gradients, the other BatchNorms' by bn_grad_sums
     assert text.count("@retinaface_bn_grad_sums(") == batch_norms - 24
     assert text.count("@retinaface_conv_winograd(") == 2 * len(dense)  # forward, input gradient
     monkeypatch.setattr(step_module, "native_kernels_available", lambda: False)
@@ -313,22 +312,25 @@ def bn_conv_loss_and_grads(conv_args, slope, mesh=None, native=True):
     return jax.jit(f)
 
 
-# (Conv2d arguments: in, out, kernel size, stride, padding, groups), the kernels, slope
+# (Conv2d arguments: in, out, kernel size, stride, padding, groups), the kernels, slope, input
+# height and width (fewer rows than ops.ROW_BLOCKS: fewer row blocks; 2 rows at stride 2: one)
 INTO_CONV_CASES = [
-    ((24, 24, 3, 1, 1, 24), "depthwise_bn", 0.1),
-    ((24, 24, 3, 2, 1, 24), "depthwise_bn", 0.0),
-    ((24, 24, 3, 1, 1, 24), "depthwise_bn", 1.0),
-    ((24, 40, 1, 1, 0, 1), "conv_bn", 0.1),
-    ((24, 16, 1, 1, 0, 1), "conv_bn", 0.0),
+    ((24, 24, 3, 1, 1, 24), "depthwise_bn", 0.1, (11, 13)),
+    ((24, 24, 3, 2, 1, 24), "depthwise_bn", 0.0, (11, 13)),
+    ((24, 24, 3, 1, 1, 24), "depthwise_bn", 1.0, (11, 13)),
+    ((24, 24, 3, 2, 1, 24), "depthwise_bn", 0.1, (2, 9)),
+    ((24, 40, 1, 1, 0, 1), "conv_bn", 0.1, (11, 13)),
+    ((24, 16, 1, 1, 0, 1), "conv_bn", 0.0, (11, 13)),
+    ((24, 16, 1, 1, 0, 1), "conv_bn", 0.1, (3, 5)),
 ]
 
 
 @pytest.mark.parametrize(
-    "conv_args, kernels, slope",
+    "conv_args, kernels, slope, hw",
     INTO_CONV_CASES,
-    ids=[f"{c[1]}-{c[0]}-{c[2]}" for c in INTO_CONV_CASES],
+    ids=[f"{c[1]}-{c[0]}-{c[2]}-{c[3][0]}x{c[3][1]}" for c in INTO_CONV_CASES],
 )
-def test_batch_norm_into_conv_matches_xla_on_one_and_four_devices(conv_args, kernels, slope):
+def test_batch_norm_into_conv_matches_xla_on_one_and_four_devices(conv_args, kernels, slope, hw):
     """The BatchNorm -> LeakyReLU read through by the next layer (activation never stored, the
     BatchNorm's backward sums from that layer's input-gradient kernel) computes the two layers'
     loss and gradients, on one device and batch-parallel on four."""
@@ -336,7 +338,7 @@ def test_batch_norm_into_conv_matches_xla_on_one_and_four_devices(conv_args, ker
     rng = np.random.default_rng(5)
     cin, cout, k, _, _, groups = conv_args
     args = (
-        (rng.normal(size=(8, 11, 13, cin)) * 2 + 5).astype(np.float32),
+        (rng.normal(size=(8, *hw, cin)) * 2 + 5).astype(np.float32),
         rng.uniform(0.5, 1.5, cin).astype(np.float32),
         rng.normal(size=cin).astype(np.float32),
         rng.normal(size=(k, k, cin // groups, cout)).astype(np.float32),
@@ -345,12 +347,12 @@ def test_batch_norm_into_conv_matches_xla_on_one_and_four_devices(conv_args, ker
     one = bn_conv_loss_and_grads(conv_args, slope)
     four = bn_conv_loss_and_grads(conv_args, slope, mesh)
     text = one.lower(*args).as_text()
-    assert f"@retinaface_{kernels}(" in text
+    assert f"@retinaface_{kernels}(" in text and f"@retinaface_{kernels}_grad(" in text
     assert "@retinaface_bn_grad_sums(" not in text  # the sums come with the input gradient
     assert "@retinaface_" not in xla.lower(*args).as_text()
     sharded = (jax.device_put(args[0], NamedSharding(mesh, P("data"))), *args[1:])
     compiled = four.lower(*sharded).compile().as_text()
-    assert f"retinaface_{kernels}" in compiled and f"f32[2,11,13,{cin}]" in compiled
+    assert f"retinaface_{kernels}" in compiled and f"f32[2,{hw[0]},{hw[1]},{cin}]" in compiled
     (v0, g0), (v1, g1), (v4, g4) = xla(*args), one(*args), four(*sharded)
     for v, g in ((v1, g1), (v4, g4)):
         np.testing.assert_allclose(v, v0, rtol=1e-5)
@@ -367,10 +369,8 @@ def test_read_through_kernels_reject_bad_shapes():
         ops.conv_bn(
             np.zeros((1, 4, 4, 16), np.float32), params, layer, np.ones(16), np.ones(16), 0.1
         )
-    with pytest.raises(ValueError, match=r"conv_bn_input_grad: x \(1, 4, 4, 8\), expected"):
-        ops.conv_bn_input_grad(x, params, layer, x, np.ones(16), np.ones(16), np.ones(16), 0.1)
-    with pytest.raises(ValueError, match=r"weight_grad_bn: dy \(1, 4, 3, 16\) for x"):
-        ops.weight_grad_bn(x, np.zeros((1, 4, 3, 16)), np.ones(8), np.ones(8), 0.1)
+    with pytest.raises(ValueError, match=r"conv_bn_grad: x \(1, 4, 4, 8\), expected"):
+        ops.conv_bn_grad(x, params, layer, x, np.ones(16), np.ones(16), np.ones(16), 0.1)
     with pytest.raises(ValueError, match=r"depthwise_bn: expected \[8\] vectors.*'shift': \(4,\)"):
         ops.depthwise_bn(x, k, np.ones(8, np.float32), np.ones(4, np.float32), 0.1, 1)
     with pytest.raises(ValueError, match=r"depthwise_bn_grad: dy \(1, 4, 4, 8\), expected"):

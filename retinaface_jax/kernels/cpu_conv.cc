@@ -1735,47 +1735,64 @@ ffi::Error RfConvBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
-// The input gradient of that layer, da = conv1x1(dy, w^T) with w^T packed at the offsets (cout
-// inputs, C outputs), each row followed by the BatchNorm's backward sums over it: sums [N, H, 2, C]
-// of g and g * (x - mean), g = x * k + c > 0 ? da : slope * da.
-ffi::Error RfConvBnInputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
-                                 ffi::Buffer<ffi::F32> params, ffi::Buffer<ffi::F32> x,
-                                 ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> c,
-                                 ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> da,
-                                 ffi::ResultBuffer<ffi::F32> sums, int64_t w_offset,
-                                 int64_t b_offset, int64_t s_offset, float slope) {
+// The gradients of that layer for the cotangent dy [N, H, W, CO]: da = conv1x1(dy, w^T) (w^T
+// packed at the offsets: CO inputs, C outputs), the cotangent of a = act(x * k + c) [N, H, W, C];
+// the kernel gradient per image and row block, dw [N, B, C, CO] = sum of a dy^T; and per row of
+// da the BatchNorm's backward sums [N, H, 2, C] of g and g * (x - mean), g = x * k + c > 0 ?
+// da : slope * da. One pass per row block, as RfDepthwiseBnGrad: each row of dy and x is read
+// from memory once for all three (separate input- and kernel-gradient kernels read both twice).
+ffi::Error RfConvBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                            ffi::Buffer<ffi::F32> params, ffi::Buffer<ffi::F32> x,
+                            ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> c,
+                            ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> da,
+                            ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> sums,
+                            int64_t w_offset, int64_t b_offset, int64_t s_offset, float slope) {
   const int64_t cout = dy.dimensions().size() == 4 ? dy.dimensions()[3] : 0;
-  auto shape = conv_shape("retinaface_conv_bn_input_grad", dy.dimensions(), da->dimensions(), cout,
-                          0, 1, 1, 1, 0);
+  auto shape = conv_shape("retinaface_conv_bn_grad", dy.dimensions(), da->dimensions(), cout, 0,
+                          1, 1, 1, 0);
   if (shape.has_error()) return shape.error();
-  const ConvShape s = *shape;  // from dy (s.C = cout) to da (s.CO = C)
+  const ConvShape s = *shape;  // from dy (s.C = CO) to da (s.CO = C)
+  const int64_t C = s.CO, CO = s.C;
   auto xd = x.dimensions();
+  auto wd = dw->dimensions();
   auto sd = sums->dimensions();
-  bool ok = xd.size() == 4 && sd.size() == 4 && sd[0] == s.N && sd[1] == s.H && sd[2] == 2 &&
-            sd[3] == s.CO && int64_t(k.element_count()) == s.CO &&
-            int64_t(c.element_count()) == s.CO && int64_t(mean.element_count()) == s.CO;
+  bool ok = xd.size() == 4 && wd.size() == 4 && wd[0] == s.N && wd[1] >= 1 && wd[1] <= s.H &&
+            wd[2] == C && wd[3] == CO && sd.size() == 4 && sd[0] == s.N && sd[1] == s.H &&
+            sd[2] == 2 && sd[3] == C && CO % 8 == 0 && int64_t(k.element_count()) == C &&
+            int64_t(c.element_count()) == C && int64_t(mean.element_count()) == C;
   for (size_t i = 0; ok && i < 4; ++i) ok = xd[i] == da->dimensions()[i];
   if (!ok)
     return ffi::Error::InvalidArgument(
-        "retinaface_conv_bn_input_grad: expected x shaped like da, sums [N, H, 2, C] and k, c, "
-        "mean of [C] values");
-  if (auto e = check_layer(params, "retinaface_conv_bn_input_grad", s.C * s.CO, s.CO, w_offset,
-                           b_offset, s_offset);
+        "retinaface_conv_bn_grad: expected x shaped like da, dw [N, B, C, CO] (1 <= B <= H, CO a "
+        "multiple of 8), sums [N, H, 2, C] and k, c, mean of [C] values");
+  if (auto e = check_layer(params, "retinaface_conv_bn_grad", C * CO, C, w_offset, b_offset,
+                           s_offset);
       e.failure())
     return e;
   const float *P = params.typed_data(), *G = dy.typed_data(), *X = x.typed_data();
   const float *Kb = k.typed_data(), *Cb = c.typed_data(), *Mn = mean.typed_data();
-  float *DA = da->typed_data(), *S = sums->typed_data();
-  const int64_t rows = s.N * s.H, ntiles = (s.W + MR - 1) / MR, C = s.CO;
-  const int64_t chunk = rows_per_task(rows, s.W * s.CO * s.C);
-  parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
+  float *DA = da->typed_data(), *DW = dw->typed_data(), *S = sums->typed_data();
+  const int64_t blocks = wd[1], ntiles = (s.W + MR - 1) / MR;
+  std::vector<std::pair<int64_t, int64_t>> spans;  // (co0, width) as for_each_span visits them
+  for_each_span(CO, 0, nullptr, [&](auto span, int64_t c0, const float*, int64_t) {
+    spans.emplace_back(c0, decltype(span)::width);
+  });
+  // one row as an image for the kernel-gradient tiles: 1x1, stride 1, no padding
+  const WgradShape row{1, 1, s.W, C, 1, s.W, CO, 1, 1, 0};
+  parallel_for(pool, s.N * blocks, [&](int64_t task) {
+    const int64_t n = task / blocks, b = task % blocks;
+    const int64_t h0 = b * s.H / blocks, h1 = (b + 1) * s.H / blocks;
+    BatchNormRows input(X, s.N, s.H, s.W, C, Kb, Cb, slope);
     std::vector<const float*> ptrs(size_t(ntiles * MR));
-    for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r) {
-      const float* g = G + r * s.W * s.C;
-      prefetch(X + r * s.W * C, s.W * C);  // the x row the sums below read
-      for (int64_t m = 0; m < ntiles * MR; ++m) ptrs[size_t(m)] = m < s.W ? g + m * s.C : kZeros;
+    float* dwt = DW + task * C * CO;
+    std::fill(dwt, dwt + C * CO, 0.f);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t r = n * s.H + h;
+      const float* g = G + r * s.W * CO;
+      const float* a = input(n, h);  // reads (and prefetches the next) x row
+      for (int64_t m = 0; m < ntiles * MR; ++m) ptrs[size_t(m)] = m < s.W ? g + m * CO : kZeros;
       float* out = DA + r * s.W * C;
-      conv_row_blocks(ptrs.data(), ntiles, s.W, 1, s.C, P + w_offset, P + b_offset, P + s_offset,
+      conv_row_blocks(ptrs.data(), ntiles, s.W, 1, CO, P + w_offset, P + b_offset, P + s_offset,
                       out, C);
       with_vector_for(C, [&](auto v) {
         using V = decltype(v);
@@ -1783,66 +1800,13 @@ ffi::Error RfConvBnInputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
           grad_sums_image<V, true>(out, X + r * s.W * C, Mn, Kb, Cb, slope, 1, s.W, C, c0,
                                    S + r * 2 * C, S + r * 2 * C + C);
       });
-    }
-  });
-  return ffi::Error::Success();
-}
-
-// The kernel gradient of that layer per image, dw [N, 1, 1, C, CO] = sum over pixels of
-// act(x * k + c) dy^T: blocks of rows normalised into scratch, then the kernel-gradient tiles.
-ffi::Error RfWeightGradBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                              ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
-                              ffi::Buffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> dw,
-                              float slope) {
-  auto xd = x.dimensions();
-  auto gd = dy.dimensions();
-  auto wd = dw->dimensions();
-  bool ok = xd.size() == 4 && gd.size() == 4 && wd.size() == 5;
-  for (size_t i = 0; ok && i < 3; ++i) ok = xd[i] == gd[i];
-  ok = ok && gd[3] % 8 == 0 && wd[0] == xd[0] && wd[1] == 1 && wd[2] == 1 && wd[3] == xd[3] &&
-       wd[4] == gd[3] && int64_t(k.element_count()) == xd[3] &&
-       int64_t(c.element_count()) == xd[3];
-  if (!ok)
-    return ffi::Error::InvalidArgument(
-        "retinaface_weight_grad_bn: expected x [N, H, W, C], dy [N, H, W, CO] (CO a multiple of "
-        "8), k and c of [C] values and dw [N, 1, 1, C, CO]");
-  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3], CO = gd[3];
-  const float *X = x.typed_data(), *DY = dy.typed_data(), *Kb = k.typed_data(), *Cb = c.typed_data();
-  float* DW = dw->typed_data();
-  std::vector<std::pair<int64_t, int64_t>> spans;  // (co0, width) as for_each_span visits them
-  for_each_span(CO, 0, nullptr, [&](auto span, int64_t c0, const float*, int64_t) {
-    spans.emplace_back(c0, decltype(span)::width);
-  });
-  // rows per block: ~64 KB of dy rows (with their normalised x rows) stay in L2 while every
-  // tile passes, as in RfWeightGradImpl
-  const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, W * CO));
-  parallel_for(pool, N, [&](int64_t n) {
-    float* a = scratch<float>(size_t(block * W * C));
-    float* dwn = DW + n * C * CO;
-    std::fill(dwn, dwn + C * CO, 0.f);
-    for (int64_t h0 = 0; h0 < H; h0 += block) {
-      const int64_t rows = std::min(block, H - h0);
-      const float* xb = X + (n * H + h0) * W * C;
-      prefetch_rows(X, n, H, W * C, h0 + rows, h0 + 2 * rows);  // the next block's
-      with_vector_for(C, [&](auto v) {
-        using V = decltype(v);
-        const V sv = bcast<V>(slope);
-        for (int64_t ch = 0; ch < C; ch += lanes<V>) {
-          const V kv = loadu<V>(Kb + ch), cv = loadu<V>(Cb + ch);
-          for (int64_t p = 0; p < rows * W; ++p)
-            storeu(a + p * C + ch, activate(loadu<V>(xb + p * C + ch) * kv + cv, sv));
-        }
-      });
-      // the block as one image of `rows` rows: 1x1, stride 1, no padding
-      const WgradShape b{1, rows, W, C, rows, W, CO, 1, 1, 0};
-      const float* g = DY + (n * H + h0) * W * CO;
       for (int64_t c0 = 0; c0 < C; c0 += kWgradChannels)
         for (const auto& [co0, width] : spans)
           with_channel_count(std::min<int64_t>(kWgradChannels, C - c0), [&](auto mr_tag) {
             constexpr int MRT = decltype(mr_tag)::value;
             with_span(width, [&](auto span) {
-              using S = decltype(span);
-              wgrad_tile<MRT, S::nv, typename S::vec>(b, a, g, 0, 0, rows, c0, co0, dwn);
+              using Sp = decltype(span);
+              wgrad_tile<MRT, Sp::nv, typename Sp::vec>(row, a, g, 0, 0, 1, c0, co0, dwt);
             });
           });
     }
@@ -2088,7 +2052,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvBn, RfConvBnImpl,
                                   .Attr<int64_t>("s_offset")
                                   .Attr<float>("slope"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvBnInputGrad, RfConvBnInputGradImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvBnGrad, RfConvBnGradImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy [N, H, W, CO]
@@ -2098,20 +2062,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvBnInputGrad, RfConvBnInputGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c [C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mean [C]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // da [N, H, W, C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw [N, B, C, CO] per row block
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sums [N, H, 2, C] per row
                                   .Attr<int64_t>("w_offset")
                                   .Attr<int64_t>("b_offset")
                                   .Attr<int64_t>("s_offset")
-                                  .Attr<float>("slope"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(RfWeightGradBn, RfWeightGradBnImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [N, H, W, C]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy [N, H, W, CO]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // k [C]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // c [C]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw [N, 1, 1, C, CO] per image
                                   .Attr<float>("slope"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfMoments, RfMomentsImpl,

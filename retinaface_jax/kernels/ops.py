@@ -32,13 +32,12 @@ DEPTHWISE_GRAD_TARGET = "retinaface_depthwise_grad"
 DEPTHWISE_BN_TARGET = "retinaface_depthwise_bn"
 DEPTHWISE_BN_GRAD_TARGET = "retinaface_depthwise_bn_grad"
 CONV_BN_TARGET = "retinaface_conv_bn"
-CONV_BN_INPUT_GRAD_TARGET = "retinaface_conv_bn_input_grad"
-WEIGHT_GRAD_BN_TARGET = "retinaface_weight_grad_bn"
+CONV_BN_GRAD_TARGET = "retinaface_conv_bn_grad"
 MOMENTS_TARGET = "retinaface_moments"
 BN_GRAD_SUMS_TARGET = "retinaface_bn_grad_sums"
 WEIGHT_GRAD_TARGET = "retinaface_weight_grad"
 NO_ACTIVATION = 1.0  # negative slope 1: y = v
-DEPTHWISE_BN_BLOCKS = 8  # row blocks per image of depthwise_bn_grad: 64 tasks at batch 8
+ROW_BLOCKS = 8  # row blocks per image of depthwise_bn_grad and conv_bn_grad: 64 tasks at batch 8
 MAX_CIN = 4096  # the widest input a conv kernel reads (kMaxCin in cpu_conv.cc)
 _ALIGN = 16  # floats: every array starts on a 64-byte boundary of the buffer
 
@@ -392,7 +391,7 @@ def depthwise_bn_grad(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients of :func:`depthwise_bn` for the cotangent ``dy``: ``(da, dkernel, sums)`` with
     ``da [N, H, W, C]`` the cotangent of the activation, ``dkernel [N, B, 3, 3, 1, C]`` per image
-    and block of rows (``B = min(output rows, DEPTHWISE_BN_BLOCKS)``: tasks for the thread pool)
+    and block of rows (``B = min(output rows, ROW_BLOCKS)``: tasks for the thread pool)
     and ``sums [N, H, 2, C]`` per row of ``da``: the BatchNorm's backward sums ``sum(g)`` and
     ``sum(g * (x - mean))`` (``g`` the cotangent before the activation), as :func:`bn_grad_sums`
     computes them per image. The caller sums ``dkernel`` and ``sums`` over the batch."""
@@ -401,7 +400,7 @@ def depthwise_bn_grad(
     if dy.shape != (n, oh, ow, c):
         raise ValueError(f"depthwise_bn_grad: dy {dy.shape}, expected {(n, oh, ow, c)}")
     _check_vectors("depthwise_bn_grad", c, scale=scale, shift=shift, mean=mean)
-    blocks = min(oh, DEPTHWISE_BN_BLOCKS)
+    blocks = min(oh, ROW_BLOCKS)
     out = (
         jax.ShapeDtypeStruct(x.shape, jnp.float32),
         jax.ShapeDtypeStruct((n, blocks, 9, c), jnp.float32),
@@ -449,7 +448,7 @@ def conv_bn(
     )
 
 
-def conv_bn_input_grad(
+def conv_bn_grad(
     dy: jax.Array,
     params: jax.Array,
     layer: ConvLayer,
@@ -458,38 +457,28 @@ def conv_bn_input_grad(
     shift: jax.Array,
     mean: jax.Array,
     slope: float,
-) -> tuple[jax.Array, jax.Array]:
-    """The input gradient of :func:`conv_bn`: ``layer`` holds the transposed kernel (``dy``'s
-    channels in, ``x``'s out). ``(da, sums)``: ``da`` the cotangent of the activation, ``sums
-    [N, H, 2, C]`` per row the BatchNorm's backward sums ``sum(g)``, ``sum(g * (x - mean))``."""
-    _check_pointwise("conv_bn_input_grad", dy, layer)
-    c = layer.cout
-    if x.shape != (*dy.shape[:3], c):
-        raise ValueError(f"conv_bn_input_grad: x {x.shape}, expected {(*dy.shape[:3], c)}")
-    _check_vectors("conv_bn_input_grad", c, scale=scale, shift=shift, mean=mean)
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients of :func:`conv_bn` for the cotangent ``dy``, one pass per block of rows;
+    ``layer`` holds the transposed kernel (``dy``'s channels in, ``x``'s out). ``(da, dkernel,
+    sums)``: ``da`` the cotangent of the activation, ``dkernel [N, B, C, CO]`` per image and
+    block of rows (``B <= ROW_BLOCKS``, fewer for small images and wide layers), ``sums
+    [N, H, 2, C]`` per row the BatchNorm's backward sums ``sum(g)``, ``sum(g * (x - mean))``. The
+    caller sums ``dkernel`` and ``sums`` over the batch."""
+    _check_pointwise("conv_bn_grad", dy, layer)
+    n, h, w, c = x.shape
+    if x.shape != (*dy.shape[:3], layer.cout):
+        raise ValueError(f"conv_bn_grad: x {x.shape}, expected {(*dy.shape[:3], layer.cout)}")
+    _check_vectors("conv_bn_grad", c, scale=scale, shift=shift, mean=mean)
+    # per-block kernel gradients at most ~1/16 of the tensors read (XLA sums them: at 20 x 20,
+    # 256 -> 256, eight blocks would hand it 16 MB)
+    blocks = max(1, min(h, ROW_BLOCKS, h * w * (c + layer.cin) // (16 * c * layer.cin)))
     out = (
         jax.ShapeDtypeStruct(x.shape, jnp.float32),
-        jax.ShapeDtypeStruct((x.shape[0], x.shape[1], 2, c), jnp.float32),
+        jax.ShapeDtypeStruct((n, blocks, c, layer.cin), jnp.float32),
+        jax.ShapeDtypeStruct((n, h, 2, c), jnp.float32),
     )
-    return jax.ffi.ffi_call(CONV_BN_INPUT_GRAD_TARGET, out)(
+    return jax.ffi.ffi_call(CONV_BN_GRAD_TARGET, out)(
         dy, params, x, scale, shift, mean, **_offsets(layer), slope=np.float32(slope)
-    )
-
-
-def weight_grad_bn(
-    x: jax.Array, dy: jax.Array, scale: jax.Array, shift: jax.Array, slope: float
-) -> jax.Array:
-    """The kernel gradient ``[N, 1, 1, C, CO]`` per image of :func:`conv_bn` (1x1, stride 1)."""
-    n, h, w, c = x.shape
-    if dy.ndim != 4 or dy.shape[:3] != (n, h, w) or dy.shape[3] % 8:
-        raise ValueError(
-            f"weight_grad_bn: dy {dy.shape} for x {x.shape} (expected [N, H, W, CO], CO a "
-            "multiple of 8)"
-        )
-    _check_vectors("weight_grad_bn", c, scale=scale, shift=shift)
-    out = jax.ShapeDtypeStruct((n, 1, 1, c, dy.shape[3]), jnp.float32)
-    return jax.ffi.ffi_call(WEIGHT_GRAD_BN_TARGET, out)(
-        x, dy, scale, shift, slope=np.float32(slope)
     )
 
 

@@ -179,17 +179,14 @@ def batch_norm_into_grad(
         dk = jnp.sum(dk, axis=(0, 1))
     else:
         params, layer = ops.plain_layer(jnp.transpose(kernel, (0, 1, 3, 2)), stride=1, padding=0)
-        input_grad = _per_device(
-            lambda g, p, *a: ops.conv_bn_input_grad(g, p, layer, *a, slope),
+        call = _per_device(
+            lambda g, p, *a: ops.conv_bn_grad(g, p, layer, *a, slope),
             mesh,
             (True, False, True, False, False, False),
-            outputs=2,
+            outputs=3,
         )
-        kernel_grad = _per_device(
-            lambda *a: ops.weight_grad_bn(*a, slope), mesh, (True, True, False, False)
-        )
-        da, sums = input_grad(dy, params, x, scale, shift, mean)
-        dk = jnp.sum(kernel_grad(x, dy, scale, shift), axis=0)
+        da, dk, sums = call(dy, params, x, scale, shift, mean)
+        dk = jnp.sum(dk, axis=(0, 1)).reshape(kernel.shape)
     return da, dk, (jnp.sum(sums[:, :, 0], axis=(0, 1)), jnp.sum(sums[:, :, 1], axis=(0, 1)))
 
 
