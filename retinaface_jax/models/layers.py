@@ -148,17 +148,13 @@ class BatchNorm2d(nnx.Module):
         """
         kernel, stride, padding = conv.kernel[...], conv.stride, conv.padding
         if conv.groups > 1:
-            consumer, applies = "depthwise", native_training.depthwise_applies
-            applies_here = conv.groups == x.shape[-1] == conv.out_channels
+            consumer = "depthwise"
+            fits = conv.groups == x.shape[-1] == conv.out_channels
+            fits = fits and native_training.depthwise_applies(x, kernel, stride, padding)
         else:
-            consumer, applies, applies_here = (
-                "pointwise",
-                native_training.pointwise_bn_applies,
-                True,
-            )
-        if self.use_running_average or conv.bias is not None or not applies_here:
-            return conv(self(x, activation))
-        if not applies(x, kernel, stride, padding):
+            consumer = "pointwise"
+            fits = native_training.pointwise_bn_applies(x, kernel, stride, padding)
+        if self.use_running_average or conv.bias is not None or not fits:
             return conv(self(x, activation))
         y, mean, var = batch_norm_conv_train(
             x, self.scale[...], self.bias[...], kernel, self.eps, activation, consumer, stride
