@@ -1032,17 +1032,81 @@ void depthwise_dk_rows(const DwShape& s, Rows&& row, const float* DY, int64_t n,
   }
 }
 
-template <class V, class Rows>
-void depthwise_dk_image(const DwShape& s, Rows&& row, const float* DY, int64_t n, int64_t c0,
-                        float* dk) {
-  V acc[9];
-  for (int t = 0; t < 9; ++t) acc[t] = bcast<V>(0.f);
-  depthwise_dk_rows<V>(s, row, DY, n, c0, 0, s.OH, acc);
-  for (int t = 0; t < 9; ++t) storeu(dk + t * s.C + c0, acc[t]);
+
+template <class V, bool Masked>  // (BatchNorm's backward sums, defined with the others below)
+void grad_sums_image(const float* Dy, const float* X, const float* mean, const float* k,
+                     const float* c, float slope, int64_t rows, int64_t W, int64_t C, int64_t c0,
+                     float* sum_g, float* sum_gx);
+
+// A BatchNorm folded into a per-channel scale k and shift c, the batch mean, and the LeakyReLU's
+// slope: what the read-through gradients need of it.
+struct BatchNormInput {
+  const float *k, *c, *mean;
+  float slope;
+};
+
+// The gradients of a depthwise layer y = depthwise(a, kernel) for the cotangent dy: da [N, H, W,
+// C] and dkernel per image and row block [N, B, 9, C]. Without Bn, a is x; with it, a =
+// act(x * k + c) normalised row by row (BatchNormRows), and every row of da is followed by the
+// BatchNorm's backward sums over it into S [N, H, 2, C]: sum(g) and sum(g * (x - mean)),
+// g = x * k + c > 0 ? da : slope * da. A task is one row block of one image and makes one pass
+// over it: per output row oh it adds row oh's kernel gradient, then computes the input
+// gradient's rows that need nothing below, each (with bn) followed by its sums while it and its
+// x row are in cache. So x and dy are read from memory once and da written once (separate
+// input- and kernel-gradient passes read both twice; with a stored activation and a pass for
+// the sums, six tensors moved).
+template <bool Bn>
+void depthwise_grad_blocks(ffi::ThreadPool& pool, const DwShape& s, const float* X,
+                           const float* K, const float* DY, int64_t blocks,
+                           const BatchNormInput& bn, float* DA, float* DK, float* S) {
+  std::vector<float> flipped(size_t(9 * s.C)), zeros(size_t(s.C), 0.f), ones(size_t(s.C), 1.f);
+  for (int t = 0; t < 9; ++t)  // stride 1: dx is the depthwise convolution with the flipped kernel
+    std::memcpy(flipped.data() + t * s.C, K + (8 - t) * s.C, size_t(s.C) * sizeof(float));
+  parallel_for(pool, s.N * blocks, [&](int64_t task) {
+    const int64_t n = task / blocks, b = task % blocks;
+    const int64_t o0 = b * s.OH / blocks, o1 = (b + 1) * s.OH / blocks;
+    const int64_t h1 = b + 1 == blocks ? s.H : o1 * s.stride;
+    std::vector<float> acc(size_t(9 * s.C), 0.f);
+    with_vector_for(s.C, [&](auto v) {
+      using V = decltype(v);
+      using Rows = std::conditional_t<Bn, BatchNormRows, FloatImageRows>;
+      Rows input = [&] {
+        if constexpr (Bn)
+          return BatchNormRows(X, s.N, s.H, s.W, s.C, bn.k, bn.c, bn.slope);
+        else
+          return FloatImageRows{X, s.H, s.W * s.C};
+      }();
+      auto input_gradient_row = [&](int64_t ih) {
+        const int64_t r = n * s.H + ih;
+        float* out = DA + r * s.W * s.C;
+        if (s.stride == 1)
+          depthwise_row<V>(DY, n, ih, s.OH, s.OW, s.C, 1, s.W, flipped.data(), zeros.data(),
+                           ones.data(), out);
+        else
+          depthwise_dx_row<V>(s, DY, K, n, ih, out);
+        if constexpr (Bn)
+          for (int64_t c0 = 0; c0 < s.C; c0 += lanes<V>)
+            grad_sums_image<V, true>(out, X + r * s.W * s.C, bn.mean, bn.k, bn.c, bn.slope, 1,
+                                     s.W, s.C, c0, S + r * 2 * s.C, S + r * 2 * s.C + s.C);
+      };
+      int64_t ih = o0 * s.stride;
+      for (int64_t oh = o0; oh < o1; ++oh) {
+        for (int64_t c0 = 0; c0 < s.C; c0 += lanes<V>) {
+          V a[9];
+          for (int t = 0; t < 9; ++t) a[t] = loadu<V>(acc.data() + t * s.C + c0);
+          depthwise_dk_rows<V>(s, input, DY, n, c0, oh, oh + 1, a);
+          for (int t = 0; t < 9; ++t) storeu(acc.data() + t * s.C + c0, a[t]);
+        }
+        for (; ih < std::min(h1, (oh + 1) * s.stride); ++ih) input_gradient_row(ih);
+      }
+      for (; ih < h1; ++ih) input_gradient_row(ih);
+    });
+    std::memcpy(DK + task * 9 * s.C, acc.data(), acc.size() * sizeof(float));
+  });
 }
 
-// Gradients of y = depthwise(x, k): dx [N, H, W, C] and dk per image [N, 9, C] (the caller sums
-// over images, so the kernel stays batch-parallel under a data-sharded mesh).
+// Gradients of y = depthwise(x, k): dx [N, H, W, C] and dk per image and row block [N, B, 9, C]
+// (the caller sums them, so the kernel stays batch-parallel under a data-sharded mesh).
 ffi::Error RfDepthwiseGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> dy,
                                ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dk,
@@ -1054,44 +1118,13 @@ ffi::Error RfDepthwiseGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   auto dxd = dx->dimensions();
   auto dkd = dk->dimensions();
   if (dxd.size() != 4 || dxd[0] != s.N || dxd[1] != s.H || dxd[2] != s.W || dxd[3] != s.C ||
-      dkd.size() != 3 || dkd[0] != s.N || dkd[1] != 9 || dkd[2] != s.C)
+      dkd.size() != 4 || dkd[0] != s.N || dkd[1] < 1 || dkd[1] > s.OH || dkd[2] != 9 ||
+      dkd[3] != s.C)
     return ffi::Error::InvalidArgument(
-        "retinaface_depthwise_grad: expected dx shaped like x and dk [N, 9, C]");
-  const float *X = x.typed_data(), *K = k.typed_data(), *DY = dy.typed_data();
-  float *DX = dx->typed_data(), *DK = dk->typed_data();
-  const int64_t rows = s.N * s.H, chunk = rows_per_task(rows, s.W * s.C * 9);
-  const int64_t row_tasks = (rows + chunk - 1) / chunk;
-  const int64_t lanes_c = s.C % 16 == 0 ? 16 : 8, chunks = s.C / lanes_c;
-  // stride 1: dx is the depthwise convolution of dy with the flipped kernel (pad 1), run by the
-  // forward's row kernel (each dx pixel written once: 0.5x the time of accumulating tap by tap)
-  std::vector<float> flipped, zeros, ones;
-  if (s.stride == 1) {
-    flipped.resize(size_t(9 * s.C));
-    for (int t = 0; t < 9; ++t)
-      std::memcpy(flipped.data() + t * s.C, K + (8 - t) * s.C, size_t(s.C) * sizeof(float));
-    zeros.assign(size_t(s.C), 0.f);
-    ones.assign(size_t(s.C), 1.f);
-  }
-  // tasks: dx row blocks, then (image, channel chunk) pairs of dk
-  parallel_for(pool, row_tasks + s.N * chunks, [&](int64_t task) {
-    if (task < row_tasks) {
-      for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r)
-        with_vector_for(s.C, [&](auto v) {
-          using V = decltype(v);
-          if (s.stride == 1)
-            depthwise_row<V>(DY, r / s.H, r % s.H, s.OH, s.OW, s.C, 1, s.W, flipped.data(),
-                             zeros.data(), ones.data(), DX + r * s.W * s.C);
-          else
-            depthwise_dx_row<V>(s, DY, K, r / s.H, r % s.H, DX + r * s.W * s.C);
-        });
-      return;
-    }
-    const int64_t n = (task - row_tasks) / chunks, c0 = (task - row_tasks) % chunks * lanes_c;
-    with_vector_for(lanes_c, [&](auto v) {
-      depthwise_dk_image<decltype(v)>(s, FloatImageRows{X, s.H, s.W * s.C}, DY, n, c0,
-                                      DK + n * 9 * s.C);
-    });
-  });
+        "retinaface_depthwise_grad: expected dx shaped like x and dk [N, B, 9, C] (1 <= B <= "
+        "output rows)");
+  depthwise_grad_blocks<false>(pool, s, x.typed_data(), k.typed_data(), dy.typed_data(), dkd[1],
+                               {}, dx->typed_data(), dk->typed_data(), nullptr);
   return ffi::Error::Success();
 }
 
@@ -1623,15 +1656,9 @@ ffi::Error RfDepthwiseBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-// Gradients of RfDepthwiseBn for the cotangent dy: da, the cotangent of a = act(x * k + c)
-// [N, H, W, C]; dkernel per image and row block [N, B, 9, C]; and per row of da the BatchNorm's
-// backward sums [N, H, 2, C]: sum(g) and sum(g * (x - mean)), g = x * k + c > 0 ? da : slope * da.
-// A task is one row block of one image and makes one pass over it: per output row oh it
-// normalises the input rows oh * stride - 1 .. + 1 (BatchNormRows), adds row oh's kernel gradient,
-// then computes the input gradient's rows that need nothing below, each followed by its sums
-// while it and its x row are in cache. So x and dy are read from memory once and da written once
-// (a depthwise gradient reading a stored activation, then a pass for the sums, moved six
-// tensors).
+// Gradients of RfDepthwiseBn for the cotangent dy (depthwise_grad_blocks with the BatchNorm):
+// da, the cotangent of a = act(x * k + c) [N, H, W, C]; dkernel per image and row block
+// [N, B, 9, C]; and per row of da the BatchNorm's backward sums [N, H, 2, C].
 ffi::Error RfDepthwiseBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                  ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> dy,
                                  ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> c,
@@ -1653,47 +1680,9 @@ ffi::Error RfDepthwiseBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument(
         "retinaface_depthwise_bn_grad: expected da shaped like x, dk [N, B, 9, C] (1 <= B <= "
         "output rows), sums [N, H, 2, C] and k, c, mean of [C] values");
-  const float *X = x.typed_data(), *K = kernel.typed_data(), *DY = dy.typed_data();
-  const float *Kb = k.typed_data(), *Cb = c.typed_data(), *Mn = mean.typed_data();
-  float *DA = da->typed_data(), *DK = dk->typed_data(), *S = sums->typed_data();
-  const int64_t blocks = dkd[1];
-  std::vector<float> flipped(size_t(9 * s.C)), zeros(size_t(s.C), 0.f), ones(size_t(s.C), 1.f);
-  for (int t = 0; t < 9; ++t)  // stride 1: dx is the depthwise convolution with the flipped kernel
-    std::memcpy(flipped.data() + t * s.C, K + (8 - t) * s.C, size_t(s.C) * sizeof(float));
-  parallel_for(pool, s.N * blocks, [&](int64_t task) {
-    const int64_t n = task / blocks, b = task % blocks;
-    const int64_t o0 = b * s.OH / blocks, o1 = (b + 1) * s.OH / blocks;
-    const int64_t h1 = b + 1 == blocks ? s.H : o1 * s.stride;
-    BatchNormRows input(X, s.N, s.H, s.W, s.C, Kb, Cb, slope);
-    std::vector<float> acc(size_t(9 * s.C), 0.f);
-    with_vector_for(s.C, [&](auto v) {
-      using V = decltype(v);
-      auto input_gradient_row = [&](int64_t ih) {
-        const int64_t r = n * s.H + ih;
-        float* out = DA + r * s.W * s.C;
-        if (s.stride == 1)
-          depthwise_row<V>(DY, n, ih, s.OH, s.OW, s.C, 1, s.W, flipped.data(), zeros.data(),
-                           ones.data(), out);
-        else
-          depthwise_dx_row<V>(s, DY, K, n, ih, out);
-        for (int64_t c0 = 0; c0 < s.C; c0 += lanes<V>)
-          grad_sums_image<V, true>(out, X + r * s.W * s.C, Mn, Kb, Cb, slope, 1, s.W, s.C, c0,
-                                   S + r * 2 * s.C, S + r * 2 * s.C + s.C);
-      };
-      int64_t ih = o0 * s.stride;
-      for (int64_t oh = o0; oh < o1; ++oh) {
-        for (int64_t c0 = 0; c0 < s.C; c0 += lanes<V>) {
-          V a[9];
-          for (int t = 0; t < 9; ++t) a[t] = loadu<V>(acc.data() + t * s.C + c0);
-          depthwise_dk_rows<V>(s, input, DY, n, c0, oh, oh + 1, a);
-          for (int t = 0; t < 9; ++t) storeu(acc.data() + t * s.C + c0, a[t]);
-        }
-        for (; ih < std::min(h1, (oh + 1) * s.stride); ++ih) input_gradient_row(ih);
-      }
-      for (; ih < h1; ++ih) input_gradient_row(ih);
-    });
-    std::memcpy(DK + (n * blocks + b) * 9 * s.C, acc.data(), acc.size() * sizeof(float));
-  });
+  const BatchNormInput bn{k.typed_data(), c.typed_data(), mean.typed_data(), slope};
+  depthwise_grad_blocks<true>(pool, s, x.typed_data(), kernel.typed_data(), dy.typed_data(),
+                              dkd[1], bn, da->typed_data(), dk->typed_data(), sums->typed_data());
   return ffi::Error::Success();
 }
 

@@ -37,7 +37,7 @@ MOMENTS_TARGET = "retinaface_moments"
 BN_GRAD_SUMS_TARGET = "retinaface_bn_grad_sums"
 WEIGHT_GRAD_TARGET = "retinaface_weight_grad"
 NO_ACTIVATION = 1.0  # negative slope 1: y = v
-ROW_BLOCKS = 8  # row blocks per image of depthwise_bn_grad and conv_bn_grad: 64 tasks at batch 8
+ROW_BLOCKS = 8  # row blocks per image of the depthwise and conv_bn gradients: 64 tasks at batch 8
 MAX_CIN = 4096  # the widest input a conv kernel reads (kMaxCin in cpu_conv.cc)
 _ALIGN = 16  # floats: every array starts on a 64-byte boundary of the buffer
 
@@ -353,10 +353,10 @@ def depthwise_grad(
         raise ValueError(f"depthwise_grad: dy {dy.shape}, expected {(n, oh, ow, c)}")
     out = (
         jax.ShapeDtypeStruct(x.shape, jnp.float32),
-        jax.ShapeDtypeStruct((n, 9, c), jnp.float32),
+        jax.ShapeDtypeStruct((n, min(oh, ROW_BLOCKS), 9, c), jnp.float32),
     )
     dx, dk = jax.ffi.ffi_call(DEPTHWISE_GRAD_TARGET, out)(x, kernel, dy, stride=np.int64(stride))
-    return dx, dk.reshape(n, 3, 3, 1, c)
+    return dx, jnp.sum(dk, axis=1).reshape(n, 3, 3, 1, c)
 
 
 def _check_vectors(what: str, c: int, **vectors: jax.Array) -> None:
