@@ -36,6 +36,7 @@ from retinaface_jax.inference.preprocess import (
     load_image,
     resize_factor,
     resize_image,
+    subtract_mean,
 )
 from retinaface_jax.inference.program_cache import ExportedPrograms
 from retinaface_jax.kernels.native import KERNEL_CHOICES, native_kernels_available
@@ -84,7 +85,7 @@ def _detect_program(
     leaves, kparams = weights
     model = rebuild(leaves) if leaves else None
     if plan is None:
-        x = images.astype(jnp.float32) - jnp.asarray(cfg.rgb_mean, jnp.float32)
+        x = subtract_mean(images, cfg.rgb_mean)
     else:  # kernel_forward subtracts the mean (in its stem kernel, for a uint8 image)
         x = images
 

@@ -3,7 +3,8 @@
 ``load_image`` turns a path or an array into a contiguous ``[H, W, 3]`` BGR image (uint8, or
 float32 for float input), converting grayscale, BGRA/RGBA and 16-bit images, and rejects anything
 else with an error that names the input. ``resize_factor`` implements the original's scale rules;
-``to_network_input`` resizes like the original (float32 ``cv2.resize``) and subtracts the mean.
+``to_network_input`` resizes like the original (float32 ``cv2.resize``) and subtracts the mean
+(``subtract_mean``, which the detector and the train step use inside their programs).
 """
 
 from __future__ import annotations
@@ -132,5 +133,11 @@ def to_network_input(image: np.ndarray, resize: float, rgb_mean: Any) -> np.ndar
     The detector does the mean subtraction inside its jitted program (same float32 arithmetic);
     this is the same step in numpy, for calling the raw model directly.
     """
-    img = resize_image(image, resize).astype(np.float32)
-    return img - np.asarray(rgb_mean, dtype=np.float32)
+    return subtract_mean(resize_image(image, resize), rgb_mean)
+
+
+def subtract_mean(images: Any, rgb_mean: Any) -> Any:
+    """``float32(images) - rgb_mean`` over the last (BGR) axis: the original's input
+    normalisation, one float32 rounding. numpy in, numpy out; a JAX array (the detector's and
+    the train step's jitted programs) stays a JAX array."""
+    return images.astype(np.float32) - np.asarray(rgb_mean, dtype=np.float32)

@@ -302,11 +302,11 @@ struct ConvShape {
   int64_t N, H, W, CX, C, coff, OH, OW, CO, kh, kw, stride, pad;
 };
 
-// Rows of a float32 NHWC input, read in place.
-struct FloatRows {
+// Row ih of image n of a float32 [N, H, row] tensor (an NHWC input: row = W * C), read in place.
+struct FloatImageRows {
   const float* X;
-  const ConvShape& s;
-  const float* operator()(int64_t n, int64_t ih) const { return X + (n * s.H + ih) * s.W * s.CX; }
+  int64_t H, row;
+  const float* operator()(int64_t n, int64_t ih) const { return X + (n * H + ih) * row; }
 };
 
 // Rows of a uint8 NHWC image as float32 minus a per-channel mean, converted on first use into
@@ -357,8 +357,8 @@ void conv_narrow_rows(const ConvShape& s, Rows& input, const float* wp, const fl
     float* yrow = Y + r * s.OW * s.CO;
     for (int64_t i = 0; i < s.kh; ++i)
       rows[size_t(i)] = ih0 + i >= 0 && ih0 + i < s.H ? input(n, ih0 + i) : nullptr;
-    if constexpr (std::is_same_v<Rows, FloatRows>)  // the next output row's new input rows
-      prefetch_rows(input.X, n, s.H, s.W * s.CX, ih0 + s.kh, ih0 + s.stride + s.kh);
+    if constexpr (std::is_same_v<Rows, FloatImageRows>)  // the next output row's new input rows
+      prefetch_rows(input.X, n, s.H, input.row, ih0 + s.kh, ih0 + s.stride + s.kh);
     for (int64_t ow0 = 0; ow0 < s.OW; ow0 += 12) {
       const int nvalid = int(std::min<int64_t>(12, s.OW - ow0));
       const int64_t iw_first = ow0 * s.stride - s.pad;
@@ -604,7 +604,7 @@ ffi::Error RfConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
     const int64_t r0 = task * chunk, r1 = std::min(rows, r0 + chunk);
     if (narrow) {
-      FloatRows input{X, s};
+      FloatImageRows input{X, s.H, s.W * s.CX};
       conv_narrow_rows(s, input, Wp, B, S, Y, r0, r1);
     } else
       conv_rows(s, X, Wp, B, S, Y, r0, r1);
@@ -806,12 +806,13 @@ void depthwise_row_at(const float* const rows[3], int64_t W, int64_t C, int64_t 
   }
 }
 
-// Rows oh * stride - 1 .. + 1 of image n of X [N, H, W, C] (nullptr outside the image).
-inline void depthwise_input_rows(const float* X, int64_t n, int64_t oh, int64_t H, int64_t W,
-                                 int64_t C, int64_t stride, const float* rows[3]) {
+// Rows oh * stride - 1 .. + 1 of image n from row(n, ih) (nullptr outside the H rows).
+template <class Rows>
+inline void depthwise_input_rows(Rows&& row, int64_t n, int64_t oh, int64_t H, int64_t stride,
+                                 const float* rows[3]) {
   for (int i = 0; i < 3; ++i) {
     const int64_t ih = oh * stride + i - 1;
-    rows[i] = ih >= 0 && ih < H ? X + (n * H + ih) * W * C : nullptr;
+    rows[i] = ih >= 0 && ih < H ? row(n, ih) : nullptr;
   }
 }
 
@@ -822,9 +823,8 @@ void depthwise_row(const float* X, int64_t n, int64_t oh, int64_t H, int64_t W, 
                    int64_t stride, int64_t OW, const float* wd, const float* bd, const float* sd,
                    float* out) {
   const float* rows[3];
-  depthwise_input_rows(X, n, oh, H, W, C, stride, rows);
-  for (int64_t ih = oh * stride + 2; ih <= std::min(H - 1, (oh + 1) * stride + 1); ++ih)
-    prefetch(X + (n * H + ih) * W * C, W * C);
+  depthwise_input_rows(FloatImageRows{X, H, W * C}, n, oh, H, stride, rows);
+  prefetch_rows(X, n, H, W * C, oh * stride + 2, (oh + 1) * stride + 2);
   depthwise_row_at<V>(rows, W, C, stride, OW, wd, bd, sd, out);
 }
 
@@ -898,13 +898,6 @@ ffi::ErrorOr<DwShape> dw_shape(const std::string& what, Dims xd, Dims yd, int64_
   return s;
 }
 
-// Row ih of image n of a float32 [N, H, row] tensor, read in place.
-struct FloatImageRows {
-  const float* X;
-  int64_t H, row;
-  const float* operator()(int64_t n, int64_t ih) const { return X + (n * H + ih) * row; }
-};
-
 // Rows of a = act(x * k + c, slope) for x [N, H, W, C] (a BatchNorm folded into the per-channel
 // scale k and shift c, then a LeakyReLU), computed on first use into three row buffers (row ih in
 // buffer ih % 3: the three rows a depthwise output row reads never collide, and stride-1
@@ -914,21 +907,21 @@ struct FloatImageRows {
 // memory and using it in cache streamed x at half the bandwidth of a plain read (18 vs 38 GB/s).
 struct BatchNormRows {
   const float* X;
-  int64_t H, W, C, c0, cw, rows;
+  int64_t H, W, C, rows;
   const float *k, *c;
   float slope;
   float* buf;
   int64_t tag[3] = {-1, -1, -1};
   BatchNormRows(const float* x, int64_t n, int64_t h, int64_t w, int64_t ch, const float* scale,
                 const float* shift, float sl)
-      : X(x), H(h), W(w), C(ch), c0(0), cw(ch), rows(n * h), k(scale), c(shift), slope(sl),
+      : X(x), H(h), W(w), C(ch), rows(n * h), k(scale), c(shift), slope(sl),
         buf(scratch<float>(size_t(3 * (w * ch + kScratchGap)))) {}
   const float* operator()(int64_t n, int64_t ih) {
     const int64_t key = n * H + ih, slot = ih % 3;
     float* row = buf + slot * (W * C + kScratchGap);
     if (tag[slot] != key) {
       if (key + 1 < rows) prefetch(X + (key + 1) * W * C, W * C);
-      with_vector_for(cw, [&](auto v) { fill<decltype(v)>(X + key * W * C, row); });
+      with_vector_for(C, [&](auto v) { fill<decltype(v)>(X + key * W * C, row); });
       tag[slot] = key;
     }
     return row;
@@ -936,7 +929,7 @@ struct BatchNormRows {
   template <class V>
   void fill(const float* x, float* out) const {
     const V sv = bcast<V>(slope);
-    for (int64_t ch = c0; ch < c0 + cw; ch += lanes<V>) {
+    for (int64_t ch = 0; ch < C; ch += lanes<V>) {
       const V kv = loadu<V>(k + ch), cv = loadu<V>(c + ch);
       for (int64_t p = 0; p < W; ++p)
         storeu(out + p * C + ch, activate(loadu<V>(x + p * C + ch) * kv + cv, sv));
@@ -1002,10 +995,9 @@ void depthwise_dk_rows(const DwShape& s, Rows&& row, const float* DY, int64_t n,
   const int64_t hi = std::max<int64_t>(1, std::min<int64_t>(s.OW, (s.W - 3) / s.stride + 1));
   for (int64_t oh = oh0; oh < oh1; ++oh) {
     const float* rows[3];
-    for (int i = 0; i < 3; ++i) {
-      const int64_t ih = oh * s.stride + i - 1;
-      rows[i] = ih >= 0 && ih < s.H ? row(n, ih) + c0 : nullptr;
-    }
+    depthwise_input_rows(row, n, oh, s.H, s.stride, rows);
+    for (auto& r : rows)
+      if (r) r += c0;
     const float* g = DY + (n * s.OH + oh) * s.OW * s.C + c0;
     if (oh + 1 < s.OH) prefetch(g + s.OW * s.C, s.OW * s.C);  // the next row's (see prefetch)
     V rs[9];
@@ -1044,6 +1036,15 @@ struct BatchNormInput {
   const float *k, *c, *mean;
   float slope;
 };
+
+// The BatchNorm's backward sums over one row of W pixels into s [2][C]: sum(g) and
+// sum(g * (x - mean)) for the activation's cotangent da and the BatchNorm's input x.
+template <class V>
+void row_grad_sums(const float* da, const float* x, const BatchNormInput& bn, int64_t W, int64_t C,
+                   float* s) {
+  for (int64_t c0 = 0; c0 < C; c0 += lanes<V>)
+    grad_sums_image<V, true>(da, x, bn.mean, bn.k, bn.c, bn.slope, 1, W, C, c0, s, s + C);
+}
 
 // The gradients of a depthwise layer y = depthwise(a, kernel) for the cotangent dy: da [N, H, W,
 // C] and dkernel per image and row block [N, B, 9, C]. Without Bn, a is x; with it, a =
@@ -1084,10 +1085,7 @@ void depthwise_grad_blocks(ffi::ThreadPool& pool, const DwShape& s, const float*
                            ones.data(), out);
         else
           depthwise_dx_row<V>(s, DY, K, n, ih, out);
-        if constexpr (Bn)
-          for (int64_t c0 = 0; c0 < s.C; c0 += lanes<V>)
-            grad_sums_image<V, true>(out, X + r * s.W * s.C, bn.mean, bn.k, bn.c, bn.slope, 1,
-                                     s.W, s.C, c0, S + r * 2 * s.C, S + r * 2 * s.C + s.C);
+        if constexpr (Bn) row_grad_sums<V>(out, X + r * s.W * s.C, bn, s.W, s.C, S + r * 2 * s.C);
       };
       int64_t ih = o0 * s.stride;
       for (int64_t oh = o0; oh < o1; ++oh) {
@@ -1641,12 +1639,8 @@ ffi::Error RfDepthwiseBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
     BatchNormRows input(X, s.N, s.H, s.W, s.C, k.typed_data(), c.typed_data(), slope);
     for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r) {
-      const int64_t n = r / s.OH, oh = r % s.OH;
       const float* in[3];
-      for (int i = 0; i < 3; ++i) {
-        const int64_t ih = oh * s.stride + i - 1;
-        in[i] = ih >= 0 && ih < s.H ? input(n, ih) : nullptr;
-      }
+      depthwise_input_rows(input, r / s.OH, r % s.OH, s.H, s.stride, in);
       with_vector_for(s.C, [&](auto v) {
         depthwise_row_at<decltype(v)>(in, s.W, s.C, s.stride, s.OW, K, zeros.data(), ones.data(),
                                       Y + r * s.OW * s.C);
@@ -1759,7 +1753,7 @@ ffi::Error RfConvBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
       e.failure())
     return e;
   const float *P = params.typed_data(), *G = dy.typed_data(), *X = x.typed_data();
-  const float *Kb = k.typed_data(), *Cb = c.typed_data(), *Mn = mean.typed_data();
+  const BatchNormInput bn{k.typed_data(), c.typed_data(), mean.typed_data(), slope};
   float *DA = da->typed_data(), *DW = dw->typed_data(), *S = sums->typed_data();
   const int64_t blocks = wd[1], ntiles = (s.W + MR - 1) / MR;
   std::vector<std::pair<int64_t, int64_t>> spans;  // (co0, width) as for_each_span visits them
@@ -1771,7 +1765,7 @@ ffi::Error RfConvBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   parallel_for(pool, s.N * blocks, [&](int64_t task) {
     const int64_t n = task / blocks, b = task % blocks;
     const int64_t h0 = b * s.H / blocks, h1 = (b + 1) * s.H / blocks;
-    BatchNormRows input(X, s.N, s.H, s.W, C, Kb, Cb, slope);
+    BatchNormRows input(X, s.N, s.H, s.W, C, bn.k, bn.c, bn.slope);
     std::vector<const float*> ptrs(size_t(ntiles * MR));
     float* dwt = DW + task * C * CO;
     std::fill(dwt, dwt + C * CO, 0.f);
@@ -1784,10 +1778,7 @@ ffi::Error RfConvBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
       conv_row_blocks(ptrs.data(), ntiles, s.W, 1, CO, P + w_offset, P + b_offset, P + s_offset,
                       out, C);
       with_vector_for(C, [&](auto v) {
-        using V = decltype(v);
-        for (int64_t c0 = 0; c0 < C; c0 += lanes<V>)
-          grad_sums_image<V, true>(out, X + r * s.W * C, Mn, Kb, Cb, slope, 1, s.W, C, c0,
-                                   S + r * 2 * C, S + r * 2 * C + C);
+        row_grad_sums<decltype(v)>(out, X + r * s.W * C, bn, s.W, C, S + r * 2 * C);
       });
       for (int64_t c0 = 0; c0 < C; c0 += kWgradChannels)
         for (const auto& [co0, width] : spans)
@@ -1999,7 +1990,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfDepthwiseGrad, RfDepthwiseGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k [3, 3, 1, C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy [N, OH, OW, C]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx [N, H, W, C]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk [N, 9, C] per image
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk [N, B, 9, C] per row block
                                   .Attr<int64_t>("stride"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfDepthwiseBn, RfDepthwiseBnImpl,

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from retinaface_jax.config import RetinaFaceConfig
+from retinaface_jax.inference.preprocess import subtract_mean
 from retinaface_jax.kernels.native import native_kernels_available
 from retinaface_jax.loss import multibox_loss
 from retinaface_jax.models.conv_ops import get_conv_impl
@@ -59,9 +60,7 @@ def make_loss_fn(
 def _model_input(image: jax.Array, rgb_mean: tuple[float, float, float]) -> jax.Array:
     """A batch's images as the model takes them: uint8 BGR (the pipeline's) becomes float32 minus
     ``rgb_mean``, the original's arithmetic, exact; float32 is already mean-subtracted."""
-    if image.dtype == jnp.uint8:
-        return image.astype(jnp.float32) - jnp.asarray(rgb_mean, jnp.float32)
-    return image
+    return subtract_mean(image, rgb_mean) if image.dtype == jnp.uint8 else image
 
 
 def make_train_step(
