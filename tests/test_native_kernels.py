@@ -235,10 +235,13 @@ def test_registered_target_runs_in_a_fresh_process(built):
         x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 8, 16)), jnp.float32)
         # one parameter buffer: weights [0, 2304), bias [2304, 2320), slopes [2320, 2336)
         params = jnp.zeros(3 * 3 * 16 * 16 + 16 + 16, jnp.float32)
-        call = jax.ffi.ffi_call("retinaface_conv", jax.ShapeDtypeStruct((1, 8, 8, 16), jnp.float32))
-        y = call(x, params, stride=np.int64(1), pad=np.int64(1), kh=np.int64(3),
-                 kw=np.int64(3), cin=np.int64(16), cin_offset=np.int64(0),
-                 w_offset=np.int64(0), b_offset=np.int64(2304), s_offset=np.int64(2320))
+        # results: y, and no row moments (an empty second result)
+        shapes = (jax.ShapeDtypeStruct((1, 8, 8, 16), jnp.float32),
+                  jax.ShapeDtypeStruct((0,), jnp.float32))
+        call = jax.ffi.ffi_call("retinaface_conv", shapes)
+        y, _ = call(x, params, stride=np.int64(1), pad=np.int64(1), kh=np.int64(3),
+                    kw=np.int64(3), cin=np.int64(16), cin_offset=np.int64(0),
+                    w_offset=np.int64(0), b_offset=np.int64(2304), s_offset=np.int64(2320))
         # and the top-k + NMS target: the best box, its duplicate suppressed, the disjoint one
         scores = jnp.asarray([[0.9, 0.8, 0.7]], jnp.float32)
         boxes = jnp.asarray([[[0, 0, 9, 9], [0, 0, 9, 9], [20, 20, 29, 29]]], jnp.float32)

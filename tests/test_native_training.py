@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +153,14 @@ def test_batch_parallel_on_four_devices(stride):
     np.testing.assert_allclose(dk4, dk1, rtol=1e-5, atol=1e-4)
 
 
+def stats_producers(text: str) -> list[str]:
+    """The kernel calls of a lowered program that give their output's row moments (a second
+    result ``[N, OH, 2, CO]`` rather than an empty one)."""
+    forward = "conv|conv_winograd|depthwise|depthwise_bn|conv_bn"
+    pattern = rf"custom_call @retinaface_({forward})\(.*-> \(tensor<[^>]*>, tensor<(\w+)>\)"
+    return [name for name, moments in re.findall(pattern, text) if moments != "0xf32"]
+
+
 def test_cpu_train_step_uses_the_kernels(monkeypatch):
     """The CPU train step runs its depthwise layers, 3x3 stride-1 dense layers and BatchNorm sums
     natively; with the kernels unavailable it runs XLA's formulation."""
@@ -193,7 +202,9 @@ def test_cpu_train_step_uses_the_kernels(monkeypatch):
     assert text.count("@retinaface_depthwise_bn_grad(") == 11
     assert text.count("@retinaface_depthwise_grad(") == 2
     assert text.count("@retinaface_conv_bn(") == text.count("@retinaface_conv_bn_grad(") == 13
-    assert text.count("@retinaface_moments(") == batch_norms > 13  # every BatchNorm's statistics
+    # every BatchNorm's statistics come from the kernel that writes its input, row by row
+    assert text.count("@retinaface_moments(") == 0
+    assert len(stats_producers(text)) == batch_norms > 13
     # backward sums: by the 24 read-through gradients, the other BatchNorms' by bn_grad_sums
     assert text.count("@retinaface_bn_grad_sums(") == batch_norms - 24
     assert text.count("@retinaface_conv_winograd(") == 2 * len(dense)  # forward, input gradient
@@ -208,17 +219,21 @@ BN_SHAPES = [(2, 7, 9, 8), (3, 1, 1, 16), (2, 5, 3, 24), (4, 12, 10, 64), (1, 33
 
 @pytest.mark.parametrize("shape", BN_SHAPES, ids=["x".join(map(str, s)) for s in BN_SHAPES])
 def test_moments_and_grad_sums_match_float64(shape):
-    """Per image means, M2 and the backward sums, on values with a large common offset (a
-    sum-of-squares formula would cancel catastrophically there)."""
+    """Per row means and M2, the batch statistics combined from them, and the backward sums, on
+    values with a large common offset (a sum-of-squares formula would cancel catastrophically
+    there)."""
     rng = np.random.default_rng(list(shape))
     x = (rng.normal(size=shape) * 3 + 1000).astype(np.float32)
     g = rng.normal(size=shape).astype(np.float32)
     x64 = x.astype(np.float64)
-    mean, m2 = jax.jit(ops.moments)(x)
-    mean_ref = x64.mean((1, 2))
-    m2_ref = ((x64 - mean_ref[:, None, None]) ** 2).sum((1, 2))
-    np.testing.assert_allclose(mean, mean_ref, rtol=1e-6)
-    np.testing.assert_allclose(m2, m2_ref, rtol=2e-5, atol=1e-3)
+    rows = jax.jit(ops.moments)(x)
+    row_mean = x64.mean(2)
+    np.testing.assert_allclose(rows[:, :, 0], row_mean, rtol=1e-6)
+    row_m2 = ((x64 - row_mean[:, :, None]) ** 2).sum(2)
+    np.testing.assert_allclose(rows[:, :, 1], row_m2, rtol=2e-5, atol=1e-3)
+    mean, var = native_training.stats_from_rows(rows, shape[2])
+    np.testing.assert_allclose(mean, x64.mean((0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(var, x64.var((0, 1, 2)), rtol=2e-5)
     center = x64.mean((0, 1, 2)).astype(np.float32)
     sum_g, sum_gx = jax.jit(ops.bn_grad_sums)(g, x, center)
     np.testing.assert_allclose(sum_g, g.astype(np.float64).sum((1, 2)), rtol=1e-5, atol=1e-4)
@@ -247,9 +262,59 @@ def test_grad_sums_through_the_activation_match_float64(shape, slope):
     np.testing.assert_allclose(sums[1], (g * (x64 - center)).sum((1, 2)), rtol=1e-5, atol=1e-4)
 
 
+def producer_cases():
+    """``(name, fn(moments) -> kernel results)`` for every kernel that writes a BatchNorm's input
+    in the train step: direct (stride 2 and the narrow stem), Winograd and 1x1 convolutions, the
+    plain and read-through depthwise layers and the read-through 1x1 layer; odd sizes, 8- and
+    16-lane channel counts."""
+    rng = np.random.default_rng(11)
+
+    def normal(*shape):
+        return jnp.asarray(rng.normal(size=shape).astype(np.float32))
+
+    def dense(x, kernel, stride, padding):
+        params, layer = ops.plain_layer(kernel, stride=stride, padding=padding)
+        return lambda moments: ops.conv(x, params, layer, moments=moments)
+
+    x24, x3, x40 = normal(2, 9, 11, 24), normal(2, 13, 10, 3), normal(3, 5, 7, 40)
+    dw, scale, shift = normal(3, 3, 1, 24), normal(24) * 0.5 + 1, normal(24)
+    pointwise, layer = ops.plain_layer(normal(1, 1, 24, 40), stride=1, padding=0)
+    return [
+        ("direct 3x3 stride 2", dense(x24, normal(3, 3, 24, 16), 2, 1)),
+        ("narrow stem", dense(x3, normal(3, 3, 3, 8), 2, 1)),
+        ("winograd", dense(x40, normal(3, 3, 40, 24), 1, 1)),
+        ("1x1", dense(x40, normal(1, 1, 40, 32), 1, 0)),
+        ("depthwise", lambda m: ops.depthwise(x24, dw, 2, moments=m)),
+        ("depthwise_bn", lambda m: ops.depthwise_bn(x24, dw, scale, shift, 0.1, 1, moments=m)),
+        ("conv_bn", lambda m: ops.conv_bn(x24, pointwise, layer, scale, shift, 0.0, moments=m)),
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, run", producer_cases(), ids=lambda v: v if isinstance(v, str) else ""
+)
+def test_layer_kernels_give_their_outputs_row_moments(name, run):
+    """A kernel asked for its output's row moments writes the same output and exactly the
+    moments ``ops.moments`` finds in it (the same row arithmetic, on the row while in cache)."""
+    y, rows = jax.jit(lambda: run(True))()
+    np.testing.assert_array_equal(y, jax.jit(lambda: run(False))())
+    assert rows.shape == (*y.shape[:2], 2, y.shape[3])
+    np.testing.assert_array_equal(rows, jax.jit(ops.moments)(y))
+
+
 def test_moments_reject_bad_shapes():
     with pytest.raises(ValueError, match=r"moments: expected x \[N, H, W, C\].*\(2, 3, 4, 12\)"):
         ops.moments(np.zeros((2, 3, 4, 12), np.float32))
+    x, k = np.zeros((1, 4, 4, 8), np.float32), np.zeros((3, 3, 1, 8), np.float32)
+    wrong = (
+        jax.ShapeDtypeStruct(x.shape, jnp.float32),
+        jax.ShapeDtypeStruct((1, 3, 2, 8), jnp.float32),
+    )
+    call = jax.ffi.ffi_call(ops.DEPTHWISE_TARGET, wrong)
+    with pytest.raises(
+        Exception, match=r"retinaface_depthwise: expected row moments \[N, OH, 2, CO\]"
+    ):
+        jax.block_until_ready(call(x, k, stride=np.int64(1)))
     with pytest.raises(ValueError, match=r"bn_grad_sums: dy \(1, 2, 2, 8\).*x \(1, 2, 3, 8\)"):
         ops.bn_grad_sums(np.zeros((1, 2, 2, 8)), np.zeros((1, 2, 3, 8)), np.zeros(8))
     with pytest.raises(ValueError, match="needs scale and shift"):
@@ -295,15 +360,20 @@ def test_batch_norm_train_matches_xla_on_one_and_four_devices(slope):
 
 def bn_conv_loss_and_grads(conv_args, slope, mesh=None, native=True):
     """Jitted ``(x, scale, bias, kernel) -> (loss, grads)`` of BatchNorm -> LeakyReLU -> the
-    ``Conv2d(*conv_args)``: read through (``into_conv``) inside ``native_gradients``, else the two
-    layers by XLA."""
+    ``Conv2d(*conv_args)`` -> BatchNorm: read through (``into_conv``) inside
+    ``native_gradients``, the second BatchNorm's statistics from the convolution's kernel; else
+    the layers by XLA."""
     from retinaface_jax.models.layers import BatchNorm2d, Conv2d
 
     def loss(x, scale, bias, kernel):
         norm, conv = BatchNorm2d(x.shape[-1]), Conv2d(*conv_args, bias=False, rngs=nnx.Rngs(0))
         norm.scale[...], norm.bias[...], conv.kernel[...] = scale, bias, kernel
-        y = jnp.sum(jnp.sin(norm.into_conv(x, slope, conv)))
-        return y + jnp.sum(norm.mean[...]) + jnp.sum(norm.var[...])  # running statistics too
+        after = BatchNorm2d(conv_args[1])
+        y, stats = norm.into_conv(x, slope, conv)
+        assert (stats is None) == (not native)
+        z = jnp.sum(jnp.sin(after(y, 0.1, stats)))
+        running = (norm.mean, norm.var, after.mean, after.var)  # running statistics too
+        return z + sum(jnp.sum(v[...]) for v in running)
 
     def f(*args):
         with native_gradients(mesh) if native else contextlib.nullcontext():
@@ -348,7 +418,10 @@ def test_batch_norm_into_conv_matches_xla_on_one_and_four_devices(conv_args, ker
     four = bn_conv_loss_and_grads(conv_args, slope, mesh)
     text = one.lower(*args).as_text()
     assert f"@retinaface_{kernels}(" in text and f"@retinaface_{kernels}_grad(" in text
-    assert "@retinaface_bn_grad_sums(" not in text  # the sums come with the input gradient
+    # the first BatchNorm's sums come with the input gradient; its statistics from the moments
+    # kernel (no kernel wrote x), the second's with the convolution's output
+    assert text.count("@retinaface_bn_grad_sums(") == text.count("@retinaface_moments(") == 1
+    assert len(stats_producers(text)) == 1
     assert "@retinaface_" not in xla.lower(*args).as_text()
     sharded = (jax.device_put(args[0], NamedSharding(mesh, P("data"))), *args[1:])
     compiled = four.lower(*sharded).compile().as_text()

@@ -69,8 +69,8 @@ class _MaskedInputConv2d(Conv2d):
 
 
 class _MaskedOutputBatchNorm2d(BatchNorm2d):
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return mask_padded(super().__call__(x))
+    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+        return mask_padded(super().__call__(x, *args, **kwargs))
 
 
 def masked_for_padding(model: nnx.Module) -> nnx.Module:

@@ -27,6 +27,9 @@
 //                       gradients;
 //   retinaface_weight_grad: a dense convolution's kernel gradient (a GEMM over pixel blocks);
 //   retinaface_moments / retinaface_bn_grad_sums: BatchNorm's batch statistics and backward sums.
+// The layer kernels of the train step (retinaface_conv, _conv_winograd, _depthwise,
+// _depthwise_bn, _conv_bn) have a second result: empty, or the BatchNorm statistics of each
+// output row [N, OH, 2, CO] (row_moments), computed right after the row is written.
 //
 // All parameters of a model live in one float32 buffer (one argument of the XLA program instead
 // of ~130: dispatching a call flattens every argument); a kernel reads its layer's slices at the
@@ -122,6 +125,44 @@ inline void prefetch_rows(const float* X, int64_t n, int64_t H, int64_t row, int
 constexpr int64_t kScratchGap = 16;
 constexpr int64_t kMaxCin = 4096;
 alignas(64) const float kZeros[kMaxCin] = {0};  // read in place of padding pixels
+
+// BatchNorm's batch statistics, one row at a time: the mean and M2 (the sum of squared deviations
+// from that mean) per channel of a row [W][C] into out[0][C] and out[1][C]. Two passes over the
+// row, the mean first, so the squares never cancel as a sum-of-squares formula's would at a large
+// common offset; four partial sums per pass (one chain of dependent adds was latency-bound: 1.8x
+// slower). A kernel that writes a BatchNorm's input calls it on each output row it has just
+// written, while the row is in cache: the separate pass that read the whole tensor from memory
+// again cost ~6 ms of the train step. XLA combines the rows (native_training.stats_from_rows).
+template <class V>
+void row_moments_at(const float* row, int64_t W, int64_t C, float* out) {
+  const V w = bcast<V>(float(W));
+  for (int64_t c0 = 0; c0 < C; c0 += lanes<V>) {
+    const float* x = row + c0;
+    V sp[4], qp[4];
+    for (int k = 0; k < 4; ++k) sp[k] = qp[k] = bcast<V>(0.f);
+    int64_t i = 0;
+    for (; i + 4 <= W; i += 4)
+      for (int k = 0; k < 4; ++k) sp[k] += loadu<V>(x + (i + k) * C);
+    for (int k = 0; i < W; ++i, ++k) sp[k] += loadu<V>(x + i * C);
+    const V mean = ((sp[0] + sp[1]) + (sp[2] + sp[3])) / w;
+    for (i = 0; i + 4 <= W; i += 4)
+      for (int k = 0; k < 4; ++k) {
+        const V d = loadu<V>(x + (i + k) * C) - mean;
+        qp[k] += d * d;
+      }
+    for (int k = 0; i < W; ++i, ++k) {
+      const V d = loadu<V>(x + i * C) - mean;
+      qp[k] += d * d;
+    }
+    storeu(out + c0, mean);
+    storeu(out + C + c0, (qp[0] + qp[1]) + (qp[2] + qp[3]));
+  }
+}
+
+// Row r's moments [2][C] of Y [rows][W][C] into M [rows][2][C]; nothing when M is null.
+inline void row_moments(const float* Y, int64_t r, int64_t W, int64_t C, float* M) {
+  if (M) with_vector_for(C, [&](auto v) { row_moments_at<decltype(v)>(Y + r * W * C, W, C, M + r * 2 * C); });
+}
 
 // Runs fn(i) for i in [0, total) on the calling thread and XLA's intra-op pool. The caller takes
 // items too and waits only for items already started, so it never waits on a queued task (no
@@ -345,7 +386,7 @@ struct MeanSubtractedRows {
 
 template <class Rows>
 void conv_narrow_rows(const ConvShape& s, Rows& input, const float* wp, const float* bias,
-                      const float* slope, float* Y, int64_t r0, int64_t r1) {
+                      const float* slope, float* Y, int64_t r0, int64_t r1, float* M = nullptr) {
   const int64_t K = s.kh * s.kw * s.C;
   std::vector<float> buf(size_t(12) * K, 0.f);
   const float* ptrs[12];
@@ -389,11 +430,12 @@ void conv_narrow_rows(const ConvShape& s, Rows& input, const float* wp, const fl
                           s.CO);
       }
     }
+    row_moments(Y, r, s.OW, s.CO, M);
   }
 }
 
 void conv_rows(const ConvShape& s, const float* X, const float* wp, const float* bias,
-               const float* slope, float* Y, int64_t r0, int64_t r1) {
+               const float* slope, float* Y, int64_t r0, int64_t r1, float* M) {
   const int taps = int(s.kh * s.kw);
   const int64_t ntiles = (s.OW + MR - 1) / MR;
   const float** ptrs = scratch<const float*>(size_t(ntiles) * taps * MR);
@@ -414,6 +456,7 @@ void conv_rows(const ConvShape& s, const float* X, const float* wp, const float*
       }
     }
     conv_row_blocks(ptrs, ntiles, s.OW, taps, s.C, wp, bias, slope, Y + r * s.OW * s.CO, s.CO);
+    row_moments(Y, r, s.OW, s.CO, M);
   }
 }
 
@@ -516,11 +559,11 @@ void winograd_output(const ConvShape& s, const float* M, int64_t xs, int64_t n, 
 }
 
 void winograd_rows(const ConvShape& s, const float* X, const float* U, const float* bias,
-                   const float* slope, float* Y, int64_t r0, int64_t r1) {
+                   const float* slope, float* Y, int64_t r0, int64_t r1, float* M) {
   const int64_t TH = (s.OH + 3) / 4, TW = (s.OW + 3) / 4, C = s.C, CO = s.CO;
   const int64_t vs = WT * C + kWinogradPad, ms = WT * CO + kWinogradPad;
   float* V = scratch<float>(size_t(WA * WA) * (vs + ms) + kScratchGap);
-  float* M = V + WA * WA * vs + kScratchGap;
+  float* P = V + WA * WA * vs + kScratchGap;  // the products
   const float* ptrs[WT];
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / TH, ty = r % TH;
@@ -534,12 +577,14 @@ void winograd_rows(const ConvShape& s, const float* X, const float* U, const flo
         const float* v = V + xi * vs;
         for (int j = 0; j < ntiles * MR; ++j) ptrs[j] = j < nt ? v + j * C : kZeros;
         conv_row_blocks(ptrs, ntiles, nt, 1, C, U + int64_t(xi) * C * CO, bias, slope,
-                        M + xi * ms, CO, false);
+                        P + xi * ms, CO, false);
       }
       with_vector_for(CO, [&](auto v) {
-        winograd_output<decltype(v)>(s, M, ms, n, ty, tx0, nt, bias, slope, Y);
+        winograd_output<decltype(v)>(s, P, ms, n, ty, tx0, nt, bias, slope, Y);
       });
     }
+    for (int64_t oh = 4 * ty; oh < std::min(4 * ty + 4, s.OH); ++oh)
+      row_moments(Y, n * s.OH + oh, s.OW, CO, M);
   }
 }
 
@@ -583,8 +628,21 @@ ffi::ErrorOr<ConvShape> conv_shape(const std::string& what, Dims xd, Dims yd, in
   return s;
 }
 
+// A kernel's optional output of BatchNorm statistics per row of its output y [N, OH, OW, CO]
+// (row_moments): [N, OH, 2, CO], or no elements when the caller wants none (nullptr).
+ffi::ErrorOr<float*> row_moments_output(ffi::ResultBuffer<ffi::F32>& moments, int64_t N,
+                                        int64_t OH, int64_t CO, const std::string& what) {
+  if (moments->element_count() == 0) return static_cast<float*>(nullptr);
+  auto md = moments->dimensions();
+  if (md.size() != 4 || md[0] != N || md[1] != OH || md[2] != 2 || md[3] != CO || CO % 8)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        what + ": expected row moments [N, OH, 2, CO] (CO a multiple of 8) or none"));
+  return moments->typed_data();
+}
+
 ffi::Error RfConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> params,
-                      ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad, int64_t kh,
+                      ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> moments,
+                      int64_t stride, int64_t pad, int64_t kh,
                       int64_t kw, int64_t cin, int64_t cin_offset, int64_t w_offset,
                       int64_t b_offset, int64_t s_offset) {
   auto shape = conv_shape("retinaface_conv", x.dimensions(), y->dimensions(), cin, cin_offset, kh,
@@ -595,6 +653,8 @@ ffi::Error RfConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (auto e = check_layer(params, "retinaface_conv", nw, s.CO, w_offset, b_offset, s_offset);
       e.failure())
     return e;
+  auto M = row_moments_output(moments, s.N, s.OH, s.CO, "retinaface_conv");
+  if (M.has_error()) return M.error();
   const float* P = params.typed_data();
   const float *X = x.typed_data(), *Wp = P + w_offset, *B = P + b_offset, *S = P + s_offset;
   float* Y = y->typed_data();
@@ -605,9 +665,9 @@ ffi::Error RfConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     const int64_t r0 = task * chunk, r1 = std::min(rows, r0 + chunk);
     if (narrow) {
       FloatImageRows input{X, s.H, s.W * s.CX};
-      conv_narrow_rows(s, input, Wp, B, S, Y, r0, r1);
+      conv_narrow_rows(s, input, Wp, B, S, Y, r0, r1, *M);
     } else
-      conv_rows(s, X, Wp, B, S, Y, r0, r1);
+      conv_rows(s, X, Wp, B, S, Y, r0, r1, *M);
   });
   return ffi::Error::Success();
 }
@@ -646,7 +706,7 @@ ffi::Error RfConvU8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffe
 
 ffi::Error RfConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> params, ffi::ResultBuffer<ffi::F32> y,
-                              int64_t pad, int64_t cin, int64_t cin_offset, int64_t w_offset,
+                              ffi::ResultBuffer<ffi::F32> moments, int64_t pad, int64_t cin, int64_t cin_offset, int64_t w_offset,
                               int64_t b_offset, int64_t s_offset) {
   auto shape = conv_shape("retinaface_conv_winograd", x.dimensions(), y->dimensions(), cin,
                           cin_offset, 3, 3, 1, pad);
@@ -658,6 +718,8 @@ ffi::Error RfConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            b_offset, s_offset);
       e.failure())
     return e;
+  auto M = row_moments_output(moments, s.N, s.OH, s.CO, "retinaface_conv_winograd");
+  if (M.has_error()) return M.error();
   const float* P = params.typed_data();
   const float* X = x.typed_data();
   float* Y = y->typed_data();
@@ -665,7 +727,7 @@ ffi::Error RfConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t chunk = rows_per_task(rows, TW * 36 * s.C * s.CO);
   parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
     const int64_t r0 = task * chunk, r1 = std::min(rows, r0 + chunk);
-    winograd_rows(s, X, P + w_offset, P + b_offset, P + s_offset, Y, r0, r1);
+    winograd_rows(s, X, P + w_offset, P + b_offset, P + s_offset, Y, r0, r1, *M);
   });
   return ffi::Error::Success();
 }
@@ -938,22 +1000,27 @@ struct BatchNormRows {
 };
 
 ffi::Error RfDepthwiseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                           ffi::ResultBuffer<ffi::F32> y, int64_t stride) {
+                           ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> moments,
+                           int64_t stride) {
   auto shape = dw_shape("retinaface_depthwise", x.dimensions(), y->dimensions(),
                         int64_t(k.element_count()), stride);
   if (shape.has_error()) return shape.error();
   const DwShape s = *shape;
+  auto M = row_moments_output(moments, s.N, s.OH, s.C, "retinaface_depthwise");
+  if (M.has_error()) return M.error();
   // depthwise_row with bias 0 and slope 1 (activate(v, 1) == v): the plain convolution
   const std::vector<float> zeros(size_t(s.C), 0.f), ones(size_t(s.C), 1.f);
   const float *X = x.typed_data(), *K = k.typed_data();
   float* Y = y->typed_data();
   const int64_t rows = s.N * s.OH, chunk = rows_per_task(rows, s.OW * s.C * 9);
   parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
-    for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r)
+    for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r) {
       with_vector_for(s.C, [&](auto v) {
         depthwise_row<decltype(v)>(X, r / s.OH, r % s.OH, s.H, s.W, s.C, s.stride, s.OW, K,
                                    zeros.data(), ones.data(), Y + r * s.OW * s.C);
       });
+      row_moments(Y, r, s.OW, s.C, *M);
+    }
   });
   return ffi::Error::Success();
 }
@@ -1474,10 +1541,8 @@ ffi::Error RfWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 }
 
 // -- Training: BatchNorm's per-channel sums ------------------------------------------------------
-// Per image, so the calls stay batch-parallel (XLA combines the images): the batch statistics as
-// (mean, M2) with M2 the sum of squared deviations from the image's mean (each row's own two
-// passes in L1, merged with Chan et al.'s update: one pass over memory, no sum-of-squares
-// cancellation), and the backward's sum(g) and sum(g * (x - mean)).
+// Per row or image, so the calls stay batch-parallel (XLA combines them): the batch statistics
+// (row_moments) and the backward's sum(g) and sum(g * (x - mean)).
 
 // Runs fn(n, c0, lanes) over (image, channel chunk) tasks; chunks of 16 channels when they divide C.
 template <class Fn>
@@ -1488,57 +1553,23 @@ void per_image_chunks(ffi::ThreadPool& pool, int64_t N, int64_t C, Fn&& fn) {
   });
 }
 
-template <class V>
-void moments_image(const float* X, int64_t HW_rows, int64_t W, int64_t C, int64_t c0, float* mean_out,
-                   float* m2_out) {
-  V mean = bcast<V>(0.f), m2 = bcast<V>(0.f);
-  const V w = bcast<V>(float(W));
-  for (int64_t r = 0; r < HW_rows; ++r) {
-    const float* row = X + r * W * C + c0;
-    // four partial sums per pass (one chain of dependent adds was latency-bound: 1.8x slower)
-    V sp[4], qp[4];
-    for (int k = 0; k < 4; ++k) sp[k] = qp[k] = bcast<V>(0.f);
-    int64_t i = 0;
-    for (; i + 4 <= W; i += 4)
-      for (int k = 0; k < 4; ++k) sp[k] += loadu<V>(row + (i + k) * C);
-    for (int k = 0; i < W; ++i, ++k) sp[k] += loadu<V>(row + i * C);
-    const V rm = ((sp[0] + sp[1]) + (sp[2] + sp[3])) / w;
-    for (i = 0; i + 4 <= W; i += 4)
-      for (int k = 0; k < 4; ++k) {
-        const V d = loadu<V>(row + (i + k) * C) - rm;
-        qp[k] += d * d;
-      }
-    for (int k = 0; i < W; ++i, ++k) {
-      const V d = loadu<V>(row + i * C) - rm;
-      qp[k] += d * d;
-    }
-    const V q = (qp[0] + qp[1]) + (qp[2] + qp[3]);
-    // merge rows 0..r-1 (r * W values) with row r (W values)
-    const V n_old = bcast<V>(float(r * W)), n_new = bcast<V>(float((r + 1) * W));
-    const V delta = rm - mean;
-    mean += delta * (w / n_new);
-    m2 += q + delta * delta * (n_old * w / n_new);
-  }
-  storeu(mean_out + c0, mean);
-  storeu(m2_out + c0, m2);
-}
-
-// x [N, H, W, C] -> moments [N, 2, C]: per image the channel means, then M2.
+// x [N, H, W, C] -> moments [N, H, 2, C]: each row's means, then M2 (row_moments), for a
+// BatchNorm input that no kernel wrote with its moments.
 ffi::Error RfMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::ResultBuffer<ffi::F32> moments) {
   auto xd = x.dimensions();
   auto md = moments->dimensions();
-  if (xd.size() != 4 || xd[3] % 8 || xd[3] < 8 || md.size() != 3 || md[0] != xd[0] || md[1] != 2 ||
-      md[2] != xd[3] || xd[1] * xd[2] < 1)
+  if (xd.size() != 4 || xd[3] % 8 || xd[3] < 8 || md.size() != 4 || md[0] != xd[0] ||
+      md[1] != xd[1] || md[2] != 2 || md[3] != xd[3] || xd[2] < 1)
     return ffi::Error::InvalidArgument(
-        "retinaface_moments: expected x [N, H, W, C] (C a multiple of 8) and moments [N, 2, C]");
-  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3];
+        "retinaface_moments: expected x [N, H, W, C] (C a multiple of 8) and moments [N, H, 2, C]");
+  const int64_t rows = xd[0] * xd[1], W = xd[2], C = xd[3];
   const float* X = x.typed_data();
   float* M = moments->typed_data();
-  per_image_chunks(pool, N, C, [&](int64_t n, int64_t c0, int64_t lanes_c) {
-    with_vector_for(lanes_c, [&](auto v) {
-      moments_image<decltype(v)>(X + n * H * W * C, H, W, C, c0, M + n * 2 * C, M + n * 2 * C + C);
-    });
+  const int64_t chunk = rows_per_task(rows, W * C, 16384);
+  parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
+    for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r)
+      row_moments(X, r, W, C, M);
   });
   return ffi::Error::Success();
 }
@@ -1624,12 +1655,14 @@ ffi::Error RfBnGradSumsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
 // y = depthwise(act(x * k + c, slope), kernel): x [N, H, W, C], kernel [9][C], k and c [C].
 ffi::Error RfDepthwiseBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> k,
-                             ffi::Buffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> y, int64_t stride,
-                             float slope) {
+                             ffi::Buffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> y,
+                             ffi::ResultBuffer<ffi::F32> moments, int64_t stride, float slope) {
   auto shape = dw_shape("retinaface_depthwise_bn", x.dimensions(), y->dimensions(),
                         int64_t(kernel.element_count()), stride);
   if (shape.has_error()) return shape.error();
   const DwShape s = *shape;
+  auto M = row_moments_output(moments, s.N, s.OH, s.C, "retinaface_depthwise_bn");
+  if (M.has_error()) return M.error();
   if (int64_t(k.element_count()) != s.C || int64_t(c.element_count()) != s.C)
     return ffi::Error::InvalidArgument("retinaface_depthwise_bn: expected k and c of [C] values");
   const std::vector<float> zeros(size_t(s.C), 0.f), ones(size_t(s.C), 1.f);
@@ -1645,6 +1678,7 @@ ffi::Error RfDepthwiseBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         depthwise_row_at<decltype(v)>(in, s.W, s.C, s.stride, s.OW, K, zeros.data(), ones.data(),
                                       Y + r * s.OW * s.C);
       });
+      row_moments(Y, r, s.OW, s.C, *M);
     }
   });
   return ffi::Error::Success();
@@ -1688,12 +1722,14 @@ ffi::Error RfDepthwiseBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // y = conv1x1(act(x * k + c, slope)) with the packed weights, bias and slopes at the offsets.
 ffi::Error RfConvBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> params,
                         ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> c,
-                        ffi::ResultBuffer<ffi::F32> y, int64_t w_offset, int64_t b_offset,
-                        int64_t s_offset, float slope) {
+                        ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> moments,
+                        int64_t w_offset, int64_t b_offset, int64_t s_offset, float slope) {
   const int64_t cin = x.dimensions().size() == 4 ? x.dimensions()[3] : 0;
   auto shape = conv_shape("retinaface_conv_bn", x.dimensions(), y->dimensions(), cin, 0, 1, 1, 1, 0);
   if (shape.has_error()) return shape.error();
   const ConvShape s = *shape;
+  auto M = row_moments_output(moments, s.N, s.OH, s.CO, "retinaface_conv_bn");
+  if (M.has_error()) return M.error();
   if (int64_t(k.element_count()) != s.C || int64_t(c.element_count()) != s.C)
     return ffi::Error::InvalidArgument("retinaface_conv_bn: expected k and c of [C] values");
   if (auto e = check_layer(params, "retinaface_conv_bn", s.C * s.CO, s.CO, w_offset, b_offset,
@@ -1713,6 +1749,7 @@ ffi::Error RfConvBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       for (int64_t m = 0; m < ntiles * MR; ++m) ptrs[size_t(m)] = m < s.W ? a + m * s.C : kZeros;
       conv_row_blocks(ptrs.data(), ntiles, s.W, 1, s.C, P + w_offset, P + b_offset, P + s_offset,
                       Y + r * s.W * s.CO, s.CO);
+      row_moments(Y, r, s.W, s.CO, *M);
     }
   });
   return ffi::Error::Success();
@@ -1922,6 +1959,7 @@ auto with_offsets(Binding binding) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConv, RfConvImpl,
                               with_offsets(conv_binding<ffi::F32>()
+                                               .Ret<ffi::Buffer<ffi::F32>>()  // row moments or none
                                                .Attr<int64_t>("stride")
                                                .Attr<int64_t>("pad")
                                                .Attr<int64_t>("kh")
@@ -1939,6 +1977,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvU8, RfConvU8Impl,  // x: the uint8 image
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvWinograd, RfConvWinogradImpl,  // weights [36][C][CO] packed
                               with_offsets(conv_binding<ffi::F32>()
+                                               .Ret<ffi::Buffer<ffi::F32>>()  // row moments or none
                                                .Attr<int64_t>("pad")
                                                .Attr<int64_t>("cin")
                                                .Attr<int64_t>("cin_offset")));
@@ -1981,6 +2020,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfDepthwise, RfDepthwiseImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [N, H, W, C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k [3, 3, 1, C]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, OH, OW, C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // [N, OH, 2, C] or none
                                   .Attr<int64_t>("stride"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfDepthwiseGrad, RfDepthwiseGradImpl,
@@ -2001,6 +2041,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfDepthwiseBn, RfDepthwiseBnImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k [C]: BatchNorm's scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c [C]: and shift
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, OH, OW, C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // [N, OH, 2, C] or none
                                   .Attr<int64_t>("stride")
                                   .Attr<float>("slope"));  // LeakyReLU's
 
@@ -2027,6 +2068,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvBn, RfConvBnImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k [C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c [C]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, H, W, CO]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // [N, H, 2, CO] or none
                                   .Attr<int64_t>("w_offset")
                                   .Attr<int64_t>("b_offset")
                                   .Attr<int64_t>("s_offset")
@@ -2053,7 +2095,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfMoments, RfMomentsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x [N, H, W, C]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // [N, 2, C]: mean, M2
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [N, H, 2, C]: mean, M2
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfBnGradSums, RfBnGradSumsImpl,
                               ffi::Ffi::Bind()

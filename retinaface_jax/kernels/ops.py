@@ -232,8 +232,31 @@ def dw_layer(
     return DwLayer(wd, buffer.add(bias), buffer.add(slope), c, stride, pw)
 
 
-def conv(x: jax.Array, params: jax.Array, layer: ConvLayer, mean: int | None = None) -> jax.Array:
-    """``act(conv(x[..., off:off + cin], w) + b)`` for NHWC float32 ``x``.
+def _row_moments_results(
+    y: jax.ShapeDtypeStruct, moments: bool
+) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """The results of a kernel writing ``y [N, OH, OW, CO]``: ``y``, then, if ``moments``, the
+    mean and M2 per channel of each output row, ``[N, OH, 2, CO]``, computed by the kernel while
+    the row is in cache (``row_moments`` in ``cpu_conv.cc``: a BatchNorm's statistics without
+    another pass over ``y``); else nothing (zero elements)."""
+    n, oh, _, co = y.shape
+    return y, jax.ShapeDtypeStruct((n, oh, 2, co) if moments else (0,), jnp.float32)
+
+
+def _with_moments(results: tuple[jax.Array, jax.Array], moments: bool):
+    return results if moments else results[0]
+
+
+def conv(
+    x: jax.Array,
+    params: jax.Array,
+    layer: ConvLayer,
+    mean: int | None = None,
+    *,
+    moments: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """``act(conv(x[..., off:off + cin], w) + b)`` for NHWC float32 ``x``; with ``moments``,
+    ``(y, row moments [N, OH, 2, CO])`` (see :func:`moments`).
 
     A uint8 ``x`` (an image, all of whose ``cin < 8`` channels the layer reads) is read as
     ``float32(x) - params[mean : mean + cin]`` by the kernel itself: no float32 copy of the image.
@@ -251,15 +274,18 @@ def conv(x: jax.Array, params: jax.Array, layer: ConvLayer, mean: int | None = N
                 f"conv: a uint8 input needs a mean offset and a narrow layer reading all its "
                 f"{c} channels, got mean={mean}, {layer}"
             )
+        if moments:
+            raise ValueError("conv: no row moments for a uint8 input (an inference layer)")
         return jax.ffi.ffi_call(U8_TARGET, out)(
             x, params, m_offset=np.int64(mean), **shape, **offsets
         )
     channels = dict(cin=np.int64(layer.cin), cin_offset=np.int64(layer.cin_offset))
+    results = _row_moments_results(out, moments)
     if layer.winograd:
-        return jax.ffi.ffi_call(WINOGRAD_TARGET, out)(
-            x, params, pad=np.int64(p), **channels, **offsets
-        )
-    return jax.ffi.ffi_call(CONV_TARGET, out)(x, params, **shape, **channels, **offsets)
+        call = jax.ffi.ffi_call(WINOGRAD_TARGET, results)
+        return _with_moments(call(x, params, pad=np.int64(p), **channels, **offsets), moments)
+    call = jax.ffi.ffi_call(CONV_TARGET, results)
+    return _with_moments(call(x, params, **shape, **channels, **offsets), moments)
 
 
 def conv_dw(x: jax.Array, params: jax.Array, layer: DwLayer) -> jax.Array:
@@ -333,12 +359,16 @@ def _depthwise_shapes(x: jax.Array, kernel: jax.Array, stride: int) -> tuple[int
     return (h - 1) // stride + 1, (w - 1) // stride + 1
 
 
-def depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+def depthwise(
+    x: jax.Array, kernel: jax.Array, stride: int, *, moments: bool = False
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The 3x3 depthwise convolution (pad 1, no bias) of ``x [N, H, W, C]`` with an HWIO
-    ``kernel [3, 3, 1, C]`` taken as an array (training: the weights change every step)."""
+    ``kernel [3, 3, 1, C]`` taken as an array (training: the weights change every step); with
+    ``moments``, ``(y, row moments [N, OH, 2, C])`` (see :func:`moments`)."""
     oh, ow = _depthwise_shapes(x, kernel, stride)
     out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, x.shape[3]), jnp.float32)
-    return jax.ffi.ffi_call(DEPTHWISE_TARGET, out)(x, kernel, stride=np.int64(stride))
+    call = jax.ffi.ffi_call(DEPTHWISE_TARGET, _row_moments_results(out, moments))
+    return _with_moments(call(x, kernel, stride=np.int64(stride)), moments)
 
 
 def depthwise_grad(
@@ -366,17 +396,25 @@ def _check_vectors(what: str, c: int, **vectors: jax.Array) -> None:
 
 
 def depthwise_bn(
-    x: jax.Array, kernel: jax.Array, scale: jax.Array, shift: jax.Array, slope: float, stride: int
-) -> jax.Array:
+    x: jax.Array,
+    kernel: jax.Array,
+    scale: jax.Array,
+    shift: jax.Array,
+    slope: float,
+    stride: int,
+    *,
+    moments: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``depthwise(leaky_relu(x * scale + shift, slope), kernel, stride)`` with the activation
     computed row by row inside the kernel, never stored: ``x`` is a BatchNorm's input, ``scale``
-    and ``shift [C]`` its batch statistics and affine parameters folded together."""
+    and ``shift [C]`` its batch statistics and affine parameters folded together. With
+    ``moments``, ``(y, row moments [N, OH, 2, C])`` (see :func:`moments`)."""
     oh, ow = _depthwise_shapes(x, kernel, stride)
     _check_vectors("depthwise_bn", x.shape[3], scale=scale, shift=shift)
     out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, x.shape[3]), jnp.float32)
-    return jax.ffi.ffi_call(DEPTHWISE_BN_TARGET, out)(
-        x, kernel, scale, shift, stride=np.int64(stride), slope=np.float32(slope)
-    )
+    call = jax.ffi.ffi_call(DEPTHWISE_BN_TARGET, _row_moments_results(out, moments))
+    results = call(x, kernel, scale, shift, stride=np.int64(stride), slope=np.float32(slope))
+    return _with_moments(results, moments)
 
 
 def depthwise_bn_grad(
@@ -437,15 +475,18 @@ def conv_bn(
     scale: jax.Array,
     shift: jax.Array,
     slope: float,
-) -> jax.Array:
+    *,
+    moments: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The 1x1 stride-1 ``layer`` on ``leaky_relu(x * scale + shift, slope)``, the activation
-    computed row by row inside the kernel and never stored (``x``: a BatchNorm's input)."""
+    computed row by row inside the kernel and never stored (``x``: a BatchNorm's input). With
+    ``moments``, ``(y, row moments [N, H, 2, CO])`` (see :func:`moments`)."""
     _check_pointwise("conv_bn", x, layer)
     _check_vectors("conv_bn", x.shape[3], scale=scale, shift=shift)
     out = jax.ShapeDtypeStruct((*x.shape[:3], layer.cout), jnp.float32)
-    return jax.ffi.ffi_call(CONV_BN_TARGET, out)(
-        x, params, scale, shift, **_offsets(layer), slope=np.float32(slope)
-    )
+    call = jax.ffi.ffi_call(CONV_BN_TARGET, _row_moments_results(out, moments))
+    results = call(x, params, scale, shift, **_offsets(layer), slope=np.float32(slope))
+    return _with_moments(results, moments)
 
 
 def conv_bn_grad(
@@ -489,13 +530,16 @@ def _check_channels(what: str, x: jax.Array) -> None:
         )
 
 
-def moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per image and channel of ``x [N, H, W, C]``: ``(mean [N, C], M2 [N, C])``, M2 the sum of
-    squared deviations from that image's mean (one pass over ``x``)."""
+def moments(x: jax.Array) -> jax.Array:
+    """Per row and channel of ``x [N, H, W, C]``: ``[N, H, 2, C]``, the row's mean, then its M2
+    (the sum of squared deviations from that mean; two passes over the row in cache, so no
+    cancellation at a large common offset). The layer kernels that write a BatchNorm's input give
+    the same per-row moments of their output (``moments=True``); this kernel is for inputs that
+    none wrote. Rows combine into batch statistics exactly (Chan et al.):
+    ``native_training.stats_from_rows``."""
     _check_channels("moments", x)
-    n, c = x.shape[0], x.shape[3]
-    out = jax.ffi.ffi_call(MOMENTS_TARGET, jax.ShapeDtypeStruct((n, 2, c), jnp.float32))(x)
-    return out[:, 0], out[:, 1]
+    n, h, _, c = x.shape
+    return jax.ffi.ffi_call(MOMENTS_TARGET, jax.ShapeDtypeStruct((n, h, 2, c), jnp.float32))(x)
 
 
 def bn_grad_sums(

@@ -60,13 +60,29 @@ def get_conv_impl() -> str:
 
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int) -> jax.Array:
     """``y = conv(x, kernel)`` with torch semantics (cross-correlation), NHWC / HWIO."""
+    return _conv2d(x, kernel, stride, padding, groups, moments=False)
+
+
+def conv2d_with_stats(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int
+) -> tuple[jax.Array, native_training.Stats | None]:
+    """``(conv2d(...), its output's batch mean and biased variance per channel)``: the statistics
+    where a native train-step kernel runs the convolution and computes them row by row as it
+    writes the output (without gradient: for the BatchNorm that follows, which then makes no pass
+    of its own over the output), else None."""
+    result = _conv2d(x, kernel, stride, padding, groups, moments=True)
+    return result if isinstance(result, tuple) else (result, None)
+
+
+def _conv2d(x, kernel, stride, padding, groups, *, moments):
+    """:func:`conv2d`; ``moments``: ``(y, stats)`` from the native kernels that give them."""
     if get_conv_impl() == "xla":
         return _conv_xla(x, kernel, stride, padding, groups)
     kh, kw, cin_g, cout = kernel.shape
     cin = x.shape[-1]
     if groups == 1:
         if native_training.dense_applies(x, kernel, stride, padding):
-            return native_training.dense(x, kernel, stride, padding)
+            return native_training.dense(x, kernel, stride, padding, moments=moments)
         if kh == kw == 1:
             xs = x[:, ::stride, ::stride, :] if stride > 1 else x
             if padding:
@@ -77,7 +93,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: i
         return _conv_narrow(x, kernel, stride, padding)
     if groups == cin == cout and cin_g == 1:
         if native_training.depthwise_applies(x, kernel, stride, padding):
-            return native_training.depthwise(x, kernel, stride)
+            return native_training.depthwise(x, kernel, stride, moments=moments)
         return _conv_depthwise_taps(x, kernel, stride, padding)
     return _conv_xla(x, kernel, stride, padding, groups)
 

@@ -19,7 +19,8 @@ from flax import nnx
 
 from retinaface_jax.kernels.ops import NO_ACTIVATION
 from retinaface_jax.models import native_training
-from retinaface_jax.models.conv_ops import conv2d
+from retinaface_jax.models.conv_ops import conv2d, conv2d_with_stats
+from retinaface_jax.models.native_training import Stats
 from retinaface_jax.models.reductions import channel_sums
 
 _ABSTRACT = contextvars.ContextVar("retinaface_jax_abstract_init", default=False)
@@ -103,6 +104,16 @@ class Conv2d(nnx.Module):
             y = y + self.bias[...]
         return y
 
+    def with_stats(self, x: jax.Array) -> tuple[jax.Array, Stats | None]:
+        """``(self(x), the output's batch statistics)``: given where a native train-step kernel
+        computes them while writing the output (``conv_ops.conv2d_with_stats``; no bias), else
+        None. The BatchNorm after this layer takes them (its ``stats``). Outside a native train
+        step this is ``self(x)``, so subclasses that wrap ``__call__`` (the detector's padding
+        masks) keep working."""
+        if self.bias is not None or not native_training.active():
+            return self(x), None
+        return conv2d_with_stats(x, self.kernel[...], self.stride, self.padding, self.groups)
+
 
 class BatchNorm2d(nnx.Module):
     """``torch.nn.BatchNorm2d`` over the last (channel) axis.
@@ -124,21 +135,30 @@ class BatchNorm2d(nnx.Module):
         self.var = nnx.BatchStat(_full(num_features, self.INITIAL["var"]))
         self.use_running_average = False
 
-    def __call__(self, x: jax.Array, activation: float | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, activation: float | None = None, stats: Stats | None = None
+    ) -> jax.Array:
         """Normalise ``x``; ``activation``: the negative slope of a LeakyReLU applied to the
         result (0: ReLU), fused with the normalisation (in training, its backward recomputes the
-        activation's mask from ``x`` instead of storing another full-size tensor)."""
+        activation's mask from ``x`` instead of storing another full-size tensor). ``stats``: in
+        training, ``x``'s batch statistics if the layer that wrote ``x`` gave them
+        (``Conv2d.with_stats``), else computed here."""
         slope = NO_ACTIVATION if activation is None else float(activation)
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
             z = _affine(x, mean, jax.lax.rsqrt(var + self.eps), self.scale[...], self.bias[...])
             return leaky_relu(z, slope)
-        y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...], self.eps, slope)
+        y, mean, var = batch_norm_train(
+            x, self.scale[...], self.bias[...], self.eps, slope, stats=stats
+        )
         self._update_running(mean, var, math.prod(x.shape[:-1]))
         return y
 
-    def into_conv(self, x: jax.Array, activation: float, conv: Conv2d) -> jax.Array:
-        """``conv(self(x, activation))``.
+    def into_conv(
+        self, x: jax.Array, activation: float, conv: Conv2d, stats: Stats | None = None
+    ) -> tuple[jax.Array, Stats | None]:
+        """``conv.with_stats(self(x, activation, stats))``: the convolution's output and, where
+        its kernel computes them, that output's batch statistics.
 
         In a CPU train step, when ``conv`` is a 3x3 depthwise layer (padding 1) or a 1x1
         stride-1 layer without bias that the native kernels run, the activation is never stored:
@@ -155,12 +175,19 @@ class BatchNorm2d(nnx.Module):
             consumer = "pointwise"
             fits = native_training.pointwise_bn_applies(x, kernel, stride, padding)
         if self.use_running_average or conv.bias is not None or not fits:
-            return conv(self(x, activation))
-        y, mean, var = batch_norm_conv_train(
-            x, self.scale[...], self.bias[...], kernel, self.eps, activation, consumer, stride
+            return conv.with_stats(self(x, activation, stats))
+        scale, bias = self.scale[...], self.bias[...]
+        y, mean, var, y_stats = batch_norm_conv_train(
+            x, scale, bias, kernel, self.eps, activation, consumer, stride, stats=stats
         )
         self._update_running(mean, var, math.prod(x.shape[:-1]))
-        return y
+        return y, y_stats
+
+    def of_conv(self, conv: Conv2d, x: jax.Array, activation: float | None = None) -> jax.Array:
+        """``self(conv(x), activation)`` with the statistics ``conv``'s kernel gives
+        (``Conv2d.with_stats``), for models that hold the two layers apart (ResNet)."""
+        y, stats = conv.with_stats(x)
+        return self(y, activation, stats)
 
     def _update_running(self, mean: jax.Array, var: jax.Array, n: int) -> None:
         """Running averages from a batch's mean and biased variance over ``n`` values (the
@@ -207,30 +234,51 @@ def _batch_stats(x):
 
 
 def batch_norm_train(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, slope: float = NO_ACTIVATION
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array,
+    eps: float,
+    slope: float = NO_ACTIVATION,
+    *,
+    stats: Stats | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training-mode BatchNorm of NHWC ``x``, then ``leaky_relu(., slope)`` (1: none):
-    ``(y, batch mean, biased variance)`` per channel.
+    ``(y, batch mean, biased variance)`` per channel. ``stats``: that mean and variance if
+    already known (from the kernel that wrote ``x``), else computed here.
 
     The custom VJP is the textbook backward: two full-size reductions (``sum(g)`` and
     ``sum(g * xhat)``) and one elementwise pass. Autodiff through the two-pass variance produced
     about twice as many reductions over the activation, a large part of a CPU train step. The
     activation's input gradient ``g`` is recomputed from ``x`` inside both passes, never stored.
-    Every per-channel sum goes through ``reductions.channel_sums`` or the native kernel.
+    Every per-channel sum goes through ``reductions.channel_sums`` or the native kernel. The
+    statistics' dependence on ``x`` is part of that backward, so they enter without gradient.
     """
-    return _batch_norm(x, scale, bias, eps, float(slope))
+    mean, var = _stats_of(x, stats)
+    return _batch_norm(x, mean, var, scale, bias, eps, float(slope))
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _batch_norm(x, scale, bias, eps, slope):
-    return _batch_norm_fwd(x, scale, bias, eps, slope)[0]
+def _stats_of(x: jax.Array, stats: Stats | None) -> Stats:
+    """``stats`` or ``x``'s batch statistics, without gradient (the custom VJPs below
+    differentiate through ``x``)."""
+    if stats is None:
+        return _batch_stats(jax.lax.stop_gradient(x))  # (a kernel call has no JVP rule)
+    return jax.lax.stop_gradient(stats)
 
 
-def _batch_norm_fwd(x, scale, bias, eps, slope):
-    mean, var = _batch_stats(x)
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _batch_norm(x, mean, var, scale, bias, eps, slope):
+    return _batch_norm_fwd(x, mean, var, scale, bias, eps, slope)[0]
+
+
+def _batch_norm_fwd(x, mean, var, scale, bias, eps, slope):
     inv = jax.lax.rsqrt(var + eps)
     y = leaky_relu(_affine(x, mean, inv, scale, bias), slope)
     return (y, mean, var), (x, mean, inv, scale, bias)
+
+
+def _no_stats_cotangent(mean: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The cotangents of the statistics given as inputs: zero (they enter without gradient)."""
+    return jnp.zeros_like(mean), jnp.zeros_like(mean)
 
 
 def _batch_norm_bwd(eps, slope, residuals, cotangents):
@@ -246,7 +294,8 @@ def _batch_norm_bwd(eps, slope, residuals, cotangents):
             return _activation_cotangent(dy[:, rows], x[:, rows] * k + c, slope)
 
         sums = channel_sums(lambda rows: [g(rows), g(rows) * xc[:, rows]], x.shape[1])
-    return _batch_norm_input_grad(dy, x, mean, inv, k, c, slope, sums, g_mean, g_var)
+    dx, d_scale, d_bias = _batch_norm_input_grad(dy, x, mean, inv, k, c, slope, sums, g_mean, g_var)
+    return dx, *_no_stats_cotangent(mean), d_scale, d_bias
 
 
 def _activation_cotangent(dy, z, slope):
@@ -280,11 +329,14 @@ def batch_norm_conv_train(
     slope: float,
     consumer: str,
     stride: int = 1,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    *,
+    stats: Stats | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, Stats]:
     """Training-mode BatchNorm of NHWC ``x``, ``leaky_relu(., slope)``, then the ``consumer``
     convolution with ``kernel``: ``'depthwise'`` (3x3, padding 1, ``[3, 3, 1, C]``) or
     ``'pointwise'`` (1x1, stride 1, ``[1, 1, C, CO]``). Returns ``(y, batch mean, biased
-    variance)``.
+    variance, y's batch statistics)``, the last from the convolution's kernel, for the
+    BatchNorm after it. ``stats``: as for :func:`batch_norm_train`.
 
     For the native CPU kernels only (``native_training.depthwise_applies`` /
     ``pointwise_bn_applies``): the activation is computed inside the convolution's kernels and
@@ -293,34 +345,36 @@ def batch_norm_conv_train(
     """
     if consumer not in _CONSUMERS:
         raise ValueError(f"batch_norm_conv_train: consumer must be one of {_CONSUMERS}")
-    return _bn_conv(x, scale, bias, kernel, eps, float(slope), consumer, stride)
+    mean, var = _stats_of(x, stats)
+    return _bn_conv(x, mean, var, scale, bias, kernel, eps, float(slope), consumer, stride)
 
 
 _CONSUMERS = ("depthwise", "pointwise")
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _bn_conv(x, scale, bias, kernel, eps, slope, consumer, stride):
-    return _bn_conv_fwd(x, scale, bias, kernel, eps, slope, consumer, stride)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _bn_conv(x, mean, var, scale, bias, kernel, eps, slope, consumer, stride):
+    return _bn_conv_fwd(x, mean, var, scale, bias, kernel, eps, slope, consumer, stride)[0]
 
 
-def _bn_conv_fwd(x, scale, bias, kernel, eps, slope, consumer, stride):
-    mean, var = _batch_stats(x)
+def _bn_conv_fwd(x, mean, var, scale, bias, kernel, eps, slope, consumer, stride):
     inv = jax.lax.rsqrt(var + eps)
     k, c = _scale_shift(mean, inv, scale, bias)
-    y = native_training.batch_norm_into(consumer, x, kernel, k, c, slope, stride)
-    return (y, mean, var), (x, mean, inv, scale, bias, kernel)
+    y, y_stats = native_training.batch_norm_into(
+        consumer, x, kernel, k, c, slope, stride, moments=True
+    )
+    return (y, mean, var, y_stats), (x, mean, inv, scale, bias, kernel)
 
 
 def _bn_conv_bwd(eps, slope, consumer, stride, residuals, cotangents):
     x, mean, inv, scale, bias, kernel = residuals
-    dy, g_mean, g_var = cotangents
+    dy, g_mean, g_var, _ = cotangents  # (y's statistics carry no gradient)
     k, c = _scale_shift(mean, inv, scale, bias)
     da, dkernel, sums = native_training.batch_norm_into_grad(
         consumer, x, kernel, dy, k, c, mean, slope, stride
     )
     dx, d_scale, d_bias = _batch_norm_input_grad(da, x, mean, inv, k, c, slope, sums, g_mean, g_var)
-    return dx, d_scale, d_bias, dkernel
+    return dx, *_no_stats_cotangent(mean), d_scale, d_bias, dkernel
 
 
 _bn_conv.defvjp(_bn_conv_fwd, _bn_conv_bwd)

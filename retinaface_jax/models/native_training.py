@@ -10,7 +10,11 @@ materialises for 1x1 weight gradients are slow too. So on CPU the train step run
   3x3 stride-1 pad-1 and 1x1 stride-1 layers, which are layers of the same kind, also by
   ``ops.conv`` (XLA's dot for the 1x1 ones ran at ~40 % of a core's peak); other input gradients
   by XLA; every kernel gradient by ``ops.weight_grad`` (Winograd F(3x3, 4x4) for 3x3 stride-1);
-- BatchNorm's batch statistics and backward sums: ``ops.moments`` / ``ops.bn_grad_sums``;
+- BatchNorm's batch statistics: computed row by row by the kernel that writes the BatchNorm's
+  input, while each row is in cache (``moments=True``: :func:`dense`, :func:`depthwise`,
+  :func:`batch_norm_into`), and combined by XLA (:func:`stats_from_rows`); ``ops.moments`` for
+  an input no kernel wrote;
+- BatchNorm's backward sums: ``ops.bn_grad_sums``;
 - a BatchNorm + LeakyReLU whose next layer is a 3x3 depthwise or a 1x1 stride-1 layer: read
   through by that layer (:func:`batch_norm_into`, ``layers.BatchNorm2d.into_conv``). Its
   forward and kernel-gradient kernels normalise the BatchNorm's input row by row, so the
@@ -60,6 +64,11 @@ def native_gradients(mesh: Mesh | None = None) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active() -> bool:
+    """Whether a train step is being traced inside :func:`native_gradients`."""
+    return _ACTIVE.get() is not None
+
+
 def depthwise_applies(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> bool:
     """Whether this depthwise convolution runs natively here: inside :func:`native_gradients`,
     float32, a 3x3 kernel with padding 1, stride 1 or 2 and a multiple of 8 channels."""
@@ -73,9 +82,12 @@ def depthwise_applies(x: jax.Array, kernel: jax.Array, stride: int, padding: int
     )
 
 
-def depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """``ops.depthwise`` with native gradients, batch-parallel over the active mesh."""
-    return _depthwise(x, kernel, stride, _mesh())
+def depthwise(
+    x: jax.Array, kernel: jax.Array, stride: int, *, moments: bool = False
+) -> jax.Array | tuple[jax.Array, Stats]:
+    """``ops.depthwise`` with native gradients, batch-parallel over the active mesh; with
+    ``moments``, ``(y, batch statistics of y)`` (:func:`with_stats`)."""
+    return with_stats(_depthwise(x, kernel, stride, _mesh(), moments), moments)
 
 
 def _mesh() -> Mesh | None:
@@ -94,17 +106,50 @@ def _per_device(fn, mesh: Mesh | None, batched: tuple[bool, ...], outputs: int =
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _depthwise(x, kernel, stride, mesh):
-    return _per_device(lambda x, k: ops.depthwise(x, k, stride), mesh, (True, False))(x, kernel)
+Stats = tuple[jax.Array, jax.Array]  # a BatchNorm input's batch mean and biased variance [C]
 
 
-def _depthwise_fwd(x, kernel, stride, mesh):
-    return _depthwise(x, kernel, stride, mesh), (x, kernel)
+def stats_from_rows(rows: jax.Array, width: int) -> Stats:
+    """Batch mean and biased variance per channel from per-row moments ``[N, H, 2, C]`` (each
+    row's mean and M2 over its ``width`` pixels, ``ops.moments``): the rows' means averaged, and
+    their M2 plus the spread of their means (Chan et al.'s combination, exact in real arithmetic
+    and free of the cancellation of a sum of squares)."""
+    means, m2 = rows[:, :, 0], rows[:, :, 1]
+    mean = jnp.mean(means, axis=(0, 1))
+    total = jnp.sum(m2, axis=(0, 1)) + width * jnp.sum(jnp.square(means - mean), axis=(0, 1))
+    return mean, total / (rows.shape[0] * rows.shape[1] * width)
 
 
-def _depthwise_bwd(stride, mesh, residuals, dy):
+def with_stats(results, moments: bool):
+    """A kernel call's results: ``y``, or with ``moments`` ``(y, rows)`` made ``(y, (mean,
+    var))`` (:func:`stats_from_rows`). The statistics carry no gradient: the BatchNorm that uses
+    them differentiates through ``y`` instead (``layers.batch_norm_train``)."""
+    if not moments:
+        return results
+    y, rows = results
+    return y, jax.lax.stop_gradient(stats_from_rows(rows, y.shape[2]))
+
+
+def _per_device_moments(fn, mesh: Mesh | None, batched: tuple[bool, ...], moments: bool):
+    """:func:`_per_device` for a kernel call with an optional row-moments result."""
+    return _per_device(fn, mesh, batched, outputs=2 if moments else 1)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise(x, kernel, stride, mesh, moments):
+    call = _per_device_moments(
+        lambda x, k: ops.depthwise(x, k, stride, moments=moments), mesh, (True, False), moments
+    )
+    return call(x, kernel)
+
+
+def _depthwise_fwd(x, kernel, stride, mesh, moments):
+    return _depthwise(x, kernel, stride, mesh, moments), (x, kernel)
+
+
+def _depthwise_bwd(stride, mesh, moments, residuals, cotangents):
     x, kernel = residuals
+    dy = cotangents[0] if moments else cotangents  # (the row moments' cotangent is zero)
     call = _per_device(
         lambda x, k, g: ops.depthwise_grad(x, k, g, stride), mesh, (True, False, True), outputs=2
     )
@@ -139,18 +184,28 @@ def batch_norm_into(
     shift: jax.Array,
     slope: float,
     stride: int = 1,
-) -> jax.Array:
+    *,
+    moments: bool = False,
+) -> jax.Array | tuple[jax.Array, Stats]:
     """The ``consumer`` layer (``'depthwise'``: 3x3, padding 1; ``'pointwise'``: 1x1, stride 1)
     on ``leaky_relu(x * scale + shift, slope)``, computed row by row inside its kernel
-    (``ops.depthwise_bn`` / ``ops.conv_bn``) and never stored; per device. Differentiated only
-    through :func:`batch_norm_into_grad`."""
+    (``ops.depthwise_bn`` / ``ops.conv_bn``) and never stored; per device; with ``moments``,
+    ``(y, batch statistics of y)`` (:func:`with_stats`). Differentiated only through
+    :func:`batch_norm_into_grad`."""
     mesh, batched = _mesh(), (True, False, False, False)
     if consumer == "depthwise":
-        call = _per_device(lambda *a: ops.depthwise_bn(*a, slope, stride), mesh, batched)
-        return call(x, kernel, scale, shift)
+        call = _per_device_moments(
+            lambda *a: ops.depthwise_bn(*a, slope, stride, moments=moments), mesh, batched, moments
+        )
+        return with_stats(call(x, kernel, scale, shift), moments)
     params, layer = ops.plain_layer(kernel, stride=1, padding=0)
-    call = _per_device(lambda x, p, k, c: ops.conv_bn(x, p, layer, k, c, slope), mesh, batched)
-    return call(x, params, scale, shift)
+    call = _per_device_moments(
+        lambda x, p, k, c: ops.conv_bn(x, p, layer, k, c, slope, moments=moments),
+        mesh,
+        batched,
+        moments,
+    )
+    return with_stats(call(x, params, scale, shift), moments)
 
 
 def batch_norm_into_grad(
@@ -202,14 +257,10 @@ def batch_norm_applies(x: jax.Array) -> bool:
     )
 
 
-def batch_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Batch mean and biased variance per channel of NHWC ``x``: per image (mean, M2) from the
-    kernel, combined over the batch (every image has ``H * W`` values)."""
-    mean_n, m2_n = _per_device(ops.moments, _mesh(), (True,), outputs=2)(x)
-    n, per_image = x.shape[0], x.shape[1] * x.shape[2]
-    mean = jnp.mean(mean_n, axis=0)
-    m2 = jnp.sum(m2_n, axis=0) + per_image * jnp.sum(jnp.square(mean_n - mean), axis=0)
-    return mean, m2 / (n * per_image)
+def batch_moments(x: jax.Array) -> Stats:
+    """Batch mean and biased variance per channel of NHWC ``x`` by ``ops.moments`` (per row),
+    combined over the batch (:func:`stats_from_rows`)."""
+    return stats_from_rows(_per_device(ops.moments, _mesh(), (True,))(x), x.shape[2])
 
 
 def batch_norm_grad_sums(
@@ -245,12 +296,14 @@ def dense_applies(x: jax.Array, kernel: jax.Array, stride: int, padding: int) ->
     )
 
 
-def dense(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+def dense(
+    x: jax.Array, kernel: jax.Array, stride: int, padding: int, *, moments: bool = False
+) -> jax.Array | tuple[jax.Array, Stats]:
     """A dense convolution on the native kernels (Winograd F(4x4, 3x3) when it applies, else
     direct), its kernel gradient natively, its input gradient natively for 3x3 stride-1 pad-1
     (FPN merges, SSH; Winograd) and 1x1 stride-1 layers with a multiple of 8 inputs, else by
-    XLA."""
-    return _dense(x, kernel, stride, padding, _mesh())
+    XLA. With ``moments``, ``(y, batch statistics of y)`` (:func:`with_stats`)."""
+    return with_stats(_dense(x, kernel, stride, padding, _mesh(), moments), moments)
 
 
 def weight_grad(
@@ -264,26 +317,38 @@ def weight_grad(
     return jnp.sum(call(x, dy), axis=0)
 
 
-def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int, mesh: Mesh | None):
-    """``conv(x, kernel)`` (no bias, no activation) by ``ops.conv``, per device."""
+def _conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    stride: int,
+    padding: int,
+    mesh: Mesh | None,
+    moments: bool = False,
+):
+    """``conv(x, kernel)`` (no bias, no activation) by ``ops.conv``, per device; with
+    ``moments``, also its row moments."""
     params, layer = ops.plain_layer(kernel, stride=stride, padding=padding)
-    return _per_device(lambda x, p: ops.conv(x, p, layer), mesh, (True, False))(x, params)
+    call = _per_device_moments(
+        lambda x, p: ops.conv(x, p, layer, moments=moments), mesh, (True, False), moments
+    )
+    return call(x, params)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _dense(x, kernel, stride, padding, mesh):
-    return _conv(x, kernel, stride, padding, mesh)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _dense(x, kernel, stride, padding, mesh, moments):
+    return _conv(x, kernel, stride, padding, mesh, moments)
 
 
-def _dense_fwd(x, kernel, stride, padding, mesh):
-    return _dense(x, kernel, stride, padding, mesh), (x, kernel)
+def _dense_fwd(x, kernel, stride, padding, mesh, moments):
+    return _dense(x, kernel, stride, padding, mesh, moments), (x, kernel)
 
 
-def _dense_bwd(stride, padding, mesh, residuals, dy):
+def _dense_bwd(stride, padding, mesh, moments, residuals, cotangents):
     """dx of a 3x3 stride-1 pad-1 or 1x1 stride-1 layer: the convolution of ``dy`` with the
     flipped, transposed kernel (pad k - 1 - p = p) on the same kernel; other layers' dx by XLA
     (the stem's is unused, so XLA drops it)."""
     x, kernel = residuals
+    dy = cotangents[0] if moments else cotangents  # (the row moments' cotangent is zero)
     k, _, cin, cout = kernel.shape
     if (k, stride, padding) in ((3, 1, 1), (1, 1, 0)) and cin % 8 == 0:
         dx = _conv(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), 1, padding, mesh)

@@ -23,6 +23,7 @@ from retinaface_jax.models.layers import (
     initialized_at_once,
     leaky_relu,
 )
+from retinaface_jax.models.native_training import Stats
 
 
 class PendingBatchNorm(NamedTuple):
@@ -32,9 +33,10 @@ class PendingBatchNorm(NamedTuple):
     x: jax.Array  # the BatchNorm's input
     norm: BatchNorm2d
     slope: float
+    stats: Stats | None = None  # x's batch statistics, from the kernel that wrote it
 
     def apply(self) -> jax.Array:
-        return self.norm(self.x, self.slope)
+        return self.norm(self.x, self.slope, self.stats)
 
 
 class ConvBlock(nnx.Sequential):
@@ -44,7 +46,8 @@ class ConvBlock(nnx.Sequential):
     ``activation``: the slope of a LeakyReLU applied after the block (0: ReLU; SSH's ReLU after
     its concatenation), fused into the block's last BatchNorm. ``pending=True``: a block ending in
     BatchNorm -> LeakyReLU returns them unapplied (:class:`PendingBatchNorm`) for the next block,
-    which takes ``x`` either way.
+    which takes ``x`` either way. A BatchNorm gets its input's batch statistics from the
+    convolution before it where that convolution's kernel computes them (``Conv2d.with_stats``).
     """
 
     def __call__(
@@ -55,10 +58,11 @@ class ConvBlock(nnx.Sequential):
         pending: bool = False,
     ) -> jax.Array | PendingBatchNorm:
         layers, i = list(self.layers), 0
+        stats = None  # x's batch statistics, when the layer that wrote x gave them
         if isinstance(x, PendingBatchNorm):
             first = layers[0]
             if isinstance(first, Conv2d):
-                x, i = x.norm.into_conv(x.x, x.slope, first), 1
+                (x, stats), i = x.norm.into_conv(x.x, x.slope, first, x.stats), 1
             else:
                 x = x.apply()
         while i < len(layers):
@@ -66,16 +70,21 @@ class ConvBlock(nnx.Sequential):
             after = layers[i + 1] if i + 1 < len(layers) else None
             if isinstance(layer, BatchNorm2d) and isinstance(after, LeakyReLU):
                 if pending and i + 2 == len(layers) and activation is None:
-                    return PendingBatchNorm(x, layer, after.negative_slope)
+                    return PendingBatchNorm(x, layer, after.negative_slope, stats)
                 following = layers[i + 2] if i + 2 < len(layers) else None
                 if isinstance(following, Conv2d):  # read through by the next layer
-                    x, i = layer.into_conv(x, after.negative_slope, following), i + 3
+                    x, stats = layer.into_conv(x, after.negative_slope, following, stats)
+                    i += 3
                     continue
-                x, i = layer(x, after.negative_slope), i + 2
-            elif isinstance(layer, BatchNorm2d) and after is None:
-                return layer(x, activation)
+                x, stats, i = layer(x, after.negative_slope, stats), None, i + 2
+            elif isinstance(layer, BatchNorm2d):
+                if after is None:
+                    return layer(x, activation, stats)
+                x, stats, i = layer(x, None, stats), None, i + 1
+            elif isinstance(layer, Conv2d):
+                (x, stats), i = layer.with_stats(x), i + 1
             else:
-                x, i = layer(x), i + 1
+                x, stats, i = layer(x), None, i + 1
         return x if activation is None else leaky_relu(x, activation)
 
 
@@ -158,11 +167,20 @@ def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
         idx = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
         return np.minimum(idx, n_in - 1)
 
-    h, w = x.shape[1], x.shape[2]
+    n, h, w, c = x.shape
     if (h, w) == tuple(size):
         return x
-    x = jnp.take(x, index(h, size[0]), axis=1)
-    return jnp.take(x, index(w, size[1]), axis=2)
+    rows, cols = index(h, size[0]), index(w, size[1])
+    fh, fw = size[0] // h, size[1] // w
+    if np.array_equal(rows, np.arange(size[0]) // fh) and np.array_equal(
+        cols, np.arange(size[1]) // fw
+    ):
+        # every source pixel repeated fh x fw times (the FPN's 2x at 640x640): a broadcast, whose
+        # gradient is a sum over the copies (the gather's is a scatter-add: 2.65 against 0.46 ms
+        # at 8 x 80 x 80 x 64 on the 2-core CPU)
+        y = jnp.broadcast_to(x[:, :, None, :, None], (n, h, fh, w, fw, c))
+        return y.reshape(n, h * fh, w * fw, c)
+    return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
 
 
 class FPN(nnx.Module):

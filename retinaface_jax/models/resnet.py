@@ -13,6 +13,7 @@ from flax import nnx
 from jax import lax
 
 from retinaface_jax.models.layers import BatchNorm2d, Conv2d, initialized_at_once
+from retinaface_jax.models.net import ConvBlock
 
 
 class Bottleneck(nnx.Module):
@@ -30,15 +31,15 @@ class Bottleneck(nnx.Module):
         self.bn3 = BatchNorm2d(out)
         downsample = None
         if stride != 1 or inplanes != out:
-            downsample = nnx.Sequential(
+            downsample = ConvBlock(
                 Conv2d(inplanes, out, 1, stride, 0, bias=False, rngs=rngs), BatchNorm2d(out)
             )
         self.downsample = nnx.data(downsample)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.nn.relu(self.bn1(self.conv1(x)))
-        y = jax.nn.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
+        y = self.bn1.of_conv(self.conv1, x, 0.0)  # (activation 0: the ReLU, fused)
+        y = self.bn2.of_conv(self.conv2, y, 0.0)
+        y = self.bn3.of_conv(self.conv3, y)
         identity = x if self.downsample is None else self.downsample(x)
         return jax.nn.relu(y + identity)
 
@@ -68,7 +69,7 @@ class ResNet50(nnx.Module):
 
     def features(self, x: jax.Array) -> list[jax.Array]:
         """Stage outputs at strides 8, 16, 32 (layer2, layer3, layer4)."""
-        x = _max_pool_3x3_s2(jax.nn.relu(self.bn1(self.conv1(x))))
+        x = _max_pool_3x3_s2(self.bn1.of_conv(self.conv1, x, 0.0))
         c2 = self.layer2(self.layer1(x))
         c3 = self.layer3(c2)
         return [c2, c3, self.layer4(c3)]
