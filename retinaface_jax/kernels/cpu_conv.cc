@@ -28,8 +28,9 @@
 //   retinaface_weight_grad: a dense convolution's kernel gradient (a GEMM over pixel blocks);
 //   retinaface_moments / retinaface_bn_grad_sums: BatchNorm's batch statistics and backward sums.
 // The layer kernels of the train step (retinaface_conv, _conv_winograd, _depthwise,
-// _depthwise_bn, _conv_bn) have a second result: empty, or the BatchNorm statistics of each
-// output row [N, OH, 2, CO] (row_moments), computed right after the row is written.
+// _depthwise_bn, _conv_bn) have a second result: empty, or their output's BatchNorm statistics
+// per image [N, 2, CO], from each output row's moments computed right after the row is written
+// (row_moments, OutputMoments).
 //
 // All parameters of a model live in one float32 buffer (one argument of the XLA program instead
 // of ~130: dispatching a call flattens every argument); a kernel reads its layer's slices at the
@@ -132,7 +133,7 @@ alignas(64) const float kZeros[kMaxCin] = {0};  // read in place of padding pixe
 // common offset; four partial sums per pass (one chain of dependent adds was latency-bound: 1.8x
 // slower). A kernel that writes a BatchNorm's input calls it on each output row it has just
 // written, while the row is in cache: the separate pass that read the whole tensor from memory
-// again cost ~6 ms of the train step. XLA combines the rows (native_training.stats_from_rows).
+// again cost ~6 ms of the train step. The rows are then merged per image (OutputMoments).
 template <class V>
 void row_moments_at(const float* row, int64_t W, int64_t C, float* out) {
   const V w = bcast<V>(float(W));
@@ -628,16 +629,59 @@ ffi::ErrorOr<ConvShape> conv_shape(const std::string& what, Dims xd, Dims yd, in
   return s;
 }
 
-// A kernel's optional output of BatchNorm statistics per row of its output y [N, OH, OW, CO]
-// (row_moments): [N, OH, 2, CO], or no elements when the caller wants none (nullptr).
-ffi::ErrorOr<float*> row_moments_output(ffi::ResultBuffer<ffi::F32>& moments, int64_t N,
-                                        int64_t OH, int64_t CO, const std::string& what) {
-  if (moments->element_count() == 0) return static_cast<float*>(nullptr);
+// One image's moments out [2][C] (mean, M2) from its rows' rows [OH][2][C] (each over W
+// pixels): the rows merged in order by Chan et al.'s update (no cancellation).
+template <class V>
+void merge_image_moments(const float* rows, int64_t OH, int64_t W, int64_t C, float* out) {
+  const V w = bcast<V>(float(W));
+  for (int64_t c0 = 0; c0 < C; c0 += lanes<V>) {
+    V mean = bcast<V>(0.f), m2 = bcast<V>(0.f);
+    for (int64_t r = 0; r < OH; ++r) {  // rows 0 .. r - 1 (r * W values) with row r (W values)
+      const V rm = loadu<V>(rows + r * 2 * C + c0), q = loadu<V>(rows + (r * 2 + 1) * C + c0);
+      const V n_old = bcast<V>(float(r * W)), n_new = bcast<V>(float((r + 1) * W));
+      const V delta = rm - mean;
+      mean += delta * (w / n_new);
+      m2 += q + delta * delta * (n_old * w / n_new);
+    }
+    storeu(out + c0, mean);
+    storeu(out + C + c0, m2);
+  }
+}
+
+// A kernel's BatchNorm statistics of y [N, OH, OW, CO] (or of an input, for retinaface_moments):
+// per image [N, 2, CO] (mean, M2) into `out`, or none (out null). The kernel passes rows() to
+// row_moments for every row it writes, then calls finish(), which merges each image's rows.
+struct OutputMoments {
+  float* out = nullptr;
+  int64_t N = 0, OH = 0, OW = 0, CO = 0;
+  std::vector<float> buf;  // [N * OH][2][CO]
+  float* rows() { return out ? buf.data() : nullptr; }
+  void finish(ffi::ThreadPool& pool) {
+    if (!out) return;
+    parallel_for(pool, N, [&](int64_t n) {
+      with_vector_for(CO, [&](auto v) {
+        merge_image_moments<decltype(v)>(buf.data() + n * OH * 2 * CO, OH, OW, CO,
+                                         out + n * 2 * CO);
+      });
+    });
+  }
+};
+
+// The optional statistics result of a layer kernel writing y [N, OH, OW, CO]: [N, 2, CO], or no
+// elements when the caller wants none.
+ffi::ErrorOr<OutputMoments> output_moments(ffi::ResultBuffer<ffi::F32>& moments, int64_t N,
+                                           int64_t OH, int64_t OW, int64_t CO,
+                                           const std::string& what) {
+  OutputMoments m;
+  if (moments->element_count() == 0) return m;
   auto md = moments->dimensions();
-  if (md.size() != 4 || md[0] != N || md[1] != OH || md[2] != 2 || md[3] != CO || CO % 8)
+  if (md.size() != 3 || md[0] != N || md[1] != 2 || md[2] != CO || CO % 8)
     return ffi::Unexpected(ffi::Error::InvalidArgument(
-        what + ": expected row moments [N, OH, 2, CO] (CO a multiple of 8) or none"));
-  return moments->typed_data();
+        what + ": expected moments [N, 2, CO] (CO a multiple of 8) or none"));
+  m.out = moments->typed_data();
+  m.N = N, m.OH = OH, m.OW = OW, m.CO = CO;
+  m.buf.resize(size_t(N * OH * 2 * CO));
+  return m;
 }
 
 ffi::Error RfConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> params,
@@ -653,8 +697,9 @@ ffi::Error RfConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (auto e = check_layer(params, "retinaface_conv", nw, s.CO, w_offset, b_offset, s_offset);
       e.failure())
     return e;
-  auto M = row_moments_output(moments, s.N, s.OH, s.CO, "retinaface_conv");
-  if (M.has_error()) return M.error();
+  auto stats = output_moments(moments, s.N, s.OH, s.OW, s.CO, "retinaface_conv");
+  if (stats.has_error()) return stats.error();
+  float* const M = stats->rows();
   const float* P = params.typed_data();
   const float *X = x.typed_data(), *Wp = P + w_offset, *B = P + b_offset, *S = P + s_offset;
   float* Y = y->typed_data();
@@ -665,10 +710,11 @@ ffi::Error RfConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     const int64_t r0 = task * chunk, r1 = std::min(rows, r0 + chunk);
     if (narrow) {
       FloatImageRows input{X, s.H, s.W * s.CX};
-      conv_narrow_rows(s, input, Wp, B, S, Y, r0, r1, *M);
+      conv_narrow_rows(s, input, Wp, B, S, Y, r0, r1, M);
     } else
-      conv_rows(s, X, Wp, B, S, Y, r0, r1, *M);
+      conv_rows(s, X, Wp, B, S, Y, r0, r1, M);
   });
+  stats->finish(pool);
   return ffi::Error::Success();
 }
 
@@ -718,8 +764,9 @@ ffi::Error RfConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            b_offset, s_offset);
       e.failure())
     return e;
-  auto M = row_moments_output(moments, s.N, s.OH, s.CO, "retinaface_conv_winograd");
-  if (M.has_error()) return M.error();
+  auto stats = output_moments(moments, s.N, s.OH, s.OW, s.CO, "retinaface_conv_winograd");
+  if (stats.has_error()) return stats.error();
+  float* const M = stats->rows();
   const float* P = params.typed_data();
   const float* X = x.typed_data();
   float* Y = y->typed_data();
@@ -727,8 +774,9 @@ ffi::Error RfConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t chunk = rows_per_task(rows, TW * 36 * s.C * s.CO);
   parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
     const int64_t r0 = task * chunk, r1 = std::min(rows, r0 + chunk);
-    winograd_rows(s, X, P + w_offset, P + b_offset, P + s_offset, Y, r0, r1, *M);
+    winograd_rows(s, X, P + w_offset, P + b_offset, P + s_offset, Y, r0, r1, M);
   });
+  stats->finish(pool);
   return ffi::Error::Success();
 }
 
@@ -1006,8 +1054,9 @@ ffi::Error RfDepthwiseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
                         int64_t(k.element_count()), stride);
   if (shape.has_error()) return shape.error();
   const DwShape s = *shape;
-  auto M = row_moments_output(moments, s.N, s.OH, s.C, "retinaface_depthwise");
-  if (M.has_error()) return M.error();
+  auto stats = output_moments(moments, s.N, s.OH, s.OW, s.C, "retinaface_depthwise");
+  if (stats.has_error()) return stats.error();
+  float* const M = stats->rows();
   // depthwise_row with bias 0 and slope 1 (activate(v, 1) == v): the plain convolution
   const std::vector<float> zeros(size_t(s.C), 0.f), ones(size_t(s.C), 1.f);
   const float *X = x.typed_data(), *K = k.typed_data();
@@ -1019,9 +1068,10 @@ ffi::Error RfDepthwiseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
         depthwise_row<decltype(v)>(X, r / s.OH, r % s.OH, s.H, s.W, s.C, s.stride, s.OW, K,
                                    zeros.data(), ones.data(), Y + r * s.OW * s.C);
       });
-      row_moments(Y, r, s.OW, s.C, *M);
+      row_moments(Y, r, s.OW, s.C, M);
     }
   });
+  stats->finish(pool);
   return ffi::Error::Success();
 }
 
@@ -1541,8 +1591,8 @@ ffi::Error RfWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
 }
 
 // -- Training: BatchNorm's per-channel sums ------------------------------------------------------
-// Per row or image, so the calls stay batch-parallel (XLA combines them): the batch statistics
-// (row_moments) and the backward's sum(g) and sum(g * (x - mean)).
+// Per image, so the calls stay batch-parallel (XLA combines the images): the batch statistics
+// (row_moments, OutputMoments) and the backward's sum(g) and sum(g * (x - mean)).
 
 // Runs fn(n, c0, lanes) over (image, channel chunk) tasks; chunks of 16 channels when they divide C.
 template <class Fn>
@@ -1553,24 +1603,27 @@ void per_image_chunks(ffi::ThreadPool& pool, int64_t N, int64_t C, Fn&& fn) {
   });
 }
 
-// x [N, H, W, C] -> moments [N, H, 2, C]: each row's means, then M2 (row_moments), for a
-// BatchNorm input that no kernel wrote with its moments.
+// x [N, H, W, C] -> moments [N, 2, C]: per image the channel means, then M2 (each row's moments,
+// merged per image: OutputMoments), for a BatchNorm input that no kernel wrote.
 ffi::Error RfMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                          ffi::ResultBuffer<ffi::F32> moments) {
   auto xd = x.dimensions();
-  auto md = moments->dimensions();
-  if (xd.size() != 4 || xd[3] % 8 || xd[3] < 8 || md.size() != 4 || md[0] != xd[0] ||
-      md[1] != xd[1] || md[2] != 2 || md[3] != xd[3] || xd[2] < 1)
+  if (xd.size() != 4 || xd[3] % 8 || xd[3] < 8 || xd[1] * xd[2] < 1)
     return ffi::Error::InvalidArgument(
-        "retinaface_moments: expected x [N, H, W, C] (C a multiple of 8) and moments [N, H, 2, C]");
-  const int64_t rows = xd[0] * xd[1], W = xd[2], C = xd[3];
+        "retinaface_moments: expected x [N, H, W, C] (C a multiple of 8) and moments [N, 2, C]");
+  const int64_t N = xd[0], H = xd[1], W = xd[2], C = xd[3];
+  auto stats = output_moments(moments, N, H, W, C, "retinaface_moments");
+  if (stats.has_error()) return stats.error();
+  if (!stats->out)
+    return ffi::Error::InvalidArgument("retinaface_moments: expected moments [N, 2, C]");
   const float* X = x.typed_data();
-  float* M = moments->typed_data();
-  const int64_t chunk = rows_per_task(rows, W * C, 16384);
+  float* const M = stats->rows();
+  const int64_t rows = N * H, chunk = rows_per_task(rows, W * C, 16384);
   parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
     for (int64_t r = task * chunk; r < std::min(rows, (task + 1) * chunk); ++r)
       row_moments(X, r, W, C, M);
   });
+  stats->finish(pool);
   return ffi::Error::Success();
 }
 
@@ -1661,8 +1714,9 @@ ffi::Error RfDepthwiseBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                         int64_t(kernel.element_count()), stride);
   if (shape.has_error()) return shape.error();
   const DwShape s = *shape;
-  auto M = row_moments_output(moments, s.N, s.OH, s.C, "retinaface_depthwise_bn");
-  if (M.has_error()) return M.error();
+  auto stats = output_moments(moments, s.N, s.OH, s.OW, s.C, "retinaface_depthwise_bn");
+  if (stats.has_error()) return stats.error();
+  float* const M = stats->rows();
   if (int64_t(k.element_count()) != s.C || int64_t(c.element_count()) != s.C)
     return ffi::Error::InvalidArgument("retinaface_depthwise_bn: expected k and c of [C] values");
   const std::vector<float> zeros(size_t(s.C), 0.f), ones(size_t(s.C), 1.f);
@@ -1678,9 +1732,10 @@ ffi::Error RfDepthwiseBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
         depthwise_row_at<decltype(v)>(in, s.W, s.C, s.stride, s.OW, K, zeros.data(), ones.data(),
                                       Y + r * s.OW * s.C);
       });
-      row_moments(Y, r, s.OW, s.C, *M);
+      row_moments(Y, r, s.OW, s.C, M);
     }
   });
+  stats->finish(pool);
   return ffi::Error::Success();
 }
 
@@ -1728,8 +1783,9 @@ ffi::Error RfConvBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   auto shape = conv_shape("retinaface_conv_bn", x.dimensions(), y->dimensions(), cin, 0, 1, 1, 1, 0);
   if (shape.has_error()) return shape.error();
   const ConvShape s = *shape;
-  auto M = row_moments_output(moments, s.N, s.OH, s.CO, "retinaface_conv_bn");
-  if (M.has_error()) return M.error();
+  auto stats = output_moments(moments, s.N, s.OH, s.OW, s.CO, "retinaface_conv_bn");
+  if (stats.has_error()) return stats.error();
+  float* const M = stats->rows();
   if (int64_t(k.element_count()) != s.C || int64_t(c.element_count()) != s.C)
     return ffi::Error::InvalidArgument("retinaface_conv_bn: expected k and c of [C] values");
   if (auto e = check_layer(params, "retinaface_conv_bn", s.C * s.CO, s.CO, w_offset, b_offset,
@@ -1749,9 +1805,10 @@ ffi::Error RfConvBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       for (int64_t m = 0; m < ntiles * MR; ++m) ptrs[size_t(m)] = m < s.W ? a + m * s.C : kZeros;
       conv_row_blocks(ptrs.data(), ntiles, s.W, 1, s.C, P + w_offset, P + b_offset, P + s_offset,
                       Y + r * s.W * s.CO, s.CO);
-      row_moments(Y, r, s.W, s.CO, *M);
+      row_moments(Y, r, s.W, s.CO, M);
     }
   });
+  stats->finish(pool);
   return ffi::Error::Success();
 }
 
@@ -1959,7 +2016,7 @@ auto with_offsets(Binding binding) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConv, RfConvImpl,
                               with_offsets(conv_binding<ffi::F32>()
-                                               .Ret<ffi::Buffer<ffi::F32>>()  // row moments or none
+                                               .Ret<ffi::Buffer<ffi::F32>>()  // moments or none
                                                .Attr<int64_t>("stride")
                                                .Attr<int64_t>("pad")
                                                .Attr<int64_t>("kh")
@@ -1977,7 +2034,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvU8, RfConvU8Impl,  // x: the uint8 image
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvWinograd, RfConvWinogradImpl,  // weights [36][C][CO] packed
                               with_offsets(conv_binding<ffi::F32>()
-                                               .Ret<ffi::Buffer<ffi::F32>>()  // row moments or none
+                                               .Ret<ffi::Buffer<ffi::F32>>()  // moments or none
                                                .Attr<int64_t>("pad")
                                                .Attr<int64_t>("cin")
                                                .Attr<int64_t>("cin_offset")));
@@ -2020,7 +2077,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfDepthwise, RfDepthwiseImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [N, H, W, C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k [3, 3, 1, C]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, OH, OW, C]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // [N, OH, 2, C] or none
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // moments [N, 2, C] or none
                                   .Attr<int64_t>("stride"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfDepthwiseGrad, RfDepthwiseGradImpl,
@@ -2041,7 +2098,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfDepthwiseBn, RfDepthwiseBnImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k [C]: BatchNorm's scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c [C]: and shift
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, OH, OW, C]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // [N, OH, 2, C] or none
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // moments [N, 2, C] or none
                                   .Attr<int64_t>("stride")
                                   .Attr<float>("slope"));  // LeakyReLU's
 
@@ -2068,7 +2125,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvBn, RfConvBnImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k [C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c [C]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y [N, H, W, CO]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // [N, H, 2, CO] or none
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // moments or none
                                   .Attr<int64_t>("w_offset")
                                   .Attr<int64_t>("b_offset")
                                   .Attr<int64_t>("s_offset")
@@ -2095,7 +2152,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfMoments, RfMomentsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x [N, H, W, C]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // [N, H, 2, C]: mean, M2
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [N, 2, C]: mean, M2
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfBnGradSums, RfBnGradSumsImpl,
                               ffi::Ffi::Bind()

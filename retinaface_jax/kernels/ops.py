@@ -232,15 +232,15 @@ def dw_layer(
     return DwLayer(wd, buffer.add(bias), buffer.add(slope), c, stride, pw)
 
 
-def _row_moments_results(
+def _moments_results(
     y: jax.ShapeDtypeStruct, moments: bool
 ) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
-    """The results of a kernel writing ``y [N, OH, OW, CO]``: ``y``, then, if ``moments``, the
-    mean and M2 per channel of each output row, ``[N, OH, 2, CO]``, computed by the kernel while
-    the row is in cache (``row_moments`` in ``cpu_conv.cc``: a BatchNorm's statistics without
-    another pass over ``y``); else nothing (zero elements)."""
-    n, oh, _, co = y.shape
-    return y, jax.ShapeDtypeStruct((n, oh, 2, co) if moments else (0,), jnp.float32)
+    """The results of a kernel writing ``y [N, OH, OW, CO]``: ``y``, then, if ``moments``, its
+    per-image moments ``[N, 2, CO]`` as :func:`moments` gives them, from each output row's
+    moments computed by the kernel while the row is in cache (``row_moments`` in
+    ``cpu_conv.cc``: a BatchNorm's statistics without another pass over ``y``); else nothing
+    (zero elements)."""
+    return y, jax.ShapeDtypeStruct((y.shape[0], 2, y.shape[3]) if moments else (0,), jnp.float32)
 
 
 def _with_moments(results: tuple[jax.Array, jax.Array], moments: bool):
@@ -256,7 +256,7 @@ def conv(
     moments: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``act(conv(x[..., off:off + cin], w) + b)`` for NHWC float32 ``x``; with ``moments``,
-    ``(y, row moments [N, OH, 2, CO])`` (see :func:`moments`).
+    ``(y, moments [N, 2, CO])`` (see :func:`moments`).
 
     A uint8 ``x`` (an image, all of whose ``cin < 8`` channels the layer reads) is read as
     ``float32(x) - params[mean : mean + cin]`` by the kernel itself: no float32 copy of the image.
@@ -275,12 +275,12 @@ def conv(
                 f"{c} channels, got mean={mean}, {layer}"
             )
         if moments:
-            raise ValueError("conv: no row moments for a uint8 input (an inference layer)")
+            raise ValueError("conv: no moments for a uint8 input (an inference layer)")
         return jax.ffi.ffi_call(U8_TARGET, out)(
             x, params, m_offset=np.int64(mean), **shape, **offsets
         )
     channels = dict(cin=np.int64(layer.cin), cin_offset=np.int64(layer.cin_offset))
-    results = _row_moments_results(out, moments)
+    results = _moments_results(out, moments)
     if layer.winograd:
         call = jax.ffi.ffi_call(WINOGRAD_TARGET, results)
         return _with_moments(call(x, params, pad=np.int64(p), **channels, **offsets), moments)
@@ -364,10 +364,10 @@ def depthwise(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The 3x3 depthwise convolution (pad 1, no bias) of ``x [N, H, W, C]`` with an HWIO
     ``kernel [3, 3, 1, C]`` taken as an array (training: the weights change every step); with
-    ``moments``, ``(y, row moments [N, OH, 2, C])`` (see :func:`moments`)."""
+    ``moments``, ``(y, moments [N, 2, C])`` (see :func:`moments`)."""
     oh, ow = _depthwise_shapes(x, kernel, stride)
     out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, x.shape[3]), jnp.float32)
-    call = jax.ffi.ffi_call(DEPTHWISE_TARGET, _row_moments_results(out, moments))
+    call = jax.ffi.ffi_call(DEPTHWISE_TARGET, _moments_results(out, moments))
     return _with_moments(call(x, kernel, stride=np.int64(stride)), moments)
 
 
@@ -408,11 +408,11 @@ def depthwise_bn(
     """``depthwise(leaky_relu(x * scale + shift, slope), kernel, stride)`` with the activation
     computed row by row inside the kernel, never stored: ``x`` is a BatchNorm's input, ``scale``
     and ``shift [C]`` its batch statistics and affine parameters folded together. With
-    ``moments``, ``(y, row moments [N, OH, 2, C])`` (see :func:`moments`)."""
+    ``moments``, ``(y, moments [N, 2, C])`` (see :func:`moments`)."""
     oh, ow = _depthwise_shapes(x, kernel, stride)
     _check_vectors("depthwise_bn", x.shape[3], scale=scale, shift=shift)
     out = jax.ShapeDtypeStruct((x.shape[0], oh, ow, x.shape[3]), jnp.float32)
-    call = jax.ffi.ffi_call(DEPTHWISE_BN_TARGET, _row_moments_results(out, moments))
+    call = jax.ffi.ffi_call(DEPTHWISE_BN_TARGET, _moments_results(out, moments))
     results = call(x, kernel, scale, shift, stride=np.int64(stride), slope=np.float32(slope))
     return _with_moments(results, moments)
 
@@ -480,11 +480,11 @@ def conv_bn(
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """The 1x1 stride-1 ``layer`` on ``leaky_relu(x * scale + shift, slope)``, the activation
     computed row by row inside the kernel and never stored (``x``: a BatchNorm's input). With
-    ``moments``, ``(y, row moments [N, H, 2, CO])`` (see :func:`moments`)."""
+    ``moments``, ``(y, moments [N, 2, CO])`` (see :func:`moments`)."""
     _check_pointwise("conv_bn", x, layer)
     _check_vectors("conv_bn", x.shape[3], scale=scale, shift=shift)
     out = jax.ShapeDtypeStruct((*x.shape[:3], layer.cout), jnp.float32)
-    call = jax.ffi.ffi_call(CONV_BN_TARGET, _row_moments_results(out, moments))
+    call = jax.ffi.ffi_call(CONV_BN_TARGET, _moments_results(out, moments))
     results = call(x, params, scale, shift, **_offsets(layer), slope=np.float32(slope))
     return _with_moments(results, moments)
 
@@ -530,16 +530,17 @@ def _check_channels(what: str, x: jax.Array) -> None:
         )
 
 
-def moments(x: jax.Array) -> jax.Array:
-    """Per row and channel of ``x [N, H, W, C]``: ``[N, H, 2, C]``, the row's mean, then its M2
-    (the sum of squared deviations from that mean; two passes over the row in cache, so no
-    cancellation at a large common offset). The layer kernels that write a BatchNorm's input give
-    the same per-row moments of their output (``moments=True``); this kernel is for inputs that
-    none wrote. Rows combine into batch statistics exactly (Chan et al.):
-    ``native_training.stats_from_rows``."""
+def moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per image and channel of ``x [N, H, W, C]``: ``(mean [N, C], M2 [N, C])``, M2 the sum of
+    squared deviations from that image's mean: each row's two passes in cache (the mean first, so
+    no cancellation at a large common offset), the rows merged in order (Chan et al.). The layer
+    kernels that write a BatchNorm's input give the same numbers for their output
+    (``moments=True``: ``[N, 2, CO]``, without reading it again); this kernel is for inputs that
+    none wrote."""
     _check_channels("moments", x)
-    n, h, _, c = x.shape
-    return jax.ffi.ffi_call(MOMENTS_TARGET, jax.ShapeDtypeStruct((n, h, 2, c), jnp.float32))(x)
+    n, c = x.shape[0], x.shape[3]
+    out = jax.ffi.ffi_call(MOMENTS_TARGET, jax.ShapeDtypeStruct((n, 2, c), jnp.float32))(x)
+    return out[:, 0], out[:, 1]
 
 
 def bn_grad_sums(

@@ -11,9 +11,9 @@ materialises for 1x1 weight gradients are slow too. So on CPU the train step run
   ``ops.conv`` (XLA's dot for the 1x1 ones ran at ~40 % of a core's peak); other input gradients
   by XLA; every kernel gradient by ``ops.weight_grad`` (Winograd F(3x3, 4x4) for 3x3 stride-1);
 - BatchNorm's batch statistics: computed row by row by the kernel that writes the BatchNorm's
-  input, while each row is in cache (``moments=True``: :func:`dense`, :func:`depthwise`,
-  :func:`batch_norm_into`), and combined by XLA (:func:`stats_from_rows`); ``ops.moments`` for
-  an input no kernel wrote;
+  input, per row while the row is in cache and merged per image (``moments=True``:
+  :func:`dense`, :func:`depthwise`, :func:`batch_norm_into`), and combined over the batch by XLA
+  (:func:`stats_from_images`); ``ops.moments`` for an input no kernel wrote;
 - BatchNorm's backward sums: ``ops.bn_grad_sums``;
 - a BatchNorm + LeakyReLU whose next layer is a 3x3 depthwise or a 1x1 stride-1 layer: read
   through by that layer (:func:`batch_norm_into`, ``layers.BatchNorm2d.into_conv``). Its
@@ -109,29 +109,29 @@ def _per_device(fn, mesh: Mesh | None, batched: tuple[bool, ...], outputs: int =
 Stats = tuple[jax.Array, jax.Array]  # a BatchNorm input's batch mean and biased variance [C]
 
 
-def stats_from_rows(rows: jax.Array, width: int) -> Stats:
-    """Batch mean and biased variance per channel from per-row moments ``[N, H, 2, C]`` (each
-    row's mean and M2 over its ``width`` pixels, ``ops.moments``): the rows' means averaged, and
-    their M2 plus the spread of their means (Chan et al.'s combination, exact in real arithmetic
-    and free of the cancellation of a sum of squares)."""
-    means, m2 = rows[:, :, 0], rows[:, :, 1]
-    mean = jnp.mean(means, axis=(0, 1))
-    total = jnp.sum(m2, axis=(0, 1)) + width * jnp.sum(jnp.square(means - mean), axis=(0, 1))
-    return mean, total / (rows.shape[0] * rows.shape[1] * width)
+def stats_from_images(mean_n: jax.Array, m2_n: jax.Array, per_image: int) -> Stats:
+    """Batch mean and biased variance per channel from per-image means and M2 ``[N, C]`` (over
+    ``per_image`` values each, ``ops.moments``): the images' means averaged, and their M2 plus
+    the spread of their means (Chan et al.'s combination, free of the cancellation of a sum of
+    squares). Under a data mesh XLA makes the sums over images cross-device reductions."""
+    mean = jnp.mean(mean_n, axis=0)
+    m2 = jnp.sum(m2_n, axis=0) + per_image * jnp.sum(jnp.square(mean_n - mean), axis=0)
+    return mean, m2 / (mean_n.shape[0] * per_image)
 
 
 def with_stats(results, moments: bool):
-    """A kernel call's results: ``y``, or with ``moments`` ``(y, rows)`` made ``(y, (mean,
-    var))`` (:func:`stats_from_rows`). The statistics carry no gradient: the BatchNorm that uses
-    them differentiates through ``y`` instead (``layers.batch_norm_train``)."""
+    """A kernel call's results: ``y``, or with ``moments`` ``(y, per-image moments [N, 2, C])``
+    made ``(y, (mean, var))`` (:func:`stats_from_images`). The statistics carry no gradient: the
+    BatchNorm that uses them differentiates through ``y`` instead (``layers.batch_norm_train``)."""
     if not moments:
         return results
-    y, rows = results
-    return y, jax.lax.stop_gradient(stats_from_rows(rows, y.shape[2]))
+    y, m = results
+    stats = stats_from_images(m[:, 0], m[:, 1], y.shape[1] * y.shape[2])
+    return y, jax.lax.stop_gradient(stats)
 
 
 def _per_device_moments(fn, mesh: Mesh | None, batched: tuple[bool, ...], moments: bool):
-    """:func:`_per_device` for a kernel call with an optional row-moments result."""
+    """:func:`_per_device` for a kernel call with an optional moments result."""
     return _per_device(fn, mesh, batched, outputs=2 if moments else 1)
 
 
@@ -149,7 +149,7 @@ def _depthwise_fwd(x, kernel, stride, mesh, moments):
 
 def _depthwise_bwd(stride, mesh, moments, residuals, cotangents):
     x, kernel = residuals
-    dy = cotangents[0] if moments else cotangents  # (the row moments' cotangent is zero)
+    dy = cotangents[0] if moments else cotangents  # (the moments' cotangent is zero)
     call = _per_device(
         lambda x, k, g: ops.depthwise_grad(x, k, g, stride), mesh, (True, False, True), outputs=2
     )
@@ -258,9 +258,10 @@ def batch_norm_applies(x: jax.Array) -> bool:
 
 
 def batch_moments(x: jax.Array) -> Stats:
-    """Batch mean and biased variance per channel of NHWC ``x`` by ``ops.moments`` (per row),
-    combined over the batch (:func:`stats_from_rows`)."""
-    return stats_from_rows(_per_device(ops.moments, _mesh(), (True,))(x), x.shape[2])
+    """Batch mean and biased variance per channel of NHWC ``x``: per image (mean, M2) from
+    ``ops.moments``, combined over the batch (:func:`stats_from_images`)."""
+    mean_n, m2_n = _per_device(ops.moments, _mesh(), (True,), outputs=2)(x)
+    return stats_from_images(mean_n, m2_n, x.shape[1] * x.shape[2])
 
 
 def batch_norm_grad_sums(
@@ -326,7 +327,7 @@ def _conv(
     moments: bool = False,
 ):
     """``conv(x, kernel)`` (no bias, no activation) by ``ops.conv``, per device; with
-    ``moments``, also its row moments."""
+    ``moments``, also its per-image moments."""
     params, layer = ops.plain_layer(kernel, stride=stride, padding=padding)
     call = _per_device_moments(
         lambda x, p: ops.conv(x, p, layer, moments=moments), mesh, (True, False), moments
@@ -348,7 +349,7 @@ def _dense_bwd(stride, padding, mesh, moments, residuals, cotangents):
     flipped, transposed kernel (pad k - 1 - p = p) on the same kernel; other layers' dx by XLA
     (the stem's is unused, so XLA drops it)."""
     x, kernel = residuals
-    dy = cotangents[0] if moments else cotangents  # (the row moments' cotangent is zero)
+    dy = cotangents[0] if moments else cotangents  # (the moments' cotangent is zero)
     k, _, cin, cout = kernel.shape
     if (k, stride, padding) in ((3, 1, 1), (1, 1, 0)) and cin % 8 == 0:
         dx = _conv(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), 1, padding, mesh)
