@@ -162,7 +162,10 @@ void row_moments_at(const float* row, int64_t W, int64_t C, float* out) {
 
 // Row r's moments [2][C] of Y [rows][W][C] into M [rows][2][C]; nothing when M is null.
 inline void row_moments(const float* Y, int64_t r, int64_t W, int64_t C, float* M) {
-  if (M) with_vector_for(C, [&](auto v) { row_moments_at<decltype(v)>(Y + r * W * C, W, C, M + r * 2 * C); });
+  if (!M) return;
+  with_vector_for(C, [&](auto v) {
+    row_moments_at<decltype(v)>(Y + r * W * C, W, C, M + r * 2 * C);
+  });
 }
 
 // Runs fn(i) for i in [0, total) on the calling thread and XLA's intra-op pool. The caller takes
@@ -629,8 +632,8 @@ ffi::ErrorOr<ConvShape> conv_shape(const std::string& what, Dims xd, Dims yd, in
   return s;
 }
 
-// One image's moments out [2][C] (mean, M2) from its rows' rows [OH][2][C] (each over W
-// pixels): the rows merged in order by Chan et al.'s update (no cancellation).
+// One image's moments out [2][C] (mean, M2) from those of its rows, rows [OH][2][C] (each over
+// W pixels): the rows merged in order by Chan et al.'s update (no cancellation).
 template <class V>
 void merge_image_moments(const float* rows, int64_t OH, int64_t W, int64_t C, float* out) {
   const V w = bcast<V>(float(W));

@@ -10,10 +10,10 @@ materialises for 1x1 weight gradients are slow too. So on CPU the train step run
   3x3 stride-1 pad-1 and 1x1 stride-1 layers, which are layers of the same kind, also by
   ``ops.conv`` (XLA's dot for the 1x1 ones ran at ~40 % of a core's peak); other input gradients
   by XLA; every kernel gradient by ``ops.weight_grad`` (Winograd F(3x3, 4x4) for 3x3 stride-1);
-- BatchNorm's batch statistics: computed row by row by the kernel that writes the BatchNorm's
-  input, per row while the row is in cache and merged per image (``moments=True``:
-  :func:`dense`, :func:`depthwise`, :func:`batch_norm_into`), and combined over the batch by XLA
-  (:func:`stats_from_images`); ``ops.moments`` for an input no kernel wrote;
+- BatchNorm's batch statistics: by the kernel that writes the BatchNorm's input, each row's
+  while it is in cache, merged per image (``moments=True``: :func:`dense`, :func:`depthwise`,
+  :func:`batch_norm_into`), and combined over the batch by XLA (:func:`stats_from_images`);
+  ``ops.moments`` for an input no kernel wrote;
 - BatchNorm's backward sums: ``ops.bn_grad_sums``;
 - a BatchNorm + LeakyReLU whose next layer is a 3x3 depthwise or a 1x1 stride-1 layer: read
   through by that layer (:func:`batch_norm_into`, ``layers.BatchNorm2d.into_conv``). Its
@@ -44,6 +44,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from retinaface_jax.kernels import ops
+
+Stats = tuple[jax.Array, jax.Array]  # a BatchNorm input's batch mean and biased variance [C]
 
 # While a train step is traced: the mesh it is sharded over (None: one device); unset otherwise.
 _ACTIVE: ContextVar[tuple[Mesh | None] | None] = ContextVar("native_gradients", default=None)
@@ -104,9 +106,6 @@ def _per_device(fn, mesh: Mesh | None, batched: tuple[bool, ...], outputs: int =
     in_specs = tuple(batch if b else whole for b in batched)
     out_specs = batch if outputs == 1 else (batch,) * outputs
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-
-
-Stats = tuple[jax.Array, jax.Array]  # a BatchNorm input's batch mean and biased variance [C]
 
 
 def stats_from_images(mean_n: jax.Array, m2_n: jax.Array, per_image: int) -> Stats:
