@@ -36,3 +36,21 @@ def test_channel_sums_keeps_trailing_axes() -> None:
 def test_channel_sums_rejects_empty_height() -> None:
     with pytest.raises(ValueError, match="h=0"):
         reductions.channel_sums(lambda r: [jnp.zeros((1, 0, 1, 1))], 0)
+
+
+def test_add_bias_gradients_match_autodiff():
+    """``layers.add_bias`` (bias gradient by ``channel_sums``) against autodiff of ``y + b``, with
+    a row count that is not a multiple of the row group."""
+    from retinaface_jax.models.layers import add_bias
+
+    rng = np.random.default_rng(7)
+    y = jnp.asarray(rng.normal(size=(3, 11, 6, 32)).astype(np.float32))
+    b = jnp.asarray(rng.normal(size=32).astype(np.float32))
+
+    def loss(add):
+        return jax.jit(jax.value_and_grad(lambda y, b: jnp.sum(jnp.sin(add(y, b))), (0, 1)))
+
+    (v0, g0), (v1, g1) = loss(lambda y, b: y + b)(y, b), loss(add_bias)(y, b)
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    np.testing.assert_array_equal(g1[0], g0[0])
+    np.testing.assert_allclose(g1[1], g0[1], rtol=1e-5, atol=1e-5)

@@ -101,7 +101,7 @@ class Conv2d(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = conv2d(x, self.kernel[...], self.stride, self.padding, self.groups)
         if self.bias is not None:
-            y = y + self.bias[...]
+            y = add_bias(y, self.bias[...])
         return y
 
     def with_stats(self, x: jax.Array) -> tuple[jax.Array, Stats | None]:
@@ -196,6 +196,30 @@ class BatchNorm2d(nnx.Module):
         self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
         unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
         self.var[...] = m * self.var[...] + (1 - m) * unbiased
+
+
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """``y + bias`` for NHWC ``y``, the bias gradient summed by ``reductions.channel_sums``:
+    XLA's CPU reduction of the heads' 8 x 80 x 80 x 32 cotangent took 0.9 ms of the train step
+    (a reduce-window of 6.5 MB)."""
+    return _add_bias(y, bias)
+
+
+@jax.custom_vjp
+def _add_bias(y, bias):
+    return y + bias
+
+
+def _add_bias_fwd(y, bias):
+    return y + bias, None
+
+
+def _add_bias_bwd(_, g):
+    (d_bias,) = channel_sums(lambda rows: [g[:, rows]], g.shape[1])
+    return g, d_bias
+
+
+_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def leaky_relu(x: jax.Array, slope: float) -> jax.Array:

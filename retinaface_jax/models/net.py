@@ -8,6 +8,8 @@ here.
 
 from __future__ import annotations
 
+import itertools
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -175,12 +177,35 @@ def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
     if np.array_equal(rows, np.arange(size[0]) // fh) and np.array_equal(
         cols, np.arange(size[1]) // fw
     ):
-        # every source pixel repeated fh x fw times (the FPN's 2x at 640x640): a broadcast, whose
-        # gradient is a sum over the copies (the gather's is a scatter-add: 2.65 against 0.46 ms
-        # at 8 x 80 x 80 x 64 on the 2-core CPU)
-        y = jnp.broadcast_to(x[:, :, None, :, None], (n, h, fh, w, fw, c))
-        return y.reshape(n, h * fh, w * fw, c)
+        return _repeat(x, fh, fw)  # every source pixel fh x fw times (the FPN's 2x at 640x640)
     return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _repeat(x: jax.Array, fh: int, fw: int) -> jax.Array:
+    """Each pixel of NHWC ``x`` repeated ``fh`` x ``fw`` times, as a broadcast. Its gradient is a
+    sum over the copies; the gather's was a scatter-add (2.65 against 0.46 ms at 8 x 80 x 80 x 64
+    on the 2-core CPU)."""
+    n, h, w, c = x.shape
+    y = jnp.broadcast_to(x[:, :, None, :, None], (n, h, fh, w, fw, c))
+    return y.reshape(n, h * fh, w * fw, c)
+
+
+def _repeat_fwd(x, fh, fw):
+    return _repeat(x, fh, fw), None
+
+
+def _repeat_bwd(fh, fw, _, g):
+    """The sum over the copies as ``fh * fw`` strided slices added elementwise: 0.14 ms at 8 x 80
+    x 80 x 64, against 0.53 ms for XLA's reduction over the reshaped copy axes (autodiff's)."""
+    total = g[:, 0::fh, 0::fw]
+    for i, j in itertools.product(range(fh), range(fw)):
+        if i or j:
+            total = total + g[:, i::fh, j::fw]
+    return (total,)
+
+
+_repeat.defvjp(_repeat_fwd, _repeat_bwd)
 
 
 class FPN(nnx.Module):

@@ -14,7 +14,7 @@ from flax import nnx
 
 from retinaface_jax.config import RetinaFaceConfig, get_config
 from retinaface_jax.models.conv_ops import conv2d
-from retinaface_jax.models.layers import BatchNorm2d, Conv2d, initialized_at_once
+from retinaface_jax.models.layers import BatchNorm2d, Conv2d, add_bias, initialized_at_once
 from retinaface_jax.models.net import FPN, SSH, MobileNetV1
 from retinaface_jax.models.resnet import ResNet50
 
@@ -96,7 +96,7 @@ def _level_heads(heads: list[_Head], x: jax.Array) -> list[jax.Array]:
     output ``[B, H*W*A, width]`` is its slice of the channels."""
     convs = [h.conv1x1 for h in heads]
     kernel = jnp.concatenate([c.kernel[...] for c in convs], axis=-1)
-    y = conv2d(x, kernel, 1, 0, 1) + jnp.concatenate([c.bias[...] for c in convs])
+    y = add_bias(conv2d(x, kernel, 1, 0, 1), jnp.concatenate([c.bias[...] for c in convs]))
     cuts = np.cumsum([c.out_channels for c in convs])[:-1].tolist()
     parts = jnp.split(y, cuts, axis=-1)  # its transpose is one concatenation, not pads and adds
     return [p.reshape(p.shape[0], -1, h.width) for p, h in zip(parts, heads)]
