@@ -88,8 +88,8 @@ def depthwise(
     x: jax.Array, kernel: jax.Array, stride: int, *, moments: bool = False
 ) -> jax.Array | tuple[jax.Array, Stats]:
     """``ops.depthwise`` with native gradients, batch-parallel over the active mesh; with
-    ``moments``, ``(y, batch statistics of y)`` (:func:`with_stats`)."""
-    return with_stats(_depthwise(x, kernel, stride, _mesh(), moments), moments)
+    ``moments``, ``(y, batch statistics of y)`` (:func:`_stats_result`)."""
+    return _stats_result(_depthwise(x, kernel, stride, _mesh(), moments), moments)
 
 
 def _mesh() -> Mesh | None:
@@ -118,7 +118,7 @@ def stats_from_images(mean_n: jax.Array, m2_n: jax.Array, per_image: int) -> Sta
     return mean, m2 / (mean_n.shape[0] * per_image)
 
 
-def with_stats(results, moments: bool):
+def _stats_result(results, moments: bool):
     """A kernel call's results: ``y``, or with ``moments`` ``(y, per-image moments [N, 2, C])``
     made ``(y, (mean, var))`` (:func:`stats_from_images`). The statistics carry no gradient: the
     BatchNorm that uses them differentiates through ``y`` instead (``layers.batch_norm_train``)."""
@@ -129,15 +129,10 @@ def with_stats(results, moments: bool):
     return y, jax.lax.stop_gradient(stats)
 
 
-def _per_device_moments(fn, mesh: Mesh | None, batched: tuple[bool, ...], moments: bool):
-    """:func:`_per_device` for a kernel call with an optional moments result."""
-    return _per_device(fn, mesh, batched, outputs=2 if moments else 1)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _depthwise(x, kernel, stride, mesh, moments):
-    call = _per_device_moments(
-        lambda x, k: ops.depthwise(x, k, stride, moments=moments), mesh, (True, False), moments
+    call = _per_device(
+        lambda x, k: ops.depthwise(x, k, stride, moments=moments), mesh, (True, False), 1 + moments
     )
     return call(x, kernel)
 
@@ -189,22 +184,25 @@ def batch_norm_into(
     """The ``consumer`` layer (``'depthwise'``: 3x3, padding 1; ``'pointwise'``: 1x1, stride 1)
     on ``leaky_relu(x * scale + shift, slope)``, computed row by row inside its kernel
     (``ops.depthwise_bn`` / ``ops.conv_bn``) and never stored; per device; with ``moments``,
-    ``(y, batch statistics of y)`` (:func:`with_stats`). Differentiated only through
+    ``(y, batch statistics of y)`` (:func:`_stats_result`). Differentiated only through
     :func:`batch_norm_into_grad`."""
     mesh, batched = _mesh(), (True, False, False, False)
     if consumer == "depthwise":
-        call = _per_device_moments(
-            lambda *a: ops.depthwise_bn(*a, slope, stride, moments=moments), mesh, batched, moments
+        call = _per_device(
+            lambda *a: ops.depthwise_bn(*a, slope, stride, moments=moments),
+            mesh,
+            batched,
+            1 + moments,
         )
-        return with_stats(call(x, kernel, scale, shift), moments)
+        return _stats_result(call(x, kernel, scale, shift), moments)
     params, layer = ops.plain_layer(kernel, stride=1, padding=0)
-    call = _per_device_moments(
+    call = _per_device(
         lambda x, p, k, c: ops.conv_bn(x, p, layer, k, c, slope, moments=moments),
         mesh,
         batched,
-        moments,
+        1 + moments,
     )
-    return with_stats(call(x, params, scale, shift), moments)
+    return _stats_result(call(x, params, scale, shift), moments)
 
 
 def batch_norm_into_grad(
@@ -302,8 +300,8 @@ def dense(
     """A dense convolution on the native kernels (Winograd F(4x4, 3x3) when it applies, else
     direct), its kernel gradient natively, its input gradient natively for 3x3 stride-1 pad-1
     (FPN merges, SSH; Winograd) and 1x1 stride-1 layers with a multiple of 8 inputs, else by
-    XLA. With ``moments``, ``(y, batch statistics of y)`` (:func:`with_stats`)."""
-    return with_stats(_dense(x, kernel, stride, padding, _mesh(), moments), moments)
+    XLA. With ``moments``, ``(y, batch statistics of y)`` (:func:`_stats_result`)."""
+    return _stats_result(_dense(x, kernel, stride, padding, _mesh(), moments), moments)
 
 
 def weight_grad(
@@ -328,8 +326,8 @@ def _conv(
     """``conv(x, kernel)`` (no bias, no activation) by ``ops.conv``, per device; with
     ``moments``, also its per-image moments."""
     params, layer = ops.plain_layer(kernel, stride=stride, padding=padding)
-    call = _per_device_moments(
-        lambda x, p: ops.conv(x, p, layer, moments=moments), mesh, (True, False), moments
+    call = _per_device(
+        lambda x, p: ops.conv(x, p, layer, moments=moments), mesh, (True, False), 1 + moments
     )
     return call(x, params)
 
