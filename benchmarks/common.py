@@ -36,9 +36,11 @@ def machine() -> str:
     from retinaface_jax.malloc_tuning import TUNED_ENV
 
     tuned = "on" if all(name in os.environ for name in TUNED_ENV) else "off"
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
     return (
         f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}, "
         f"jax {jax.__version__} ({jax.default_backend()}), malloc tuning {tuned}"
+        f"{f' (GLIBC_TUNABLES={tunables})' if tunables else ''}"
     )
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from retinaface_jax.malloc_tuning import OPT_OUT, TUNED_ENV
+from retinaface_jax.malloc_tuning import OPT_OUT, TUNED_ENV, tuned_environment
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
@@ -51,3 +51,16 @@ def test_user_values_are_kept():
 def test_opt_out_and_already_tuned_do_nothing():
     assert run({OPT_OUT: "1"}) == (1, dict.fromkeys(TUNED_ENV))
     assert run(dict(TUNED_ENV)) == (1, TUNED_ENV)
+
+
+def test_glibc_tunables_get_huge_pages_appended_unless_named():
+    starts, seen = run({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
+    assert starts == 2
+    assert seen["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"
+    own = {**TUNED_ENV, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=0"}
+    assert run(own) == (1, own)  # the user's hugetlb=0 is kept: nothing to re-execute for
+
+
+def test_tuned_environment_keeps_other_variables():
+    env = tuned_environment({"PATH": "/bin", "MALLOC_ARENA_MAX": "2", "GLIBC_TUNABLES": ""})
+    assert env == {**TUNED_ENV, "PATH": "/bin", "MALLOC_ARENA_MAX": "2"}
