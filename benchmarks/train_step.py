@@ -6,9 +6,10 @@ Measures, for mobilenet0.25 at 640x640:
 - compile time and steady-state time of the jitted train step at batch 8 and 32 (images/s),
 - the grain data pipeline's images/s on the shared WIDER FACE train images,
 and prints step-time-per-image / anchor-forward-per-image. The original PyTorch train step costs
-about 6.5 anchor forwards per trained image on a 2-core Zen 3 CPU (AVX2) and 6.8-10.7 on a 2-core
-Zen 5 (AVX-512; three runs, the anchor's speed moves with the machine's load). The last line is
-``ratio <number>`` (batch 8) so it can be tracked.
+about 6.5 anchor forwards per trained image on a 2-core Zen 3 CPU (AVX2) and 6.7-10.7 on a 2-core
+Zen 5 (AVX-512; the anchor's speed moves with the machine's load, and in PyTorch's process its
+spinning OpenMP threads slow the anchor: 9.9 against 7.9 ms with OMP_WAIT_POLICY=PASSIVE, which
+gave 9.44). The last line is ``ratio <number>`` (batch 8) so it can be tracked.
 
     python benchmarks/train_step.py [--batches 8,32] [--steps 10] [--anchor-calls 4] [--size 640]
 """
