@@ -150,7 +150,7 @@ def bench_cli() -> None:
 
 
 def main() -> None:
-    reexec_with_tuned_malloc()  # as train.py and detect.py do
+    reexec_with_tuned_malloc()  # as detect.py does
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--val-limit", type=int, default=None, help="use only the first N val images")
     ap.add_argument("--repeats", type=int, default=30)

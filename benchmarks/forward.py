@@ -35,7 +35,7 @@ from retinaface_jax.models.kernel_forward import kernel_forward, kernel_params
 
 
 def main() -> None:
-    reexec_with_tuned_malloc()  # as train.py and detect.py do
+    reexec_with_tuned_malloc()  # as detect.py does
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--sizes", default="640x480,1024x624,1920x1080", help="WxH list")

@@ -105,7 +105,7 @@ def time_step(
 
 
 def main() -> None:
-    reexec_with_tuned_malloc()  # as train.py does
+    reexec_with_tuned_malloc(huge_pages=True)  # as train.py does
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", default="8,32", help="comma-separated batch sizes")
     p.add_argument("--steps", type=int, default=10, help="timed steps per batch size")

@@ -10,27 +10,28 @@ import sys
 
 import pytest
 
-from retinaface_jax.malloc_tuning import OPT_OUT, TUNED_ENV, tuned_environment
+from retinaface_jax.malloc_tuning import HUGE_PAGES_ENV, OPT_OUT, TUNED_ENV, tuned_environment
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
 
-SCRIPT = (
-    "import os, json, sys\n"
-    "from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc\n"
-    "print('start', flush=True)\n"
-    "reexec_with_tuned_malloc()\n"
-    f"print(json.dumps({{k: os.environ.get(k) for k in {sorted(TUNED_ENV)!r}}}))\n"
-)
+ALL = {**TUNED_ENV, **HUGE_PAGES_ENV}
 
 
-def run(extra_env: dict[str, str]) -> tuple[int, dict]:
-    env = {k: v for k, v in os.environ.items() if k not in TUNED_ENV and k != OPT_OUT}
+def run(extra_env: dict[str, str], huge_pages: bool = False) -> tuple[int, dict]:
+    script = (
+        "import os, json, sys\n"
+        "from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc\n"
+        "print('start', flush=True)\n"
+        f"reexec_with_tuned_malloc(huge_pages={huge_pages})\n"
+        f"print(json.dumps({{k: os.environ.get(k) for k in {sorted(ALL)!r}}}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ALL and k != OPT_OUT}
     env.pop("RETINAFACE_MALLOC_TUNED", None)
     env.update(extra_env)
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     return out.count("start"), json.loads(out[-1])
 
@@ -38,7 +39,13 @@ def run(extra_env: dict[str, str]) -> tuple[int, dict]:
 def test_reexecutes_once_with_tuned_env():
     starts, seen = run({})
     assert starts == 2  # the original process and its one replacement
-    assert seen == TUNED_ENV
+    assert seen == {**TUNED_ENV, "GLIBC_TUNABLES": None}  # no huge pages unless asked for
+
+
+def test_training_gets_huge_pages():
+    starts, seen = run({}, huge_pages=True)
+    assert starts == 2
+    assert seen == ALL
 
 
 def test_user_values_are_kept():
@@ -49,18 +56,24 @@ def test_user_values_are_kept():
 
 
 def test_opt_out_and_already_tuned_do_nothing():
-    assert run({OPT_OUT: "1"}) == (1, dict.fromkeys(TUNED_ENV))
-    assert run(dict(TUNED_ENV)) == (1, TUNED_ENV)
+    assert run({OPT_OUT: "1"}, huge_pages=True) == (1, dict.fromkeys(ALL))
+    assert run(dict(ALL), huge_pages=True) == (1, ALL)
+    assert run(dict(TUNED_ENV)) == (1, {**TUNED_ENV, "GLIBC_TUNABLES": None})
 
 
 def test_glibc_tunables_get_huge_pages_appended_unless_named():
-    starts, seen = run({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})
+    starts, seen = run({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}, huge_pages=True)
     assert starts == 2
     assert seen["GLIBC_TUNABLES"] == "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"
     own = {**TUNED_ENV, "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=0"}
-    assert run(own) == (1, own)  # the user's hugetlb=0 is kept: nothing to re-execute for
+    assert run(own, huge_pages=True) == (1, own)  # the user's hugetlb=0 is kept: no re-execution
 
 
 def test_tuned_environment_keeps_other_variables():
-    env = tuned_environment({"PATH": "/bin", "MALLOC_ARENA_MAX": "2", "GLIBC_TUNABLES": ""})
-    assert env == {**TUNED_ENV, "PATH": "/bin", "MALLOC_ARENA_MAX": "2"}
+    env = {"PATH": "/bin", "MALLOC_ARENA_MAX": "2", "GLIBC_TUNABLES": ""}
+    assert tuned_environment(env, huge_pages=True) == {
+        **ALL,
+        "PATH": "/bin",
+        "MALLOC_ARENA_MAX": "2",
+    }
+    assert tuned_environment(env) == {**TUNED_ENV, **env}
