@@ -48,7 +48,7 @@ def anchor_forward(shared: Path, size: int) -> Callable[[], object]:
 
 def pipeline_batch(shared: Path, cfg, batch: int, count: int, workers: int) -> tuple[dict, float]:
     """The grain pipeline's first real batch, and its images/s over the ``count`` batches after
-    it (over 2 batches the rate swung from 211 to 412 images/s between runs, over 36 from 225 to
+    it (over 16 images the rate swung from 211 to 412 images/s between runs, over 288 from 225 to
     241)."""
     records, _ = load_records(shared / "data" / "widerface" / "train" / "label.txt")
     it = make_train_iterator(

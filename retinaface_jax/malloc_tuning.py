@@ -30,36 +30,39 @@ TUNED_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(1 << 36),
     "MALLOC_TRIM_THRESHOLD_": str(1 << 36),
 }
-HUGE_PAGES_ENV = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+_HUGETLB = "glibc.malloc.hugetlb"
+HUGE_PAGES_ENV = {"GLIBC_TUNABLES": f"{_HUGETLB}=1"}
 OPT_OUT = "RETINAFACE_NO_MALLOC_TUNING"
 _MARKER = "RETINAFACE_MALLOC_TUNED"
-_HUGETLB = "glibc.malloc.hugetlb"
 
 
 def tuned_environment(environ: dict[str, str], huge_pages: bool = False) -> dict[str, str]:
-    """``environ`` with ``TUNED_ENV`` (and, with ``huge_pages``, ``HUGE_PAGES_ENV``) added. A value
-    the user set is kept, except that a ``GLIBC_TUNABLES`` list that does not mention
-    ``glibc.malloc.hugetlb`` gets it appended (the user's ``glibc.malloc.hugetlb=0`` turns the huge
-    pages off)."""
+    """``environ`` with ``TUNED_ENV`` added (values the user set are kept) and, with
+    ``huge_pages``, ``glibc.malloc.hugetlb=1`` appended to ``GLIBC_TUNABLES`` unless that list
+    already names ``glibc.malloc.hugetlb`` (the user's ``=0`` turns the huge pages off)."""
     env = dict(environ)
-    for name, value in {**TUNED_ENV, **(HUGE_PAGES_ENV if huge_pages else {})}.items():
-        current = env.get(name)
-        if not current:
-            env[name] = value
-        elif name == "GLIBC_TUNABLES" and not any(
-            item.split("=", 1)[0] == _HUGETLB for item in current.split(":")
-        ):
-            env[name] = f"{current}:{value}"
+    for name, value in TUNED_ENV.items():
+        env[name] = env.get(name) or value
+    if huge_pages:
+        tunables = [item for item in env.get("GLIBC_TUNABLES", "").split(":") if item]
+        if not any(item.split("=", 1)[0] == _HUGETLB for item in tunables):
+            env["GLIBC_TUNABLES"] = ":".join([*tunables, HUGE_PAGES_ENV["GLIBC_TUNABLES"]])
     return env
+
+
+def _tuned_environment_to_apply(huge_pages: bool) -> dict[str, str] | None:
+    """The environment to re-execute with, or None (not Linux/glibc, opted out, already done)."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or not sys.executable:
+        return None
+    if os.environ.get(OPT_OUT) or os.environ.get(_MARKER):
+        return None
+    env = tuned_environment(dict(os.environ), huge_pages)
+    return None if env == dict(os.environ) else env
 
 
 def malloc_tuning_applies(huge_pages: bool = False) -> bool:
     """True on Linux with glibc when a tuned variable is missing and the user did not opt out."""
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or not sys.executable:
-        return False
-    if os.environ.get(OPT_OUT) or os.environ.get(_MARKER):
-        return False
-    return tuned_environment(dict(os.environ), huge_pages) != dict(os.environ)
+    return _tuned_environment_to_apply(huge_pages) is not None
 
 
 def reexec_with_tuned_malloc(huge_pages: bool = False) -> None:
@@ -69,9 +72,9 @@ def reexec_with_tuned_malloc(huge_pages: bool = False) -> None:
     Call it first thing in a script's ``__main__``. Variables the user already set are kept;
     ``RETINAFACE_NO_MALLOC_TUNING=1`` turns this off.
     """
-    if not malloc_tuning_applies(huge_pages):
+    env = _tuned_environment_to_apply(huge_pages)
+    if env is None:
         return
-    env = tuned_environment(dict(os.environ), huge_pages)
     env[_MARKER] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
