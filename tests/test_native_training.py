@@ -433,6 +433,63 @@ def test_batch_norm_into_conv_matches_xla_on_one_and_four_devices(conv_args, ker
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
 
+def chain_loss_and_grads(layers, mesh=None, native=True):
+    """Jitted ``(x, kernels...) -> (loss, grads)`` of ``layers`` (``Conv2d`` arguments; each
+    convolution followed by BatchNorm -> LeakyReLU(0.1)), read through wherever the kernels run
+    it: the cotangents of each read-through BatchNorm's statistics then reach the kernel that
+    wrote its input (``ops.StatsCotangent``)."""
+    from retinaface_jax.models.layers import BatchNorm2d, Conv2d
+
+    def loss(x, *kernels):
+        convs = [Conv2d(*a, bias=False, rngs=nnx.Rngs(0)) for a in layers]
+        norms = [BatchNorm2d(a[1]) for a in layers]
+        for conv, kernel, norm in zip(convs, kernels, norms, strict=True):
+            conv.kernel[...] = kernel
+            norm.scale[...] = jnp.linspace(0.5, 1.5, norm.num_features)
+        y, stats = convs[0].with_stats(x)
+        for norm, conv in zip(norms, convs[1:]):
+            y, stats = norm.into_conv(y, 0.1, conv, stats)
+        return jnp.sum(jnp.sin(norms[-1](y, 0.1, stats)))
+
+    def f(*args):
+        with native_gradients(mesh) if native else contextlib.nullcontext():
+            return jax.value_and_grad(loss, argnums=tuple(range(len(args))))(*args)
+
+    return jax.jit(f)
+
+
+# (Conv2d arguments: in, out, kernel size, stride, padding, groups) of MobileNet's chains: the
+# stem into a depthwise layer (its statistics' part added by XLA), depthwise into pointwise and
+# pointwise into depthwise layers (added by the gradient kernels as they read the cotangent)
+CHAINS = [
+    [(8, 16, 3, 2, 1, 1), (16, 16, 3, 1, 1, 16), (16, 24, 1, 1, 0, 1)],
+    [(8, 16, 3, 1, 1, 1), (16, 16, 3, 2, 1, 16), (16, 32, 1, 1, 0, 1), (32, 32, 3, 1, 1, 32)],
+    [(8, 24, 1, 1, 0, 1), (24, 24, 3, 2, 1, 24), (24, 16, 1, 1, 0, 1), (16, 16, 3, 2, 1, 16)],
+]
+
+
+@pytest.mark.parametrize("layers", CHAINS, ids=["stem-dw-pw", "dw-pw-dw", "pw-dw-pw-dw"])
+def test_read_through_chains_match_xla_on_one_and_four_devices(layers):
+    mesh = make_mesh(jax.devices()[:4])
+    rng = np.random.default_rng(7)
+    args = [(rng.normal(size=(8, 12, 10, layers[0][0])) * 2 + 1).astype(np.float32)]
+    for cin, cout, k, _, _, groups in layers:
+        args.append((rng.normal(size=(k, k, cin // groups, cout)) / k).astype(np.float32))
+    xla, one = chain_loss_and_grads(layers, native=False), chain_loss_and_grads(layers)
+    four = chain_loss_and_grads(layers, mesh)
+    text = one.lower(*args).as_text()
+    # every read-through gradient kernel but the last adds its output's statistics' part
+    grads = re.findall(r"@retinaface_(?:depthwise|conv)_bn_grad\(.*", text)
+    assert len(grads) == len(layers) - 1
+    assert [bool(re.search(r"stats = 1 :", g)) for g in grads].count(True) == len(layers) - 2
+    sharded = (jax.device_put(args[0], NamedSharding(mesh, P("data"))), *args[1:])
+    (v0, g0), (v1, g1), (v4, g4) = xla(*args), one(*args), four(*sharded)
+    for v, g in ((v1, g1), (v4, g4)):
+        np.testing.assert_allclose(v, v0, rtol=1e-5)
+        for a, b in zip(g, g0, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(b).max()))
+
+
 def test_read_through_kernels_reject_bad_shapes():
     x, k = np.zeros((1, 4, 4, 8), np.float32), np.zeros((3, 3, 1, 8), np.float32)
     params, layer = ops.plain_layer(jnp.zeros((1, 1, 8, 16)), stride=1, padding=0)

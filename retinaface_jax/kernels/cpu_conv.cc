@@ -97,9 +97,10 @@ void with_vector_for(int64_t n, Fn&& fn) {
 }
 
 // A task's temporary buffer of T: per thread, reused across tasks and calls (a task needing
-// several carves them from one block). A heap allocation per task had cost ~2.5 % of the train
-// step's CPU time in malloc's bin searches and zero-filling. Contents are unspecified.
-template <class T>
+// several carves them from one block, or takes another Slot). A heap allocation per task had cost
+// ~2.5 % of the train step's CPU time in malloc's bin searches and zero-filling. Contents are
+// unspecified.
+template <class T, int Slot = 0>
 T* scratch(size_t n) {
   thread_local std::vector<T> buf;
   if (buf.size() < n) buf.resize(n);
@@ -1082,14 +1083,14 @@ ffi::Error RfDepthwiseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 // oh * stride + i - 1 == ih and ow * stride + j - 1 == iw, accumulated tap by tap into the row
 // (in L1): per tap a branch-free strided loop over the output pixels that reach this row (a
 // per-pixel gather with bounds checks was 1.7x slower at 320 x 320 x 8).
-template <class V>
-void depthwise_dx_row(const DwShape& s, const float* DY, const float* K, int64_t n, int64_t ih,
+template <class V, class DyRows>
+void depthwise_dx_row(const DwShape& s, DyRows&& dy_row, const float* K, int64_t n, int64_t ih,
                       float* out) {
   std::memset(out, 0, size_t(s.W * s.C) * sizeof(float));
   for (int i = 0; i < 3; ++i) {
     const int64_t t = ih + 1 - i;
     if (t < 0 || t % s.stride || t / s.stride >= s.OH) continue;
-    const float* g = DY + (n * s.OH + t / s.stride) * s.OW * s.C;
+    const float* g = dy_row(n, t / s.stride);
     for (int j = 0; j < 3; ++j) {
       // output columns with iw = ow * stride + j - 1 inside [0, W)
       const int64_t lo = j == 0 ? 1 : 0, hi = std::min<int64_t>(s.OW, (s.W - j) / s.stride + 1);
@@ -1108,9 +1109,9 @@ void depthwise_dx_row(const DwShape& s, const float* DY, const float* K, int64_t
 
 // dk[n][t][c0 .. c0 + lanes) of image n: sum over output pixels of x[tap t] * dy, summed per
 // output row first (shorter float32 chains), then over rows. row(n, ih): input row ih of image n,
-// [W][C] (channels c0 .. c0 + lanes read).
-template <class V, class Rows>
-void depthwise_dk_rows(const DwShape& s, Rows&& row, const float* DY, int64_t n, int64_t c0,
+// [W][C] (channels c0 .. c0 + lanes read); dy_row(n, oh) likewise for dy.
+template <class V, class Rows, class DyRows>
+void depthwise_dk_rows(const DwShape& s, Rows&& row, DyRows&& dy_row, int64_t n, int64_t c0,
                        int64_t oh0, int64_t oh1, V acc[9]) {
   const int64_t hi = std::max<int64_t>(1, std::min<int64_t>(s.OW, (s.W - 3) / s.stride + 1));
   for (int64_t oh = oh0; oh < oh1; ++oh) {
@@ -1118,8 +1119,9 @@ void depthwise_dk_rows(const DwShape& s, Rows&& row, const float* DY, int64_t n,
     depthwise_input_rows(row, n, oh, s.H, s.stride, rows);
     for (auto& r : rows)
       if (r) r += c0;
-    const float* g = DY + (n * s.OH + oh) * s.OW * s.C + c0;
-    if (oh + 1 < s.OH) prefetch(g + s.OW * s.C, s.OW * s.C);  // the next row's (see prefetch)
+    const float* g = dy_row(n, oh) + c0;
+    if constexpr (std::is_same_v<std::decay_t<DyRows>, FloatImageRows>)  // (CotangentRows: its own)
+      if (oh + 1 < s.OH) prefetch(g + s.OW * s.C, s.OW * s.C);  // the next row's (see prefetch)
     V rs[9];
     for (int t = 0; t < 9; ++t) rs[t] = bcast<V>(0.f);
     auto edge_pixel = [&](int64_t ow) {
@@ -1148,7 +1150,7 @@ void depthwise_dk_rows(const DwShape& s, Rows&& row, const float* DY, int64_t n,
 template <class V, bool Masked>  // (BatchNorm's backward sums, defined with the others below)
 void grad_sums_image(const float* Dy, const float* X, const float* mean, const float* k,
                      const float* c, float slope, int64_t rows, int64_t W, int64_t C, int64_t c0,
-                     float* sum_g, float* sum_gx);
+                     float* sum_g, float* sum_gx, float* direct = nullptr);
 
 // A BatchNorm folded into a per-channel scale k and shift c, the batch mean, and the LeakyReLU's
 // slope: what the read-through gradients need of it.
@@ -1158,13 +1160,68 @@ struct BatchNormInput {
 };
 
 // The BatchNorm's backward sums over one row of W pixels into s [2][C]: sum(g) and
-// sum(g * (x - mean)) for the activation's cotangent da and the BatchNorm's input x.
+// sum(g * (x - mean)) for the activation's cotangent da and the BatchNorm's input x; in the same
+// pass da becomes the BatchNorm's direct input gradient k * g (the statistics' path is added by
+// the kernel that wrote x: StatsCotangent).
 template <class V>
-void row_grad_sums(const float* da, const float* x, const BatchNormInput& bn, int64_t W, int64_t C,
+void row_grad_sums(float* da, const float* x, const BatchNormInput& bn, int64_t W, int64_t C,
                    float* s) {
   for (int64_t c0 = 0; c0 < C; c0 += lanes<V>)
-    grad_sums_image<V, true>(da, x, bn.mean, bn.k, bn.c, bn.slope, 1, W, C, c0, s, s + C);
+    grad_sums_image<V, true>(da, x, bn.mean, bn.k, bn.c, bn.slope, 1, W, C, c0, s, s + C, da);
 }
+
+// The cotangent of a layer's output z [N, OH, OW, C] that a BatchNorm reads with batch
+// statistics: the direct part d (from the layer reading the BatchNorm through, which computed no
+// statistics' part) plus, per image n, the part through the image's moments (mean m_n and M2_n,
+// which this layer's forward wrote): dmean_n / (OH OW) + 2 dM2_n (z - m_n), given per image as
+// coef [N][3][C] = (m_n, a_n, b_n): d + (a_n + b_n * (z - m_n)). Z null: no statistics' part.
+struct StatsCotangent {
+  const float *Z = nullptr, *coef = nullptr;
+};
+
+// One row of that cotangent: out = d + (a + b * (z - m)), coef_n the image's [3][C].
+template <class V>
+void stats_cotangent_row(const float* d, const float* z, const float* coef_n, int64_t W, int64_t C,
+                         float* out) {
+  for (int64_t c0 = 0; c0 < C; c0 += lanes<V>) {
+    const V m = loadu<V>(coef_n + c0), a = loadu<V>(coef_n + C + c0);
+    const V b = loadu<V>(coef_n + 2 * C + c0);
+    for (int64_t p = 0; p < W; ++p)
+      storeu(out + p * C + c0,
+             loadu<V>(d + p * C + c0) + (a + b * (loadu<V>(z + p * C + c0) - m)));
+  }
+}
+
+// Rows of that cotangent, computed on first use into four row buffers (row oh in buffer oh % 4: a
+// depthwise gradient reads at most three rows at once), so it is never stored whole. Filling a
+// row prefetches the next one's d and z (see BatchNormRows).
+struct CotangentRows {
+  const float* D;
+  StatsCotangent sc;
+  int64_t H, W, C, rows;
+  float* buf;
+  int64_t tag[4] = {-1, -1, -1, -1};
+  CotangentRows(const float* d, const StatsCotangent& st, int64_t n, int64_t h, int64_t w,
+                int64_t ch)
+      : D(d), sc(st), H(h), W(w), C(ch), rows(n * h),
+        buf(scratch<float, 1>(size_t(4 * (w * ch + kScratchGap)))) {}
+  const float* operator()(int64_t n, int64_t oh) {
+    const int64_t key = n * H + oh, slot = oh % 4;
+    float* row = buf + slot * (W * C + kScratchGap);
+    if (tag[slot] != key) {
+      if (key + 1 < rows) {
+        prefetch(D + (key + 1) * W * C, W * C);
+        prefetch(sc.Z + (key + 1) * W * C, W * C);
+      }
+      with_vector_for(C, [&](auto v) {
+        stats_cotangent_row<decltype(v)>(D + key * W * C, sc.Z + key * W * C, sc.coef + n * 3 * C,
+                                         W, C, row);
+      });
+      tag[slot] = key;
+    }
+    return row;
+  }
+};
 
 // The gradients of a depthwise layer y = depthwise(a, kernel) for the cotangent dy: da [N, H, W,
 // C] and dkernel per image and row block [N, B, 9, C]. Without Bn, a is x; with it, a =
@@ -1175,11 +1232,14 @@ void row_grad_sums(const float* da, const float* x, const BatchNormInput& bn, in
 // gradient's rows that need nothing below, each (with bn) followed by its sums while it and its
 // x row are in cache. So x and dy are read from memory once and da written once (separate
 // input- and kernel-gradient passes read both twice; with a stored activation and a pass for
-// the sums, six tensors moved).
-template <bool Bn>
+// the sums, six tensors moved). With Bn, each row of da is then made the BatchNorm's direct input
+// gradient k * g (row_grad_sums). With Stats, dy is d + the statistics' part of y's
+// BatchNorm (StatsCotangent), computed row by row as it is read (CotangentRows).
+template <bool Bn, bool Stats>
 void depthwise_grad_blocks(ffi::ThreadPool& pool, const DwShape& s, const float* X,
                            const float* K, const float* DY, int64_t blocks,
-                           const BatchNormInput& bn, float* DA, float* DK, float* S) {
+                           const BatchNormInput& bn, const StatsCotangent& sc, float* DA,
+                           float* DK, float* S) {
   std::vector<float> flipped(size_t(9 * s.C)), zeros(size_t(s.C), 0.f), ones(size_t(s.C), 1.f);
   for (int t = 0; t < 9; ++t)  // stride 1: dx is the depthwise convolution with the flipped kernel
     std::memcpy(flipped.data() + t * s.C, K + (8 - t) * s.C, size_t(s.C) * sizeof(float));
@@ -1197,22 +1257,38 @@ void depthwise_grad_blocks(ffi::ThreadPool& pool, const DwShape& s, const float*
         else
           return FloatImageRows{X, s.H, s.W * s.C};
       }();
+      using DyRows = std::conditional_t<Stats, CotangentRows, FloatImageRows>;
+      DyRows dy_row = [&] {
+        if constexpr (Stats)
+          return CotangentRows(DY, sc, s.N, s.OH, s.OW, s.C);
+        else
+          return FloatImageRows{DY, s.OH, s.OW * s.C};
+      }();
       auto input_gradient_row = [&](int64_t ih) {
         const int64_t r = n * s.H + ih;
         float* out = DA + r * s.W * s.C;
-        if (s.stride == 1)
+        if (s.stride == 1 && !Stats) {
           depthwise_row<V>(DY, n, ih, s.OH, s.OW, s.C, 1, s.W, flipped.data(), zeros.data(),
                            ones.data(), out);
-        else
-          depthwise_dx_row<V>(s, DY, K, n, ih, out);
-        if constexpr (Bn) row_grad_sums<V>(out, X + r * s.W * s.C, bn, s.W, s.C, S + r * 2 * s.C);
+        } else if (s.stride == 1) {
+          const float* rows[3];
+          depthwise_input_rows(dy_row, n, ih, s.OH, 1, rows);
+          depthwise_row_at<V>(rows, s.OW, s.C, 1, s.W, flipped.data(), zeros.data(), ones.data(),
+                              out);
+        } else {
+          depthwise_dx_row<V>(s, dy_row, K, n, ih, out);
+        }
+        if constexpr (Bn) {
+          const float* x = X + r * s.W * s.C;
+          row_grad_sums<V>(out, x, bn, s.W, s.C, S + r * 2 * s.C);
+        }
       };
       int64_t ih = o0 * s.stride;
       for (int64_t oh = o0; oh < o1; ++oh) {
         for (int64_t c0 = 0; c0 < s.C; c0 += lanes<V>) {
           V a[9];
           for (int t = 0; t < 9; ++t) a[t] = loadu<V>(acc.data() + t * s.C + c0);
-          depthwise_dk_rows<V>(s, input, DY, n, c0, oh, oh + 1, a);
+          depthwise_dk_rows<V>(s, input, dy_row, n, c0, oh, oh + 1, a);
           for (int t = 0; t < 9; ++t) storeu(acc.data() + t * s.C + c0, a[t]);
         }
         for (; ih < std::min(h1, (oh + 1) * s.stride); ++ih) input_gradient_row(ih);
@@ -1241,8 +1317,8 @@ ffi::Error RfDepthwiseGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument(
         "retinaface_depthwise_grad: expected dx shaped like x and dk [N, B, 9, C] (1 <= B <= "
         "output rows)");
-  depthwise_grad_blocks<false>(pool, s, x.typed_data(), k.typed_data(), dy.typed_data(), dkd[1],
-                               {}, dx->typed_data(), dk->typed_data(), nullptr);
+  depthwise_grad_blocks<false, false>(pool, s, x.typed_data(), k.typed_data(), dy.typed_data(),
+                                      dkd[1], {}, {}, dx->typed_data(), dk->typed_data(), nullptr);
   return ffi::Error::Success();
 }
 
@@ -1633,10 +1709,11 @@ ffi::Error RfMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // Per image: sum(g) and sum(g * (x - mean)) over its rows, g the BatchNorm output's cotangent.
 // Masked: dy is the cotangent of LeakyReLU(z) with z = x * k + c the BatchNorm output, so
 // g = z > 0 ? dy : slope * dy (torch's subgradient at 0), recomputed here instead of stored.
+// direct (may be Dy): also stores k * g there.
 template <class V, bool Masked>
 void grad_sums_image(const float* Dy, const float* X, const float* mean, const float* k,
                      const float* c, float slope, int64_t rows, int64_t W, int64_t C, int64_t c0,
-                     float* sum_g, float* sum_gx) {
+                     float* sum_g, float* sum_gx, float* direct) {
   V a = bcast<V>(0.f), b = bcast<V>(0.f);
   const V m = loadu<V>(mean + c0);
   const V kv = loadu<V>(k + c0), cv = loadu<V>(c + c0), sv = bcast<V>(slope);
@@ -1650,6 +1727,7 @@ void grad_sums_image(const float* Dy, const float* X, const float* mean, const f
       V gv = loadu<V>(dy + i * C);
       const V xv = loadu<V>(x + i * C);
       if constexpr (Masked) gv = xv * kv + cv > 0 ? gv : gv * sv;
+      if (direct) storeu(direct + r * W * C + c0 + i * C, kv * gv);
       ra[k] += gv;
       rb[k] += gv * (xv - m);
     };
@@ -1742,15 +1820,29 @@ ffi::Error RfDepthwiseBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Checks the statistics' part of a cotangent (StatsCotangent): z shaped like dy, coef [N, 3, C].
+template <class Dims>
+ffi::Error check_stats_cotangent(const std::string& what, Dims dyd, Dims zd, Dims cd) {
+  bool ok = zd.size() == 4 && dyd.size() == 4 && cd.size() == 3 && cd[0] == dyd[0] &&
+            cd[1] == 3 && cd[2] == dyd[3];
+  for (size_t i = 0; ok && i < 4; ++i) ok = zd[i] == dyd[i];
+  if (!ok)
+    return ffi::Error::InvalidArgument(what + ": expected z shaped like dy and coef [N, 3, C]");
+  return ffi::Error::Success();
+}
+
 // Gradients of RfDepthwiseBn for the cotangent dy (depthwise_grad_blocks with the BatchNorm):
-// da, the cotangent of a = act(x * k + c) [N, H, W, C]; dkernel per image and row block
-// [N, B, 9, C]; and per row of da the BatchNorm's backward sums [N, H, 2, C].
+// dx [N, H, W, C], the BatchNorm's direct input gradient k * g (g the cotangent of x * k + c,
+// without the part through the batch statistics); dkernel per image and row block [N, B, 9, C];
+// and per row of dx the BatchNorm's backward sums [N, H, 2, C] of g and g * (x - mean). With
+// stats, dy + the statistics' part of y's own BatchNorm (z = y, coef: StatsCotangent).
 ffi::Error RfDepthwiseBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                  ffi::Buffer<ffi::F32> kernel, ffi::Buffer<ffi::F32> dy,
                                  ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> c,
-                                 ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> da,
+                                 ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> z,
+                                 ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> da,
                                  ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> sums,
-                                 int64_t stride, float slope) {
+                                 int64_t stride, float slope, int64_t stats) {
   auto shape = dw_shape("retinaface_depthwise_bn_grad", x.dimensions(), dy.dimensions(),
                         int64_t(kernel.element_count()), stride);
   if (shape.has_error()) return shape.error();
@@ -1766,9 +1858,21 @@ ffi::Error RfDepthwiseBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument(
         "retinaface_depthwise_bn_grad: expected da shaped like x, dk [N, B, 9, C] (1 <= B <= "
         "output rows), sums [N, H, 2, C] and k, c, mean of [C] values");
+  if (auto e = check_stats_cotangent("retinaface_depthwise_bn_grad", dy.dimensions(),
+                                     z.dimensions(), coef.dimensions());
+      e.failure())
+    return e;
   const BatchNormInput bn{k.typed_data(), c.typed_data(), mean.typed_data(), slope};
-  depthwise_grad_blocks<true>(pool, s, x.typed_data(), kernel.typed_data(), dy.typed_data(),
-                              dkd[1], bn, da->typed_data(), dk->typed_data(), sums->typed_data());
+  const StatsCotangent sc{z.typed_data(), coef.typed_data()};
+  auto run = [&](auto stats_tag) {
+    depthwise_grad_blocks<true, decltype(stats_tag)::value>(
+        pool, s, x.typed_data(), kernel.typed_data(), dy.typed_data(), dkd[1], bn, sc,
+        da->typed_data(), dk->typed_data(), sums->typed_data());
+  };
+  if (stats)
+    run(std::true_type{});
+  else
+    run(std::false_type{});
   return ffi::Error::Success();
 }
 
@@ -1819,14 +1923,18 @@ ffi::Error RfConvBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
 // packed at the offsets: CO inputs, C outputs), the cotangent of a = act(x * k + c) [N, H, W, C];
 // the kernel gradient per image and row block, dw [N, B, C, CO] = sum of a dy^T; and per row of
 // da the BatchNorm's backward sums [N, H, 2, C] of g and g * (x - mean), g = x * k + c > 0 ?
-// da : slope * da. One pass per row block, as RfDepthwiseBnGrad: each row of dy and x is read
-// from memory once for all three (separate input- and kernel-gradient kernels read both twice).
+// da : slope * da; da is then returned as the BatchNorm's direct input gradient dx = k * g. One
+// pass per row block, as RfDepthwiseBnGrad: each row of dy and x is read from memory once for all
+// three (separate input- and kernel-gradient kernels read both twice). With stats, dy + the
+// statistics' part of y's own BatchNorm (z = y, coef: StatsCotangent), row by row.
 ffi::Error RfConvBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                             ffi::Buffer<ffi::F32> params, ffi::Buffer<ffi::F32> x,
                             ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> c,
-                            ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> da,
+                            ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> z,
+                            ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> da,
                             ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> sums,
-                            int64_t w_offset, int64_t b_offset, int64_t s_offset, float slope) {
+                            int64_t w_offset, int64_t b_offset, int64_t s_offset, float slope,
+                            int64_t stats) {
   const int64_t cout = dy.dimensions().size() == 4 ? dy.dimensions()[3] : 0;
   auto shape = conv_shape("retinaface_conv_bn_grad", dy.dimensions(), da->dimensions(), cout, 0,
                           1, 1, 1, 0);
@@ -1849,7 +1957,12 @@ ffi::Error RfConvBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
                            s_offset);
       e.failure())
     return e;
+  if (auto e = check_stats_cotangent("retinaface_conv_bn_grad", dy.dimensions(), z.dimensions(),
+                                     coef.dimensions());
+      e.failure())
+    return e;
   const float *P = params.typed_data(), *G = dy.typed_data(), *X = x.typed_data();
+  const float *Z = z.typed_data(), *Coef = coef.typed_data();
   const BatchNormInput bn{k.typed_data(), c.typed_data(), mean.typed_data(), slope};
   float *DA = da->typed_data(), *DW = dw->typed_data(), *S = sums->typed_data();
   const int64_t blocks = wd[1], ntiles = (s.W + MR - 1) / MR;
@@ -1865,10 +1978,17 @@ ffi::Error RfConvBnGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
     BatchNormRows input(X, s.N, s.H, s.W, C, bn.k, bn.c, bn.slope);
     std::vector<const float*> ptrs(size_t(ntiles * MR));
     float* dwt = DW + task * C * CO;
+    float* grow = stats ? scratch<float, 1>(size_t(s.W * CO)) : nullptr;
     std::fill(dwt, dwt + C * CO, 0.f);
     for (int64_t h = h0; h < h1; ++h) {
       const int64_t r = n * s.H + h;
       const float* g = G + r * s.W * CO;
+      if (stats) {  // dy's row with the statistics' part added, in cache for both gradients
+        with_vector_for(CO, [&](auto v) {
+          stats_cotangent_row<decltype(v)>(g, Z + r * s.W * CO, Coef + n * 3 * CO, s.W, CO, grow);
+        });
+        g = grow;
+      }
       const float* a = input(n, h);  // reads (and prefetches the next) x row
       for (int64_t m = 0; m < ntiles * MR; ++m) ptrs[size_t(m)] = m < s.W ? g + m * CO : kZeros;
       float* out = DA + r * s.W * C;
@@ -2114,11 +2234,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfDepthwiseBnGrad, RfDepthwiseBnGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k [C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c [C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mean [C]: the batch mean of x
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // da [N, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // z [N, OH, OW, C]: y
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // coef [N, 3, C]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx [N, H, W, C]: k * g
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dk [N, B, 9, C] per row block
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sums [N, H, 2, C] per row
                                   .Attr<int64_t>("stride")
-                                  .Attr<float>("slope"));
+                                  .Attr<float>("slope")
+                                  .Attr<int64_t>("stats"));  // 1: add z and coef's part to dy
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvBn, RfConvBnImpl,
                               ffi::Ffi::Bind()
@@ -2143,13 +2266,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvBnGrad, RfConvBnGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k [C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c [C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // mean [C]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // da [N, H, W, C]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // z [N, H, W, CO]: y
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // coef [N, 3, CO]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx [N, H, W, C]: k * g
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dw [N, B, C, CO] per row block
                                   .Ret<ffi::Buffer<ffi::F32>>()  // sums [N, H, 2, C] per row
                                   .Attr<int64_t>("w_offset")
                                   .Attr<int64_t>("b_offset")
                                   .Attr<int64_t>("s_offset")
-                                  .Attr<float>("slope"));
+                                  .Attr<float>("slope")
+                                  .Attr<int64_t>("stats"));  // 1: add z and coef's part to dy
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfMoments, RfMomentsImpl,
                               ffi::Ffi::Bind()

@@ -426,18 +426,23 @@ def depthwise_bn_grad(
     mean: jax.Array,
     slope: float,
     stride: int,
+    stats: StatsCotangent | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Gradients of :func:`depthwise_bn` for the cotangent ``dy``: ``(da, dkernel, sums)`` with
-    ``da [N, H, W, C]`` the cotangent of the activation, ``dkernel [N, B, 3, 3, 1, C]`` per image
-    and block of rows (``B = min(output rows, ROW_BLOCKS)``: tasks for the thread pool)
-    and ``sums [N, H, 2, C]`` per row of ``da``: the BatchNorm's backward sums ``sum(g)`` and
-    ``sum(g * (x - mean))`` (``g`` the cotangent before the activation), as :func:`bn_grad_sums`
-    computes them per image. The caller sums ``dkernel`` and ``sums`` over the batch."""
+    """Gradients of :func:`depthwise_bn` for the cotangent ``dy``: ``(dx, dkernel, sums)`` with
+    ``dx [N, H, W, C]`` the BatchNorm's direct input gradient ``scale * g`` (``g`` the cotangent
+    before the activation; the part through the batch statistics is the caller's),
+    ``dkernel [N, B, 3, 3, 1, C]`` per image and block of rows (``B = min(output rows,
+    ROW_BLOCKS)``: tasks for the thread pool) and ``sums [N, H, 2, C]`` per row of ``dx``: the
+    BatchNorm's backward sums ``sum(g)`` and ``sum(g * (x - mean))``, as :func:`bn_grad_sums`
+    computes them per image. The caller sums ``dkernel`` and ``sums`` over the batch. ``stats``:
+    the part of ``dy`` through the statistics of the BatchNorm after this layer, added as ``dy``
+    is read (:class:`StatsCotangent`)."""
     oh, ow = _depthwise_shapes(x, kernel, stride)
     n, h, w, c = x.shape
     if dy.shape != (n, oh, ow, c):
         raise ValueError(f"depthwise_bn_grad: dy {dy.shape}, expected {(n, oh, ow, c)}")
     _check_vectors("depthwise_bn_grad", c, scale=scale, shift=shift, mean=mean)
+    extra = _stats_operands("depthwise_bn_grad", dy, stats)
     blocks = min(oh, ROW_BLOCKS)
     out = (
         jax.ShapeDtypeStruct(x.shape, jnp.float32),
@@ -445,9 +450,42 @@ def depthwise_bn_grad(
         jax.ShapeDtypeStruct((n, h, 2, c), jnp.float32),
     )
     da, dk, sums = jax.ffi.ffi_call(DEPTHWISE_BN_GRAD_TARGET, out)(
-        x, kernel, dy, scale, shift, mean, stride=np.int64(stride), slope=np.float32(slope)
+        x,
+        kernel,
+        dy,
+        scale,
+        shift,
+        mean,
+        *extra,
+        stride=np.int64(stride),
+        slope=np.float32(slope),
+        stats=np.int64(stats is not None),
     )
     return da, dk.reshape(n, blocks, 3, 3, 1, c), sums
+
+
+class StatsCotangent(NamedTuple):
+    """The part of a layer's output cotangent through the per-image moments its forward wrote
+    (mean ``m_n`` and ``M2_n`` over the image's ``P`` pixels), for the BatchNorm after it:
+    ``a_n + b_n * (y - m_n)`` with ``a_n = dmean_n / P`` and ``b_n = 2 dM2_n``. ``y`` the layer's
+    output; ``coef [N, 3, C]`` per image ``(m_n, a_n, b_n)``."""
+
+    y: jax.Array
+    coef: jax.Array
+
+
+def _stats_operands(what: str, dy: jax.Array, stats: StatsCotangent | None) -> tuple:
+    """The kernel's ``z`` and ``coef`` operands: ``stats``' (checked), or placeholders it does not
+    read (``dy`` itself and zeros) when there is no statistics' part."""
+    if stats is None:
+        return dy, jnp.zeros((dy.shape[0], 3, dy.shape[3]), jnp.float32)
+    n, c = dy.shape[0], dy.shape[3]
+    if stats.y.shape != dy.shape or stats.coef.shape != (n, 3, c):
+        raise ValueError(
+            f"{what}: stats y {stats.y.shape} / coef {stats.coef.shape}, expected {dy.shape} / "
+            f"{(n, 3, c)}"
+        )
+    return stats.y, stats.coef
 
 
 def _offsets(layer: ConvLayer) -> dict[str, np.int64]:
@@ -498,18 +536,21 @@ def conv_bn_grad(
     shift: jax.Array,
     mean: jax.Array,
     slope: float,
+    stats: StatsCotangent | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients of :func:`conv_bn` for the cotangent ``dy``, one pass per block of rows;
-    ``layer`` holds the transposed kernel (``dy``'s channels in, ``x``'s out). ``(da, dkernel,
-    sums)``: ``da`` the cotangent of the activation, ``dkernel [N, B, C, CO]`` per image and
-    block of rows (``B <= ROW_BLOCKS``, fewer for small images and wide layers), ``sums
-    [N, H, 2, C]`` per row the BatchNorm's backward sums ``sum(g)``, ``sum(g * (x - mean))``. The
-    caller sums ``dkernel`` and ``sums`` over the batch."""
+    ``layer`` holds the transposed kernel (``dy``'s channels in, ``x``'s out). ``(dx, dkernel,
+    sums)``: ``dx`` the BatchNorm's direct input gradient ``scale * g`` (as
+    :func:`depthwise_bn_grad`), ``dkernel [N, B, C, CO]`` per image and block of rows
+    (``B <= ROW_BLOCKS``, fewer for small images and wide layers), ``sums [N, H, 2, C]`` per row
+    the BatchNorm's backward sums ``sum(g)``, ``sum(g * (x - mean))``. The caller sums
+    ``dkernel`` and ``sums`` over the batch. ``stats``: as for :func:`depthwise_bn_grad`."""
     _check_pointwise("conv_bn_grad", dy, layer)
     n, h, w, c = x.shape
     if x.shape != (*dy.shape[:3], layer.cout):
         raise ValueError(f"conv_bn_grad: x {x.shape}, expected {(*dy.shape[:3], layer.cout)}")
     _check_vectors("conv_bn_grad", c, scale=scale, shift=shift, mean=mean)
+    extra = _stats_operands("conv_bn_grad", dy, stats)
     # per-block kernel gradients at most ~1/16 of the tensors read (XLA sums them: at 20 x 20,
     # 256 -> 256, eight blocks would hand it 16 MB)
     blocks = max(1, min(h, ROW_BLOCKS, h * w * (c + layer.cin) // (16 * c * layer.cin)))
@@ -519,7 +560,16 @@ def conv_bn_grad(
         jax.ShapeDtypeStruct((n, h, 2, c), jnp.float32),
     )
     return jax.ffi.ffi_call(CONV_BN_GRAD_TARGET, out)(
-        dy, params, x, scale, shift, mean, **_offsets(layer), slope=np.float32(slope)
+        dy,
+        params,
+        x,
+        scale,
+        shift,
+        mean,
+        *extra,
+        **_offsets(layer),
+        slope=np.float32(slope),
+        stats=np.int64(stats is not None),
     )
 
 

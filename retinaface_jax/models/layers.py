@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
 from retinaface_jax.kernels.ops import NO_ACTIVATION
 from retinaface_jax.models import native_training
@@ -366,11 +367,22 @@ def batch_norm_conv_train(
     ``pointwise_bn_applies``): the activation is computed inside the convolution's kernels and
     never stored, and the BatchNorm's backward sums come from the kernel of the convolution's
     input gradient. Same function and gradients as the two layers one after the other.
+
+    The statistics keep their gradient here (``stats`` from the kernel that wrote ``x``, else
+    ``native_training.batch_moments``): this layer's backward gives ``x`` only the BatchNorm's
+    direct input gradient and hands the mean's and variance's cotangents back, and the kernel
+    that wrote ``x`` adds their part as it reads ``x``'s cotangent. A separate pass over the
+    activation for the BatchNorm's full input gradient (~11 ms of a 180 ms MobileNet step) is
+    gone.
     """
     if consumer not in _CONSUMERS:
         raise ValueError(f"batch_norm_conv_train: consumer must be one of {_CONSUMERS}")
-    mean, var = _stats_of(x, stats)
-    return _bn_conv(x, mean, var, scale, bias, kernel, eps, float(slope), consumer, stride)
+    mean, var = native_training.batch_moments(x) if stats is None else stats
+    y, y_moments = _bn_conv(x, mean, var, scale, bias, kernel, eps, float(slope), consumer, stride)
+    y_stats = native_training.stats_from_images(
+        y_moments[:, 0], y_moments[:, 1], y.shape[1] * y.shape[2]
+    )
+    return y, jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var), y_stats
 
 
 _CONSUMERS = ("depthwise", "pointwise")
@@ -378,30 +390,45 @@ _CONSUMERS = ("depthwise", "pointwise")
 
 @partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
 def _bn_conv(x, mean, var, scale, bias, kernel, eps, slope, consumer, stride):
-    return _bn_conv_fwd(x, mean, var, scale, bias, kernel, eps, slope, consumer, stride)[0]
+    """``(y, y's per-image moments [N, 2, C])`` with the partial derivatives for ``x``, ``mean``
+    and ``var`` taken apart (the statistics' dependence on ``x`` is their producer's)."""
+    inv = jax.lax.rsqrt(var + eps)
+    k, c = _scale_shift(mean, inv, scale, bias)
+    return native_training.batch_norm_into(consumer, x, kernel, k, c, slope, stride)
 
 
 def _bn_conv_fwd(x, mean, var, scale, bias, kernel, eps, slope, consumer, stride):
-    inv = jax.lax.rsqrt(var + eps)
-    k, c = _scale_shift(mean, inv, scale, bias)
-    y, y_stats = native_training.batch_norm_into(
-        consumer, x, kernel, k, c, slope, stride, moments=True
-    )
-    return (y, mean, var, y_stats), (x, mean, inv, scale, bias, kernel)
+    x, mean, var, scale, bias, kernel = (a.value for a in (x, mean, var, scale, bias, kernel))
+    y, m = _bn_conv(x, mean, var, scale, bias, kernel, eps, slope, consumer, stride)
+    return (y, m), (x, mean, jax.lax.rsqrt(var + eps), scale, bias, kernel, y, m)
 
 
 def _bn_conv_bwd(eps, slope, consumer, stride, residuals, cotangents):
-    x, mean, inv, scale, bias, kernel = residuals
-    dy, g_mean, g_var, _ = cotangents  # (y's statistics carry no gradient)
+    """The partials: ``x`` gets ``k * g`` (``g`` the cotangent of the BatchNorm's output before
+    the activation), ``mean`` ``-k sum(g)`` and ``var`` ``-scale inv^3 sum(g (x - mean)) / 2``
+    (``inv = 1 / sqrt(var + eps)``, ``k = scale * inv``); ``dy`` comes with the part through
+    ``y``'s own moments (``native_training.stats_cotangent``), which the kernel adds."""
+    x, mean, inv, scale, bias, kernel, y, m = residuals
+    dy, dm = cotangents
     k, c = _scale_shift(mean, inv, scale, bias)
-    da, dkernel, sums = native_training.batch_norm_into_grad(
-        consumer, x, kernel, dy, k, c, mean, slope, stride
+    dy = jnp.zeros_like(y) if isinstance(dy, SymbolicZero) else dy
+    dx, dkernel, (sum_g, sum_gx) = native_training.batch_norm_into_grad(
+        consumer,
+        x,
+        kernel,
+        dy,
+        k,
+        c,
+        mean,
+        slope,
+        stride,
+        native_training.stats_cotangent(y, m, dm),
     )
-    dx, d_scale, d_bias = _batch_norm_input_grad(da, x, mean, inv, k, c, slope, sums, g_mean, g_var)
-    return dx, *_no_stats_cotangent(mean), d_scale, d_bias, dkernel
+    d_var = -0.5 * scale * inv**3 * sum_gx
+    return dx, -k * sum_g, d_var, sum_gx * inv, sum_g, dkernel
 
 
-_bn_conv.defvjp(_bn_conv_fwd, _bn_conv_bwd)
+_bn_conv.defvjp(_bn_conv_fwd, _bn_conv_bwd, symbolic_zeros=True)
 
 
 class LeakyReLU(nnx.Module):

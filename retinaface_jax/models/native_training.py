@@ -19,9 +19,13 @@ materialises for 1x1 weight gradients are slow too. So on CPU the train step run
   through by that layer (:func:`batch_norm_into`, ``layers.BatchNorm2d.into_conv``). Its
   forward and kernel-gradient kernels normalise the BatchNorm's input row by row, so the
   activation is never stored, and its input-gradient kernel computes the BatchNorm's backward
-  sums over each row it writes (:func:`batch_norm_into_grad`);
-while the elementwise parts (normalisation, activations, BatchNorm's input gradient) stay on
-XLA. The choice is made while the step is traced, inside
+  sums over each row it writes (:func:`batch_norm_into_grad`) and writes the BatchNorm's direct
+  input gradient; the part through the batch statistics goes back, as the cotangents of the
+  per-image moments, to the kernel that wrote the BatchNorm's input, whose gradient kernel adds
+  it to its output's cotangent row by row as it reads it (:func:`stats_cotangent`; XLA adds it
+  for the other kernels);
+while the other elementwise parts (normalisation, activations, standalone BatchNorms' input
+gradients) stay on XLA. The choice is made while the step is traced, inside
 :func:`native_gradients` (which the train step enters when it runs on CPU and the kernels are
 available); inference never enters it, and GPU/TPU steps never do, so they keep XLA's own
 convolutions. float64 always takes XLA's path.
@@ -40,6 +44,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -120,13 +125,48 @@ def stats_from_images(mean_n: jax.Array, m2_n: jax.Array, per_image: int) -> Sta
 
 def _stats_result(results, moments: bool):
     """A kernel call's results: ``y``, or with ``moments`` ``(y, per-image moments [N, 2, C])``
-    made ``(y, (mean, var))`` (:func:`stats_from_images`). The statistics carry no gradient: the
-    BatchNorm that uses them differentiates through ``y`` instead (``layers.batch_norm_train``)."""
+    made ``(y, (mean, var))`` (:func:`stats_from_images`). The statistics carry their gradient:
+    a BatchNorm read through by the next layer (``layers.batch_norm_conv_train``) hands back the
+    cotangents of its mean and variance, and the kernel that wrote ``y`` adds their part to
+    ``y``'s cotangent (:func:`stats_cotangent`); a standalone BatchNorm stops it and
+    differentiates through ``y`` instead (``layers.batch_norm_train``)."""
     if not moments:
         return results
     y, m = results
-    stats = stats_from_images(m[:, 0], m[:, 1], y.shape[1] * y.shape[2])
-    return y, jax.lax.stop_gradient(stats)
+    return y, stats_from_images(m[:, 0], m[:, 1], y.shape[1] * y.shape[2])
+
+
+def stats_cotangent(y: jax.Array, m: jax.Array, dm) -> ops.StatsCotangent | None:
+    """The part of ``y``'s cotangent through its per-image moments ``m [N, 2, C]`` (mean, M2 over
+    the ``P`` pixels of each image) for their cotangent ``dm``: ``dmean / P + 2 dM2 (y - mean)``
+    per image, as ``ops.StatsCotangent`` (None when ``dm`` is a symbolic zero: nothing to add)."""
+    if isinstance(dm, SymbolicZero):
+        return None
+    per_image = y.shape[1] * y.shape[2]
+    return ops.StatsCotangent(y, jnp.stack([m[:, 0], dm[:, 0] / per_image, 2.0 * dm[:, 1]], 1))
+
+
+def with_stats_cotangent(dy: jax.Array, stats: ops.StatsCotangent | None) -> jax.Array:
+    """``dy`` plus that part, by XLA (for the kernels that do not add it as they read ``dy``)."""
+    if stats is None:
+        return dy
+    m, a, b = (stats.coef[:, None, None, i] for i in range(3))
+    return dy + (a + b * (stats.y - m))
+
+
+def _dense_cotangent(dy, like: jax.Array) -> jax.Array:
+    """``dy``, or zeros shaped like ``like`` for a symbolic-zero cotangent."""
+    return jnp.zeros_like(like) if isinstance(dy, SymbolicZero) else dy
+
+
+def _output_cotangent(residuals, cotangents, moments: bool) -> jax.Array:
+    """The cotangent of a kernel's output ``y`` with the part through its moments (if any) added by
+    XLA; ``residuals`` end with ``(y, m)`` when ``moments``."""
+    if not moments:
+        return _dense_cotangent(cotangents, residuals[0])
+    y, m = residuals[-2:]
+    dy, dm = cotangents
+    return with_stats_cotangent(_dense_cotangent(dy, y), stats_cotangent(y, m, dm))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -138,12 +178,14 @@ def _depthwise(x, kernel, stride, mesh, moments):
 
 
 def _depthwise_fwd(x, kernel, stride, mesh, moments):
-    return _depthwise(x, kernel, stride, mesh, moments), (x, kernel)
+    x, kernel = x.value, kernel.value
+    out = _depthwise(x, kernel, stride, mesh, moments)
+    return out, (x, kernel, *(out if moments else ()))
 
 
 def _depthwise_bwd(stride, mesh, moments, residuals, cotangents):
-    x, kernel = residuals
-    dy = cotangents[0] if moments else cotangents  # (the moments' cotangent is zero)
+    x, kernel = residuals[:2]
+    dy = _output_cotangent(residuals, cotangents, moments)
     call = _per_device(
         lambda x, k, g: ops.depthwise_grad(x, k, g, stride), mesh, (True, False, True), outputs=2
     )
@@ -151,7 +193,7 @@ def _depthwise_bwd(stride, mesh, moments, residuals, cotangents):
     return dx, dk.sum(0)
 
 
-_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd, symbolic_zeros=True)
 
 
 def pointwise_bn_applies(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> bool:
@@ -178,31 +220,22 @@ def batch_norm_into(
     shift: jax.Array,
     slope: float,
     stride: int = 1,
-    *,
-    moments: bool = False,
-) -> jax.Array | tuple[jax.Array, Stats]:
+) -> tuple[jax.Array, jax.Array]:
     """The ``consumer`` layer (``'depthwise'``: 3x3, padding 1; ``'pointwise'``: 1x1, stride 1)
     on ``leaky_relu(x * scale + shift, slope)``, computed row by row inside its kernel
-    (``ops.depthwise_bn`` / ``ops.conv_bn``) and never stored; per device; with ``moments``,
-    ``(y, batch statistics of y)`` (:func:`_stats_result`). Differentiated only through
-    :func:`batch_norm_into_grad`."""
+    (``ops.depthwise_bn`` / ``ops.conv_bn``) and never stored; per device: ``(y, y's per-image
+    moments [N, 2, C])``. Differentiated only through :func:`batch_norm_into_grad`."""
     mesh, batched = _mesh(), (True, False, False, False)
     if consumer == "depthwise":
         call = _per_device(
-            lambda *a: ops.depthwise_bn(*a, slope, stride, moments=moments),
-            mesh,
-            batched,
-            1 + moments,
+            lambda *a: ops.depthwise_bn(*a, slope, stride, moments=True), mesh, batched, 2
         )
-        return _stats_result(call(x, kernel, scale, shift), moments)
+        return call(x, kernel, scale, shift)
     params, layer = ops.plain_layer(kernel, stride=1, padding=0)
     call = _per_device(
-        lambda x, p, k, c: ops.conv_bn(x, p, layer, k, c, slope, moments=moments),
-        mesh,
-        batched,
-        1 + moments,
+        lambda x, p, k, c: ops.conv_bn(x, p, layer, k, c, slope, moments=True), mesh, batched, 2
     )
-    return _stats_result(call(x, params, scale, shift), moments)
+    return call(x, params, scale, shift)
 
 
 def batch_norm_into_grad(
@@ -215,31 +248,43 @@ def batch_norm_into_grad(
     mean: jax.Array,
     slope: float,
     stride: int = 1,
+    stats: ops.StatsCotangent | None = None,
 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array]]:
-    """Gradients of :func:`batch_norm_into` for the cotangent ``dy``, per device: ``(da,
-    dkernel, (sum(g), sum(g * (x - mean))))``: ``da`` the cotangent of the activation, the
-    kernel gradient and the BatchNorm's backward sums combined over the batch."""
+    """Gradients of :func:`batch_norm_into` for the cotangent ``dy`` (plus ``stats``, the part
+    through ``y``'s moments, added by the kernel as it reads ``dy``), per device: ``(dx,
+    dkernel, (sum(g), sum(g * (x - mean))))``: ``dx = scale * g`` the BatchNorm's direct input
+    gradient (``g`` the cotangent before the activation), the kernel gradient and the
+    BatchNorm's backward sums combined over the batch."""
     mesh = _mesh()
+    extra = () if stats is None else tuple(stats)
+    batched = (True, False, True, False, False, False) + (True,) * len(extra)
+
+    def grads(kernel_call):
+        def run(*operands):
+            cut = len(operands) - len(extra)
+            stats_part = ops.StatsCotangent(*operands[cut:]) if extra else None
+            return kernel_call(*operands[:cut], stats=stats_part)
+
+        return _per_device(run, mesh, batched, outputs=3)
+
     if consumer == "depthwise":
-        call = _per_device(
-            lambda *a: ops.depthwise_bn_grad(*a, slope, stride),
-            mesh,
-            (True, False, True, False, False, False),
-            outputs=3,
-        )
-        da, dk, sums = call(x, kernel, dy, scale, shift, mean)
+        call = grads(partial(_depthwise_bn_grad, slope=slope, stride=stride))
+        dx, dk, sums = call(x, kernel, dy, scale, shift, mean, *extra)
         dk = jnp.sum(dk, axis=(0, 1))
     else:
         params, layer = ops.plain_layer(jnp.transpose(kernel, (0, 1, 3, 2)), stride=1, padding=0)
-        call = _per_device(
-            lambda g, p, *a: ops.conv_bn_grad(g, p, layer, *a, slope),
-            mesh,
-            (True, False, True, False, False, False),
-            outputs=3,
-        )
-        da, dk, sums = call(dy, params, x, scale, shift, mean)
+        call = grads(partial(_conv_bn_grad, layer=layer, slope=slope))
+        dx, dk, sums = call(dy, params, x, scale, shift, mean, *extra)
         dk = jnp.sum(dk, axis=(0, 1)).reshape(kernel.shape)
-    return da, dk, (jnp.sum(sums[:, :, 0], axis=(0, 1)), jnp.sum(sums[:, :, 1], axis=(0, 1)))
+    return dx, dk, (jnp.sum(sums[:, :, 0], axis=(0, 1)), jnp.sum(sums[:, :, 1], axis=(0, 1)))
+
+
+def _depthwise_bn_grad(x, kernel, dy, scale, shift, mean, *, slope, stride, stats):
+    return ops.depthwise_bn_grad(x, kernel, dy, scale, shift, mean, slope, stride, stats)
+
+
+def _conv_bn_grad(dy, params, x, scale, shift, mean, *, layer, slope, stats):
+    return ops.conv_bn_grad(dy, params, layer, x, scale, shift, mean, slope, stats)
 
 
 def batch_norm_applies(x: jax.Array) -> bool:
@@ -256,9 +301,29 @@ def batch_norm_applies(x: jax.Array) -> bool:
 
 def batch_moments(x: jax.Array) -> Stats:
     """Batch mean and biased variance per channel of NHWC ``x``: per image (mean, M2) from
-    ``ops.moments``, combined over the batch (:func:`stats_from_images`)."""
-    mean_n, m2_n = _per_device(ops.moments, _mesh(), (True,), outputs=2)(x)
-    return stats_from_images(mean_n, m2_n, x.shape[1] * x.shape[2])
+    ``ops.moments``, combined over the batch (:func:`stats_from_images`); differentiable (the
+    part of ``x``'s cotangent through them added by XLA: :func:`with_stats_cotangent`)."""
+    m = _image_moments(x, _mesh())
+    return stats_from_images(m[:, 0], m[:, 1], x.shape[1] * x.shape[2])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _image_moments(x, mesh):
+    mean_n, m2_n = _per_device(ops.moments, mesh, (True,), outputs=2)(x)
+    return jnp.stack([mean_n, m2_n], axis=1)
+
+
+def _image_moments_fwd(x, mesh):
+    m = _image_moments(x, mesh)
+    return m, (x, m)
+
+
+def _image_moments_bwd(mesh, residuals, dm):
+    x, m = residuals
+    return (with_stats_cotangent(jnp.zeros_like(x), stats_cotangent(x, m, dm)),)
+
+
+_image_moments.defvjp(_image_moments_fwd, _image_moments_bwd)
 
 
 def batch_norm_grad_sums(
@@ -338,15 +403,17 @@ def _dense(x, kernel, stride, padding, mesh, moments):
 
 
 def _dense_fwd(x, kernel, stride, padding, mesh, moments):
-    return _dense(x, kernel, stride, padding, mesh, moments), (x, kernel)
+    x, kernel = x.value, kernel.value
+    out = _dense(x, kernel, stride, padding, mesh, moments)
+    return out, (x, kernel, *(out if moments else ()))
 
 
 def _dense_bwd(stride, padding, mesh, moments, residuals, cotangents):
     """dx of a 3x3 stride-1 pad-1 or 1x1 stride-1 layer: the convolution of ``dy`` with the
     flipped, transposed kernel (pad k - 1 - p = p) on the same kernel; other layers' dx by XLA
-    (the stem's is unused, so XLA drops it)."""
-    x, kernel = residuals
-    dy = cotangents[0] if moments else cotangents  # (the moments' cotangent is zero)
+    (the stem's is unused, so XLA drops it). ``dy`` with the part through the moments added."""
+    x, kernel = residuals[:2]
+    dy = _output_cotangent(residuals, cotangents, moments)
     k, _, cin, cout = kernel.shape
     if (k, stride, padding) in ((3, 1, 1), (1, 1, 0)) and cin % 8 == 0:
         dx = _conv(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), 1, padding, mesh)
@@ -365,4 +432,4 @@ def _dense_bwd(stride, padding, mesh, moments, residuals, cotangents):
     return dx, weight_grad(x, dy, k, stride, padding)
 
 
-_dense.defvjp(_dense_fwd, _dense_bwd)
+_dense.defvjp(_dense_fwd, _dense_bwd, symbolic_zeros=True)
