@@ -570,27 +570,49 @@ void winograd_rows(const ConvShape& s, const float* X, const float* U, const flo
   float* V = scratch<float>(size_t(WA * WA) * (vs + ms) + kScratchGap);
   float* P = V + WA * WA * vs + kScratchGap;  // the products
   const float* ptrs[WT];
+  // A group of WT tiles runs of tile rows [r0, r1) in order, across row ends: a row's last
+  // tiles share the register tiles with the next row's first (20 tiles a row at 80 x 80 were
+  // 12 + 8, the 8 filling two 6-pixel register tiles to 8 of 12).
+  struct Run {
+    int64_t n, ty, tx0;
+    int nt, at;  // tiles, and the first one's place in the group
+  };
+  Run runs[WT];
+  int nruns = 0, filled = 0;
+  auto multiply_and_output = [&] {
+    const int ntiles = (filled + MR - 1) / MR;
+    for (int xi = 0; xi < WA * WA; ++xi) {
+      const float* v = V + xi * vs;
+      for (int j = 0; j < ntiles * MR; ++j) ptrs[j] = j < filled ? v + j * C : kZeros;
+      conv_row_blocks(ptrs, ntiles, filled, 1, C, U + int64_t(xi) * C * CO, bias, slope,
+                      P + xi * ms, CO, false);
+    }
+    for (int i = 0; i < nruns; ++i) {
+      const Run& run = runs[i];
+      with_vector_for(CO, [&](auto v) {
+        winograd_output<decltype(v)>(s, P + run.at * CO, ms, run.n, run.ty, run.tx0, run.nt, bias,
+                                     slope, Y);
+      });
+      if (run.tx0 + run.nt == TW)  // the tile row is complete: its output rows' moments
+        for (int64_t oh = 4 * run.ty; oh < std::min(4 * run.ty + 4, s.OH); ++oh)
+          row_moments(Y, run.n * s.OH + oh, s.OW, CO, M);
+    }
+    nruns = filled = 0;
+  };
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t n = r / TH, ty = r % TH;
-    for (int64_t tx0 = 0; tx0 < TW; tx0 += WT) {
-      const int nt = int(std::min<int64_t>(WT, TW - tx0));
+    for (int64_t tx0 = 0; tx0 < TW;) {
+      const int nt = int(std::min<int64_t>(WT - filled, TW - tx0));
       with_vector_for(C, [&](auto v) {
-        winograd_input<decltype(v)>(s, X, n, ty, tx0, nt, V, vs);
+        winograd_input<decltype(v)>(s, X, n, ty, tx0, nt, V + filled * C, vs);
       });
-      const int ntiles = (nt + MR - 1) / MR;
-      for (int xi = 0; xi < WA * WA; ++xi) {
-        const float* v = V + xi * vs;
-        for (int j = 0; j < ntiles * MR; ++j) ptrs[j] = j < nt ? v + j * C : kZeros;
-        conv_row_blocks(ptrs, ntiles, nt, 1, C, U + int64_t(xi) * C * CO, bias, slope,
-                        P + xi * ms, CO, false);
-      }
-      with_vector_for(CO, [&](auto v) {
-        winograd_output<decltype(v)>(s, P, ms, n, ty, tx0, nt, bias, slope, Y);
-      });
+      runs[nruns++] = {n, ty, tx0, nt, filled};
+      filled += nt;
+      tx0 += nt;
+      if (filled == WT) multiply_and_output();
     }
-    for (int64_t oh = 4 * ty; oh < std::min(4 * ty + 4, s.OH); ++oh)
-      row_moments(Y, n * s.OH + oh, s.OW, CO, M);
   }
+  if (filled) multiply_and_output();
 }
 
 // params[offset : offset + n] must lie inside the parameter buffer.
@@ -775,7 +797,10 @@ ffi::Error RfConvWinogradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* X = x.typed_data();
   float* Y = y->typed_data();
   const int64_t rows = s.N * ((s.OH + 3) / 4), TW = (s.OW + 3) / 4;
-  const int64_t chunk = rows_per_task(rows, TW * 36 * s.C * s.CO);
+  // at least two full groups of WT tiles per task (20 x 20: 2 tile rows of 5 tiles had been one
+  // group of 10)
+  const int64_t chunk =
+      std::max(rows_per_task(rows, TW * 36 * s.C * s.CO), (2 * WT + TW - 1) / TW);
   parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
     const int64_t r0 = task * chunk, r1 = std::min(rows, r0 + chunk);
     winograd_rows(s, X, P + w_offset, P + b_offset, P + s_offset, Y, r0, r1, M);
@@ -1402,7 +1427,8 @@ void with_channel_count(int64_t m, Run&& run) {
 // (d): V = B^T d B as in the forward, E = A e A^T, and M[xi] += V[xi]^T E[xi] ([C x CO] per element
 // xi of the 6x6 grid) over the tiles, then dw = G^T M G: 36 multiply-adds per 16 output pixels
 // and channel pair instead of 144.
-constexpr int kWgradTiles = 32;  // tiles transformed together (the K of each [C x CO] update)
+constexpr int kWgradTiles = 64;  // tiles transformed together (the K of each [C x CO] update;
+                                  // 32 had made 8 x 80 x 80, 64 -> 64 ~15 % slower)
 
 // A e for one column of four cotangents: six values (rows of A: the points 0, +-1, +-2, inf).
 template <class V>
