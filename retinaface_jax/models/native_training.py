@@ -154,8 +154,9 @@ def with_stats_cotangent(dy: jax.Array, stats: ops.StatsCotangent | None) -> jax
     return dy + (a + b * (stats.y - m))
 
 
-def _dense_cotangent(dy, like: jax.Array) -> jax.Array:
-    """``dy``, or zeros shaped like ``like`` for a symbolic-zero cotangent."""
+def instantiate_cotangent(dy, like: jax.Array) -> jax.Array:
+    """``dy``, or zeros shaped like ``like`` for a symbolic-zero cotangent (custom VJPs defined
+    with ``symbolic_zeros=True``)."""
     return jnp.zeros_like(like) if isinstance(dy, SymbolicZero) else dy
 
 
@@ -163,10 +164,10 @@ def _output_cotangent(residuals, cotangents, moments: bool) -> jax.Array:
     """The cotangent of a kernel's output ``y`` with the part through its moments (if any) added by
     XLA; ``residuals`` end with ``(y, m)`` when ``moments``."""
     if not moments:
-        return _dense_cotangent(cotangents, residuals[0])
+        return instantiate_cotangent(cotangents, residuals[0])
     y, m = residuals[-2:]
     dy, dm = cotangents
-    return with_stats_cotangent(_dense_cotangent(dy, y), stats_cotangent(y, m, dm))
+    return with_stats_cotangent(instantiate_cotangent(dy, y), stats_cotangent(y, m, dm))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
