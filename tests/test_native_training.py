@@ -505,6 +505,9 @@ def test_read_through_kernels_reject_bad_shapes():
         ops.depthwise_bn(x, k, np.ones(8, np.float32), np.ones(4, np.float32), 0.1, 1)
     with pytest.raises(ValueError, match=r"depthwise_bn_grad: dy \(1, 4, 4, 8\), expected"):
         ops.depthwise_bn_grad(x, k, x, np.ones(8), np.ones(8), np.ones(8), 0.1, 2)
+    bad = ops.StatsCotangent(x, np.zeros((1, 2, 8), np.float32))  # coef must be [N, 3, C]
+    with pytest.raises(ValueError, match=r"depthwise_bn_grad: stats y .* / coef \(1, 2, 8\)"):
+        ops.depthwise_bn_grad(x, k, x, np.ones(8), np.ones(8), np.ones(8), 0.1, 1, bad)
 
 
 # -- dense 3x3 stride-1 convolutions -------------------------------------------------------------
