@@ -1172,7 +1172,7 @@ void depthwise_dk_rows(const DwShape& s, Rows&& row, DyRows&& dy_row, int64_t n,
 }
 
 
-template <class V, bool Masked>  // (BatchNorm's backward sums, defined with the others below)
+template <class V, bool Masked, bool Direct = false>  // (BatchNorm's backward sums, below)
 void grad_sums_image(const float* Dy, const float* X, const float* mean, const float* k,
                      const float* c, float slope, int64_t rows, int64_t W, int64_t C, int64_t c0,
                      float* sum_g, float* sum_gx, float* direct = nullptr);
@@ -1192,7 +1192,7 @@ template <class V>
 void row_grad_sums(float* da, const float* x, const BatchNormInput& bn, int64_t W, int64_t C,
                    float* s) {
   for (int64_t c0 = 0; c0 < C; c0 += lanes<V>)
-    grad_sums_image<V, true>(da, x, bn.mean, bn.k, bn.c, bn.slope, 1, W, C, c0, s, s + C, da);
+    grad_sums_image<V, true, true>(da, x, bn.mean, bn.k, bn.c, bn.slope, 1, W, C, c0, s, s + C, da);
 }
 
 // The cotangent of a layer's output z [N, OH, OW, C] that a BatchNorm reads with batch
@@ -1735,8 +1735,8 @@ ffi::Error RfMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // Per image: sum(g) and sum(g * (x - mean)) over its rows, g the BatchNorm output's cotangent.
 // Masked: dy is the cotangent of LeakyReLU(z) with z = x * k + c the BatchNorm output, so
 // g = z > 0 ? dy : slope * dy (torch's subgradient at 0), recomputed here instead of stored.
-// direct (may be Dy): also stores k * g there.
-template <class V, bool Masked>
+// Direct: also stores k * g into direct (which may be Dy).
+template <class V, bool Masked, bool Direct>
 void grad_sums_image(const float* Dy, const float* X, const float* mean, const float* k,
                      const float* c, float slope, int64_t rows, int64_t W, int64_t C, int64_t c0,
                      float* sum_g, float* sum_gx, float* direct) {
@@ -1753,7 +1753,7 @@ void grad_sums_image(const float* Dy, const float* X, const float* mean, const f
       V gv = loadu<V>(dy + i * C);
       const V xv = loadu<V>(x + i * C);
       if constexpr (Masked) gv = xv * kv + cv > 0 ? gv : gv * sv;
-      if (direct) storeu(direct + r * W * C + c0 + i * C, kv * gv);
+      if constexpr (Direct) storeu(direct + r * W * C + c0 + i * C, kv * gv);
       ra[k] += gv;
       rb[k] += gv * (xv - m);
     };

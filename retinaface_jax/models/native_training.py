@@ -257,35 +257,21 @@ def batch_norm_into_grad(
     gradient (``g`` the cotangent before the activation), the kernel gradient and the
     BatchNorm's backward sums combined over the batch."""
     mesh = _mesh()
-    extra = () if stats is None else tuple(stats)
-    batched = (True, False, True, False, False, False) + (True,) * len(extra)
-
-    def grads(kernel_call):
-        def run(*operands):
-            cut = len(operands) - len(extra)
-            stats_part = ops.StatsCotangent(*operands[cut:]) if extra else None
-            return kernel_call(*operands[:cut], stats=stats_part)
-
-        return _per_device(run, mesh, batched, outputs=3)
-
+    batched = (True, False, True, False, False, False, True)  # stats: None or per image
     if consumer == "depthwise":
-        call = grads(partial(_depthwise_bn_grad, slope=slope, stride=stride))
-        dx, dk, sums = call(x, kernel, dy, scale, shift, mean, *extra)
+        call = _per_device(
+            lambda *a: ops.depthwise_bn_grad(*a[:6], slope, stride, a[6]), mesh, batched, 3
+        )
+        dx, dk, sums = call(x, kernel, dy, scale, shift, mean, stats)
         dk = jnp.sum(dk, axis=(0, 1))
     else:
         params, layer = ops.plain_layer(jnp.transpose(kernel, (0, 1, 3, 2)), stride=1, padding=0)
-        call = grads(partial(_conv_bn_grad, layer=layer, slope=slope))
-        dx, dk, sums = call(dy, params, x, scale, shift, mean, *extra)
+        call = _per_device(
+            lambda g, p, *a: ops.conv_bn_grad(g, p, layer, *a[:4], slope, a[4]), mesh, batched, 3
+        )
+        dx, dk, sums = call(dy, params, x, scale, shift, mean, stats)
         dk = jnp.sum(dk, axis=(0, 1)).reshape(kernel.shape)
     return dx, dk, (jnp.sum(sums[:, :, 0], axis=(0, 1)), jnp.sum(sums[:, :, 1], axis=(0, 1)))
-
-
-def _depthwise_bn_grad(x, kernel, dy, scale, shift, mean, *, slope, stride, stats):
-    return ops.depthwise_bn_grad(x, kernel, dy, scale, shift, mean, slope, stride, stats)
-
-
-def _conv_bn_grad(dy, params, x, scale, shift, mean, *, layer, slope, stats):
-    return ops.conv_bn_grad(dy, params, layer, x, scale, shift, mean, slope, stats)
 
 
 def batch_norm_applies(x: jax.Array) -> bool:
