@@ -156,7 +156,7 @@ def test_batch_parallel_on_four_devices(stride):
 def stats_producers(text: str) -> list[str]:
     """The kernel calls of a lowered program that give their output's moments (a second result
     ``[N, 2, CO]`` rather than an empty one)."""
-    forward = "conv|conv_winograd|depthwise|depthwise_bn|conv_bn"
+    forward = "conv|conv_u8|conv_winograd|depthwise|depthwise_bn|conv_bn"
     pattern = rf"custom_call @retinaface_({forward})\(.*-> \(tensor<[^>]*>, tensor<(\w+)>\)"
     return [name for name, moments in re.findall(pattern, text) if moments != "0xf32"]
 
@@ -176,9 +176,9 @@ def test_cpu_train_step_uses_the_kernels(monkeypatch):
     tx = optax.sgd(1e-3)
     graphdef, state = create_train_state(RetinaFace(cfg, rngs=nnx.Rngs(0)), tx)
     size = 64
-    batch = empty_batch(2, size)
+    batch = empty_batch(2, size, dtype=np.uint8)  # as the pipeline gives them
 
-    def hlo():
+    def hlo(batch=batch):
         step = step_module.make_train_step(graphdef, cfg, size, tx, donate=False)
         return step.lower(state, batch).as_text()
 
@@ -208,8 +208,62 @@ def test_cpu_train_step_uses_the_kernels(monkeypatch):
     # backward sums: by the 24 read-through gradients, the other BatchNorms' by bn_grad_sums
     assert text.count("@retinaface_bn_grad_sums(") == batch_norms - 24
     assert text.count("@retinaface_conv_winograd(") == 2 * len(dense)  # forward, input gradient
+    # the stem reads the uint8 image itself (forward and kernel gradient): no float32 copy
+    assert text.count("@retinaface_conv_u8(") == text.count("@retinaface_weight_grad_u8(") == 1
+    floats = hlo(empty_batch(2, size))
+    assert "@retinaface_conv_u8(" not in floats and "@retinaface_weight_grad_u8(" not in floats
     monkeypatch.setattr(step_module, "native_kernels_available", lambda: False)
     assert "@retinaface_" not in hlo()
+
+
+def test_stem_kernels_read_the_uint8_image_like_float32_minus_the_mean():
+    """The stem's forward (with moments) and kernel gradient (with and without the statistics'
+    part) on the uint8 image give the float32 kernels' results on the image minus the mean, bit
+    for bit, borders included (odd sizes)."""
+    rng = np.random.default_rng(11)
+    u8 = rng.integers(0, 256, (2, 37, 45, 3)).astype(np.uint8)
+    mean = np.array([104.0, 117.0, 123.0], np.float32)
+    kernel = rng.normal(size=(3, 3, 3, 16)).astype(np.float32)
+    params, layer = ops.plain_layer(jnp.asarray(kernel), stride=2, padding=1)
+    with_mean = jnp.concatenate([params, jnp.asarray(mean)])
+    y, m = ops.conv(u8.astype(np.float32) - mean, params, layer, moments=True)
+    y8, m8 = ops.conv(u8, with_mean, layer, params.shape[0], moments=True)
+    np.testing.assert_array_equal(y8, y)
+    np.testing.assert_array_equal(m8, m)
+    dy = rng.normal(size=y.shape).astype(np.float32)
+    for stats in (
+        None,
+        ops.StatsCotangent(y, jnp.asarray(rng.normal(size=(2, 3, 16)), jnp.float32)),
+    ):
+        want = ops.weight_grad(u8.astype(np.float32) - mean, dy, 3, 2, 1, stats)
+        np.testing.assert_array_equal(ops.weight_grad(u8, dy, 3, 2, 1, stats, mean), want)
+
+
+def test_uint8_images_step_like_float32_minus_the_mean():
+    """The stem's kernels reading the uint8 image (mean subtracted as rows are converted) give
+    the step of the float32 image minus the mean bit for bit: loss, parameters, statistics."""
+    import optax
+    from flax import nnx
+
+    from retinaface_jax.config import get_config
+    from retinaface_jax.models.retinaface import RetinaFace
+    from retinaface_jax.train.state import create_train_state
+    from retinaface_jax.train.step import make_train_step
+
+    cfg = get_config("mobilenet0.25")
+    tx = optax.sgd(1e-3, momentum=0.9)
+    graphdef, state = create_train_state(RetinaFace(cfg, rngs=nnx.Rngs(0)), tx)
+    step = make_train_step(graphdef, cfg, 64, tx, donate=False)
+    batch = empty_batch(2, 64)
+    batch["targets"][:, 0] = [0.2, 0.3, 0.6, 0.7, *np.linspace(0.25, 0.65, 10), 1.0]
+    batch["valid"][:, 0] = True
+    u8 = np.random.default_rng(5).integers(0, 256, batch["image"].shape, dtype=np.uint8)
+    minus_mean = u8.astype(np.float32) - np.asarray(cfg.rgb_mean, np.float32)
+    assert "@retinaface_conv_u8(" in step.lower(state, dict(batch, image=u8)).as_text()
+    (s_u8, m_u8), (s_f, m_f) = (step(state, dict(batch, image=x)) for x in (u8, minus_mean))
+    assert float(m_u8["loss"]) == float(m_f["loss"]) and np.isfinite(float(m_f["loss"]))
+    for a, b in zip(jax.tree.leaves(s_u8), jax.tree.leaves(s_f), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # -- BatchNorm ----------------------------------------------------------------------------------
@@ -459,16 +513,20 @@ def chain_loss_and_grads(layers, mesh=None, native=True):
 
 
 # (Conv2d arguments: in, out, kernel size, stride, padding, groups) of MobileNet's chains: the
-# stem into a depthwise layer (its statistics' part added by XLA), depthwise into pointwise and
-# pointwise into depthwise layers (added by the gradient kernels as they read the cotangent)
+# RGB stem into a depthwise layer (its statistics' part added by its kernel-gradient kernel), a
+# dense stride-2 layer into one (added by XLA), depthwise into pointwise and pointwise into
+# depthwise layers (added by the gradient kernels as they read the cotangent)
 CHAINS = [
+    [(3, 8, 3, 2, 1, 1), (8, 8, 3, 1, 1, 8), (8, 16, 1, 1, 0, 1)],
     [(8, 16, 3, 2, 1, 1), (16, 16, 3, 1, 1, 16), (16, 24, 1, 1, 0, 1)],
     [(8, 16, 3, 1, 1, 1), (16, 16, 3, 2, 1, 16), (16, 32, 1, 1, 0, 1), (32, 32, 3, 1, 1, 32)],
     [(8, 24, 1, 1, 0, 1), (24, 24, 3, 2, 1, 24), (24, 16, 1, 1, 0, 1), (16, 16, 3, 2, 1, 16)],
 ]
 
 
-@pytest.mark.parametrize("layers", CHAINS, ids=["stem-dw-pw", "dw-pw-dw", "pw-dw-pw-dw"])
+@pytest.mark.parametrize(
+    "layers", CHAINS, ids=["stem-dw-pw", "conv-dw-pw", "dw-pw-dw", "pw-dw-pw-dw"]
+)
 def test_read_through_chains_match_xla_on_one_and_four_devices(layers):
     mesh = make_mesh(jax.devices()[:4])
     rng = np.random.default_rng(7)
@@ -482,12 +540,20 @@ def test_read_through_chains_match_xla_on_one_and_four_devices(layers):
     grads = re.findall(r"@retinaface_(?:depthwise|conv)_bn_grad\(.*", text)
     assert len(grads) == len(layers) - 1
     assert [bool(re.search(r"stats = 1 :", g)) for g in grads].count(True) == len(layers) - 2
+    # the RGB stem's kernel gradient adds its own statistics' part
+    (stem_grad,) = re.findall(r"@retinaface_weight_grad\(.*", text)
+    assert bool(re.search(r"stats = 1 :", stem_grad)) == (layers[0][0] == 3)
     sharded = (jax.device_put(args[0], NamedSharding(mesh, P("data"))), *args[1:])
     (v0, g0), (v1, g1), (v4, g4) = xla(*args), one(*args), four(*sharded)
     for v, g in ((v1, g1), (v4, g4)):
         np.testing.assert_allclose(v, v0, rtol=1e-5)
         for a, b in zip(g, g0, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.abs(b).max()))
+        if layers[0][0] == 3:
+            # the variance's part of the stem's kernel gradient is ~1e-5 of it (a BatchNorm's
+            # output does not change with its input's scale), so it is checked this closely: the
+            # part off by half gave 2.8e-4 here, rounding ~3e-5
+            np.testing.assert_allclose(g[1], g0[1], rtol=0, atol=3e-6 * float(np.abs(g0[1]).max()))
 
 
 def test_read_through_kernels_reject_bad_shapes():
@@ -508,6 +574,14 @@ def test_read_through_kernels_reject_bad_shapes():
     bad = ops.StatsCotangent(x, np.zeros((1, 2, 8), np.float32))  # coef must be [N, 3, C]
     with pytest.raises(ValueError, match=r"depthwise_bn_grad: stats y .* / coef \(1, 2, 8\)"):
         ops.depthwise_bn_grad(x, k, x, np.ones(8), np.ones(8), np.ones(8), 0.1, 1, bad)
+    rgb, dy = np.zeros((1, 8, 8, 3), np.float32), np.zeros((1, 4, 4, 8), np.float32)
+    with pytest.raises(ValueError, match=r"weight_grad: stats y .* / coef \(1, 2, 8\)"):
+        ops.weight_grad(rgb, dy, 3, 2, 1, ops.StatsCotangent(dy, bad.coef))
+    good = ops.StatsCotangent(x, np.zeros((1, 3, 8), np.float32))
+    with pytest.raises(ValueError, match=r"weight_grad: stats is supported for the 3-channel"):
+        ops.weight_grad(x, x, 1, 1, 0, good)
+    with pytest.raises(ValueError, match=r"weight_grad: a uint8 x needs .* mean of shape None"):
+        ops.weight_grad(rgb.astype(np.uint8), dy, 3, 2, 1)
 
 
 # -- dense 3x3 stride-1 convolutions -------------------------------------------------------------

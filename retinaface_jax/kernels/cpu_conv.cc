@@ -26,8 +26,9 @@
 //   retinaface_depthwise / _grad: the 3x3 depthwise convolution (pad 1) and its input and kernel
 //                       gradients;
 //   retinaface_weight_grad: a dense convolution's kernel gradient (a GEMM over pixel blocks);
+//   retinaface_weight_grad_u8: the stem's, reading the uint8 image minus a mean;
 //   retinaface_moments / retinaface_bn_grad_sums: BatchNorm's batch statistics and backward sums.
-// The layer kernels of the train step (retinaface_conv, _conv_winograd, _depthwise,
+// The layer kernels of the train step (retinaface_conv, _conv_u8, _conv_winograd, _depthwise,
 // _depthwise_bn, _conv_bn) have a second result: empty, or their output's BatchNorm statistics
 // per image [N, 2, CO], from each output row's moments computed right after the row is written
 // (row_moments, OutputMoments).
@@ -748,7 +749,8 @@ ffi::Error RfConvImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // converted row by row as the convolution reads it, instead of a separate float32 copy of the
 // image. Narrow inputs only (cin < 8, the whole channel range: the 3-channel stem).
 ffi::Error RfConvU8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffer<ffi::F32> params,
-                        ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad, int64_t kh,
+                        ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> moments,
+                        int64_t stride, int64_t pad, int64_t kh,
                         int64_t kw, int64_t m_offset, int64_t w_offset, int64_t b_offset,
                         int64_t s_offset) {
   const int64_t channels = x.dimensions().size() == 4 ? x.dimensions()[3] : 0;  // all of them
@@ -763,6 +765,9 @@ ffi::Error RfConvU8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffe
                            b_offset, s_offset);
       e.failure())
     return e;
+  auto stats = output_moments(moments, s.N, s.OH, s.OW, s.CO, "retinaface_conv_u8");
+  if (stats.has_error()) return stats.error();
+  float* const M = stats->rows();
   const float* P = params.typed_data();
   const uint8_t* X = x.typed_data();
   float* Y = y->typed_data();
@@ -771,8 +776,9 @@ ffi::Error RfConvU8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x, ffi::Buffe
   parallel_for(pool, (rows + chunk - 1) / chunk, [&](int64_t task) {
     const int64_t r0 = task * chunk, r1 = std::min(rows, r0 + chunk);
     MeanSubtractedRows input(X, s, P + m_offset, kh);
-    conv_narrow_rows(s, input, P + w_offset, P + b_offset, P + s_offset, Y, r0, r1);
+    conv_narrow_rows(s, input, P + w_offset, P + b_offset, P + s_offset, Y, r0, r1, M);
   });
+  stats->finish(pool);
   return ffi::Error::Success();
 }
 
@@ -1204,6 +1210,17 @@ struct StatsCotangent {
   const float *Z = nullptr, *coef = nullptr;
 };
 
+// Checks the statistics' part of a cotangent (StatsCotangent): z shaped like dy, coef [N, 3, C].
+template <class Dims>
+ffi::Error check_stats_cotangent(const std::string& what, Dims dyd, Dims zd, Dims cd) {
+  bool ok = zd.size() == 4 && dyd.size() == 4 && cd.size() == 3 && cd[0] == dyd[0] &&
+            cd[1] == 3 && cd[2] == dyd[3];
+  for (size_t i = 0; ok && i < 4; ++i) ok = zd[i] == dyd[i];
+  if (!ok)
+    return ffi::Error::InvalidArgument(what + ": expected z shaped like dy and coef [N, 3, C]");
+  return ffi::Error::Success();
+}
+
 // One row of that cotangent: out = d + (a + b * (z - m)), coef_n the image's [3][C].
 template <class V>
 void stats_cotangent_row(const float* d, const float* z, const float* coef_n, int64_t W, int64_t C,
@@ -1572,55 +1589,85 @@ constexpr int kStemRowsPerPass = 3;
 constexpr int kStemRowsPerPass = 1;
 #endif
 
-template <int NR>
-void wgrad_stem_pass(const WgradShape& s, const float* X, const float* DY, int64_t n, int64_t co0,
-                     int r0, float* dwn) {
+// With Stats, dy is d + the statistics' part of the stem's BatchNorm (StatsCotangent), added to
+// each pixel's cotangent as it is read. The input's rows come from `input` (FloatImageRows, or
+// MeanSubtractedRows for the uint8 image).
+template <int NR, bool Stats, class Rows>
+void wgrad_stem_pass(const WgradShape& s, Rows& input, const float* DY, const StatsCotangent& sc,
+                     int64_t n, int64_t co0, int r0, float* dwn) {
   constexpr int KC = 9;  // a patch row: 3 pixels x 3 channels
   v8 acc[NR * KC];
   for (int t = 0; t < NR * KC; ++t) acc[t] = bcast(0.f);
-  const int64_t row = s.W * s.C;
+  v8 m{}, a{}, b{};
+  if constexpr (Stats) {
+    const float* coef_n = sc.coef + n * 3 * s.CO + co0;
+    m = loadu(coef_n), a = loadu(coef_n + s.CO), b = loadu(coef_n + 2 * s.CO);
+  }
   for (int64_t oh = 0; oh < s.OH; ++oh) {
     const int64_t ih0 = oh * s.stride - s.pad + r0;
+    const float* rows[NR];  // the patch rows (nullptr: outside the image)
+    for (int i = 0; i < NR; ++i)
+      rows[i] = ih0 + i >= 0 && ih0 + i < s.H ? input(n, ih0 + i) : nullptr;
     const bool rows_inside = ih0 >= 0 && ih0 + NR <= s.H;
-    const float* g = DY + (n * s.OH + oh) * s.OW * s.CO + co0;
+    const int64_t g0 = (n * s.OH + oh) * s.OW * s.CO + co0;
+    const float* g = DY + g0;
     for (int64_t ow = 0; ow < s.OW; ++ow) {
-      const v8 gv = loadu(g + ow * s.CO);
+      v8 gv = loadu(g + ow * s.CO);
+      if constexpr (Stats) gv += a + b * (loadu(sc.Z + g0 + ow * s.CO) - m);
       const int64_t iw0 = ow * s.stride - s.pad;
-      const float* p = X + ((n * s.H + ih0) * s.W + iw0) * s.C;
-      int64_t stride = row;
+      const float* p[NR];
       float border[NR * KC];
-      if (!(rows_inside && iw0 >= 0 && iw0 + 3 <= s.W)) {  // image border: zeros outside
-        for (int i = 0; i < NR; ++i)
+      if (rows_inside && iw0 >= 0 && iw0 + 3 <= s.W) {
+        for (int i = 0; i < NR; ++i) p[i] = rows[i] + iw0 * s.C;
+      } else {  // image border: zeros outside
+        for (int i = 0; i < NR; ++i) {
           for (int u = 0; u < KC; ++u) {
-            const int64_t ih = ih0 + i, iw = iw0 + u / 3;
-            const bool inside = ih >= 0 && ih < s.H && iw >= 0 && iw < s.W;
-            border[i * KC + u] = inside ? X[((n * s.H + ih) * s.W + iw) * s.C + u % 3] : 0.f;
+            const int64_t iw = iw0 + u / 3;
+            const bool inside = rows[i] && iw >= 0 && iw < s.W;
+            border[i * KC + u] = inside ? rows[i][iw * s.C + u % 3] : 0.f;
           }
-        p = border;
-        stride = KC;
+          p[i] = border + i * KC;
+        }
       }
       // (accumulators indexed by constants only, so they stay in registers)
 #pragma GCC unroll 3
       for (int i = 0; i < NR; ++i)
 #pragma GCC unroll 9
-        for (int u = 0; u < KC; ++u) acc[i * KC + u] += bcast(p[i * stride + u]) * gv;
+        for (int u = 0; u < KC; ++u) acc[i * KC + u] += bcast(p[i][u]) * gv;
     }
   }
   for (int t = 0; t < NR * KC; ++t) storeu(dwn + (r0 * KC + t) * s.CO + co0, acc[t]);
 }
 
-void wgrad_stem_image(const WgradShape& s, const float* X, const float* DY, int64_t n, float* dwn) {
+// The stem's kernel gradient of image n, its rows from `input`.
+template <bool Stats, class Rows>
+void wgrad_stem_image(const WgradShape& s, Rows& input, const float* DY, const StatsCotangent& sc,
+                      int64_t n, float* dwn) {
   for (int64_t co0 = 0; co0 < s.CO; co0 += 8)
     for (int r0 = 0; r0 < 3; r0 += kStemRowsPerPass)
-      wgrad_stem_pass<kStemRowsPerPass>(s, X, DY, n, co0, r0, dwn);
+      wgrad_stem_pass<kStemRowsPerPass, Stats>(s, input, DY, sc, n, co0, r0, dwn);
 }
 
-// x [N, H, W, C], dy [N, OH, OW, CO] -> dw [N, k, k, C, CO] (per image), CO a multiple of 8.
-ffi::Error RfWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                            ffi::ResultBuffer<ffi::F32> dw, int64_t k, int64_t stride, int64_t pad) {
-  auto xd = x.dimensions();
-  auto gd = dy.dimensions();
-  auto wd = dw->dimensions();
+// The stem's kernel gradient, a task per image; make_rows(): the task's row source.
+template <class MakeRows>
+void wgrad_stem(ffi::ThreadPool& pool, const WgradShape& s, MakeRows make_rows, const float* DY,
+                const StatsCotangent& sc, bool stats, float* DW) {
+  parallel_for(pool, s.N, [&](int64_t n) {
+    auto input = make_rows();
+    float* dwn = DW + n * 9 * s.C * s.CO;
+    if (stats)
+      wgrad_stem_image<true>(s, input, DY, sc, n, dwn);
+    else
+      wgrad_stem_image<false>(s, input, DY, sc, n, dwn);
+  });
+}
+
+// The shape of a k x k kernel gradient from x [N, H, W, C], dy [N, OH, OW, CO] and dw [N, k, k,
+// C, CO] (CO a multiple of 8); with stats, also z shaped like dy and coef [N, 3, CO].
+template <class XDims, class Dims>
+ffi::ErrorOr<WgradShape> wgrad_shape(const std::string& what, XDims xd, Dims gd, Dims wd, Dims zd,
+                                     Dims cd, int64_t k, int64_t stride, int64_t pad,
+                                     int64_t stats) {
   bool ok = xd.size() == 4 && gd.size() == 4 && wd.size() == 5 && k >= 1 && stride >= 1 && pad >= 0;
   WgradShape s{};
   if (ok) {
@@ -1630,22 +1677,69 @@ ffi::Error RfWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
          wd[1] == k && wd[2] == k && wd[3] == s.C && wd[4] == s.CO;
   }
   if (!ok)
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        what + ": expected x [N, H, W, C], dy [N, OH, OW, CO] (CO a multiple of 8) of a k x k "
+               "convolution with this stride and padding, and dw [N, k, k, C, CO]"));
+  if (stats && !(k == 3 && s.C == 3))
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        what + ": stats (the statistics' part of dy) is supported for the 3-channel 3x3 stem "
+               "only"));
+  if (stats) {
+    if (auto e = check_stats_cotangent(what, gd, zd, cd); e.failure())
+      return ffi::Unexpected(e);
+  }
+  return s;
+}
+
+// The stem's kernel gradient from the uint8 image: x = float(image) - mean, converted row by row
+// as the kernel reads it (MeanSubtractedRows, as RfConvU8), not from a float32 copy; otherwise
+// RfWeightGradImpl's stem.
+ffi::Error RfWeightGradU8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> x,
+                              ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> dy,
+                              ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> coef,
+                              ffi::ResultBuffer<ffi::F32> dw, int64_t k, int64_t stride,
+                              int64_t pad, int64_t stats) {
+  auto shape = wgrad_shape("retinaface_weight_grad_u8", x.dimensions(), dy.dimensions(),
+                           dw->dimensions(), z.dimensions(), coef.dimensions(), k, stride, pad,
+                           stats);
+  if (shape.has_error()) return shape.error();
+  const WgradShape s = *shape;
+  if (k != 3 || s.C != 3 || int64_t(mean.element_count()) != s.C)
     return ffi::Error::InvalidArgument(
-        "retinaface_weight_grad: expected x [N, H, W, C], dy [N, OH, OW, CO] (CO a multiple of 8) "
-        "of a k x k convolution with this stride and padding, and dw [N, k, k, C, CO]");
+        "retinaface_weight_grad_u8: expected the 3x3 stem on a 3-channel image and a mean of 3 "
+        "values");
+  const ConvShape rows_shape{s.N, s.H, s.W, s.C, s.C, 0, s.OH, s.OW, s.CO, k, k, stride, pad};
+  const uint8_t* X = x.typed_data();
+  const float* M = mean.typed_data();
+  wgrad_stem(pool, s, [&] { return MeanSubtractedRows(X, rows_shape, M, 3); }, dy.typed_data(),
+             StatsCotangent{z.typed_data(), coef.typed_data()}, stats, dw->typed_data());
+  return ffi::Error::Success();
+}
+
+// x [N, H, W, C], dy [N, OH, OW, CO] -> dw [N, k, k, C, CO] (per image), CO a multiple of 8.
+// With stats (the 3-channel stem only), dy + the statistics' part of y's BatchNorm (z = y, coef:
+// StatsCotangent), added as dy is read.
+ffi::Error RfWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                            ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> coef,
+                            ffi::ResultBuffer<ffi::F32> dw, int64_t k, int64_t stride, int64_t pad,
+                            int64_t stats) {
+  auto shape = wgrad_shape("retinaface_weight_grad", x.dimensions(), dy.dimensions(),
+                           dw->dimensions(), z.dimensions(), coef.dimensions(), k, stride, pad,
+                           stats);
+  if (shape.has_error()) return shape.error();
+  const WgradShape s = *shape;
   const float *X = x.typed_data(), *DY = dy.typed_data();
+  const StatsCotangent sc{z.typed_data(), coef.typed_data()};
   float* DW = dw->typed_data();
+  if (k == 3 && s.C == 3) {  // the stem
+    wgrad_stem(pool, s, [&] { return FloatImageRows{X, s.H, s.W * s.C}; }, DY, sc, stats, DW);
+    return ffi::Error::Success();
+  }
   std::vector<std::pair<int64_t, int64_t>> spans;  // (co0, width) as for_each_span visits them
   for_each_span(s.CO, 0, nullptr, [&](auto span, int64_t c0, const float*, int64_t) {
     spans.emplace_back(c0, decltype(span)::width);
   });
   const int64_t nspans = int64_t(spans.size());
-  if (k == 3 && s.C == 3) {  // the stem: a task per image
-    parallel_for(pool, s.N, [&](int64_t n) {
-      wgrad_stem_image(s, X, DY, n, DW + n * k * k * s.C * s.CO);
-    });
-    return ffi::Error::Success();
-  }
   if (k == 3 && stride == 1 && s.C % 8 == 0 && s.CO <= kMaxCin) {
     // Winograd: a task per image, or per (image, group of 8k input channels) when there are
     // fewer images than threads
@@ -1843,17 +1937,6 @@ ffi::Error RfDepthwiseBnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     }
   });
   stats->finish(pool);
-  return ffi::Error::Success();
-}
-
-// Checks the statistics' part of a cotangent (StatsCotangent): z shaped like dy, coef [N, 3, C].
-template <class Dims>
-ffi::Error check_stats_cotangent(const std::string& what, Dims dyd, Dims zd, Dims cd) {
-  bool ok = zd.size() == 4 && dyd.size() == 4 && cd.size() == 3 && cd[0] == dyd[0] &&
-            cd[1] == 3 && cd[2] == dyd[3];
-  for (size_t i = 0; ok && i < 4; ++i) ok = zd[i] == dyd[i];
-  if (!ok)
-    return ffi::Error::InvalidArgument(what + ": expected z shaped like dy and coef [N, 3, C]");
   return ffi::Error::Success();
 }
 
@@ -2175,6 +2258,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConv, RfConvImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfConvU8, RfConvU8Impl,  // x: the uint8 image
                               with_offsets(conv_binding<ffi::U8>()
+                                               .Ret<ffi::Buffer<ffi::F32>>()  // moments or none
                                                .Attr<int64_t>("stride")
                                                .Attr<int64_t>("pad")
                                                .Attr<int64_t>("kh")
@@ -2320,12 +2404,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RfBnGradSums, RfBnGradSumsImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // [N, 2, C]: sum g, sum g (x - mean)
                                   .Attr<float>("slope"));         // LeakyReLU's; 1: none
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RfWeightGradU8, RfWeightGradU8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()   // x [N, H, W, 3]: the image
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean [3]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy [N, OH, OW, CO]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // z [N, OH, OW, CO]: y
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // coef [N, 3, CO]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dw [N, 3, 3, 3, CO] per image
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad")
+                                  .Attr<int64_t>("stats"));  // 1: add z and coef's part to dy
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RfWeightGrad, RfWeightGradImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x [N, H, W, C]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // dy [N, OH, OW, CO]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // z [N, OH, OW, CO]: y
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // coef [N, 3, CO]
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dw [N, k, k, C, CO] per image
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad"));
+                                  .Attr<int64_t>("pad")
+                                  .Attr<int64_t>("stats"));  // 1: add z and coef's part to dy

@@ -70,6 +70,7 @@ TARGETS: dict[str, str] = {
     "retinaface_moments": "RfMoments",
     "retinaface_bn_grad_sums": "RfBnGradSums",
     "retinaface_weight_grad": "RfWeightGrad",
+    "retinaface_weight_grad_u8": "RfWeightGradU8",
 }
 """FFI target name -> handler symbol exported by the library (``XLA_FFI_DEFINE_HANDLER_SYMBOL``)."""
 

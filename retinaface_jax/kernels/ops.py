@@ -36,6 +36,7 @@ CONV_BN_GRAD_TARGET = "retinaface_conv_bn_grad"
 MOMENTS_TARGET = "retinaface_moments"
 BN_GRAD_SUMS_TARGET = "retinaface_bn_grad_sums"
 WEIGHT_GRAD_TARGET = "retinaface_weight_grad"
+WEIGHT_GRAD_U8_TARGET = "retinaface_weight_grad_u8"
 NO_ACTIVATION = 1.0  # negative slope 1: y = v
 ROW_BLOCKS = 8  # row blocks per image of the depthwise and conv_bn gradients: 64 tasks at batch 8
 MAX_CIN = 4096  # the widest input a conv kernel reads (kMaxCin in cpu_conv.cc)
@@ -274,11 +275,8 @@ def conv(
                 f"conv: a uint8 input needs a mean offset and a narrow layer reading all its "
                 f"{c} channels, got mean={mean}, {layer}"
             )
-        if moments:
-            raise ValueError("conv: no moments for a uint8 input (an inference layer)")
-        return jax.ffi.ffi_call(U8_TARGET, out)(
-            x, params, m_offset=np.int64(mean), **shape, **offsets
-        )
+        call = jax.ffi.ffi_call(U8_TARGET, _moments_results(out, moments))
+        return _with_moments(call(x, params, m_offset=np.int64(mean), **shape, **offsets), moments)
     channels = dict(cin=np.int64(layer.cin), cin_offset=np.int64(layer.cin_offset))
     results = _moments_results(out, moments)
     if layer.winograd:
@@ -626,10 +624,20 @@ def bn_grad_sums(
 
 
 def weight_grad(
-    x: jax.Array, dy: jax.Array, kernel_size: int, stride: int, padding: int
+    x: jax.Array,
+    dy: jax.Array,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    stats: StatsCotangent | None = None,
+    mean: jax.Array | None = None,
 ) -> jax.Array:
     """The kernel gradient of a dense ``k x k`` convolution (NHWC ``x``, cotangent ``dy`` with
-    ``cout`` a multiple of 8) per image: ``[N, k, k, cin, cout]`` (the caller sums over images)."""
+    ``cout`` a multiple of 8) per image: ``[N, k, k, cin, cout]`` (the caller sums over images).
+    ``stats`` (the 3-channel 3x3 stem only): the part of ``dy`` through the statistics of the
+    BatchNorm after the layer, added as ``dy`` is read (:class:`StatsCotangent`). A uint8 ``x``
+    (the image, for the stem only) is read as ``float32(x) - mean`` (``mean [cin]``), as
+    :func:`conv` reads it."""
     n, h, w, c = x.shape
     k, s, p = kernel_size, stride, padding
     expected = (n, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
@@ -638,7 +646,29 @@ def weight_grad(
             f"weight_grad: x {x.shape} and dy {dy.shape} do not fit a {k}x{k} stride-{s} pad-{p} "
             f"convolution with a multiple of 8 output channels (dy [N, OH, OW] {expected})"
         )
+    if stats is not None and (k, c) != (3, 3):
+        raise ValueError(
+            f"weight_grad: stats is supported for the 3-channel 3x3 stem only, got a {k}x{k} "
+            f"kernel over {c} channels"
+        )
+    extra = _stats_operands("weight_grad", dy, stats)
     out = jax.ShapeDtypeStruct((n, k, k, c, dy.shape[3]), jnp.float32)
-    return jax.ffi.ffi_call(WEIGHT_GRAD_TARGET, out)(
-        x, dy, k=np.int64(k), stride=np.int64(s), pad=np.int64(p)
+    image = ()
+    if x.dtype == jnp.uint8:
+        mean_shape = None if mean is None else np.shape(mean)
+        if (k, c) != (3, 3) or mean_shape != (c,):
+            raise ValueError(
+                f"weight_grad: a uint8 x needs the 3-channel 3x3 stem and a mean of 3 values, got "
+                f"a {k}x{k} kernel over {c} channels and mean of shape {mean_shape}"
+            )
+        image = (jnp.asarray(mean, jnp.float32),)
+    return jax.ffi.ffi_call(WEIGHT_GRAD_U8_TARGET if image else WEIGHT_GRAD_TARGET, out)(
+        x,
+        *image,
+        dy,
+        *extra,
+        k=np.int64(k),
+        stride=np.int64(s),
+        pad=np.int64(p),
+        stats=np.int64(stats is not None),
     )

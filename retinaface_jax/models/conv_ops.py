@@ -25,6 +25,7 @@ fast path and is used unchanged. ``set_conv_impl`` forces one formulation (tests
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,13 +59,30 @@ def get_conv_impl() -> str:
     return _impl
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int) -> jax.Array:
+class ImageWithMean(NamedTuple):
+    """A uint8 BGR image batch ``[B, H, W, 3]`` for the first convolution, which subtracts
+    ``mean`` (``float32(pixels) - mean``: the original's normalisation, one float32 rounding).
+    Inside a native CPU train step the RGB stem's kernels read it as it is
+    (``native_training.dense_image_applies``: the uint8 image is a quarter of the float32 one's
+    bytes, and XLA's conversion pass is gone); elsewhere it becomes the float32 image first."""
+
+    pixels: jax.Array
+    mean: tuple[float, ...]
+
+    def materialize(self) -> jax.Array:
+        """The float32 image minus the mean (as ``inference.preprocess.subtract_mean``)."""
+        return self.pixels.astype(jnp.float32) - np.asarray(self.mean, np.float32)
+
+
+def conv2d(
+    x: jax.Array | ImageWithMean, kernel: jax.Array, stride: int, padding: int, groups: int
+) -> jax.Array:
     """``y = conv(x, kernel)`` with torch semantics (cross-correlation), NHWC / HWIO."""
     return _conv2d(x, kernel, stride, padding, groups, moments=False)
 
 
 def conv2d_with_stats(
-    x: jax.Array, kernel: jax.Array, stride: int, padding: int, groups: int
+    x: jax.Array | ImageWithMean, kernel: jax.Array, stride: int, padding: int, groups: int
 ) -> tuple[jax.Array, native_training.Stats | None]:
     """``(conv2d(...), its output's batch mean and biased variance per channel)``: the statistics
     where a native train-step kernel runs the convolution and computes them row by row as it
@@ -76,6 +94,12 @@ def conv2d_with_stats(
 
 def _conv2d(x, kernel, stride, padding, groups, *, moments):
     """:func:`conv2d`; ``moments``: ``(y, stats)`` from the native kernels that give them."""
+    if isinstance(x, ImageWithMean):
+        if groups == 1 and native_training.dense_image_applies(x.pixels, kernel):
+            return native_training.dense(
+                x.pixels, kernel, stride, padding, moments=moments, mean=x.mean
+            )
+        x = x.materialize()
     if get_conv_impl() == "xla":
         return _conv_xla(x, kernel, stride, padding, groups)
     kh, kw, cin_g, cout = kernel.shape

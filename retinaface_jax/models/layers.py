@@ -410,7 +410,7 @@ def _bn_conv_bwd(eps, slope, consumer, stride, residuals, cotangents):
     x, mean, inv, scale, bias, kernel, y, m = residuals
     dy, dm = cotangents
     k, c = _scale_shift(mean, inv, scale, bias)
-    dy = native_training.instantiate_cotangent(dy, y)
+    dy = native_training.instantiate_cotangent(dy)
     dx, dkernel, (sum_g, sum_gx) = native_training.batch_norm_into_grad(
         consumer,
         x,

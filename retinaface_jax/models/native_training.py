@@ -22,8 +22,8 @@ materialises for 1x1 weight gradients are slow too. So on CPU the train step run
   sums over each row it writes (:func:`batch_norm_into_grad`) and writes the BatchNorm's direct
   input gradient; the part through the batch statistics goes back, as the cotangents of the
   per-image moments, to the kernel that wrote the BatchNorm's input, whose gradient kernel adds
-  it to its output's cotangent row by row as it reads it (:func:`stats_cotangent`; XLA adds it
-  for the other kernels);
+  it to its output's cotangent row by row as it reads it (:func:`stats_cotangent`; the stem's
+  kernel-gradient kernel too, and XLA for the other kernels);
 while the other elementwise parts (normalisation, activations, standalone BatchNorms' input
 gradients) stay on XLA. The choice is made while the step is traced, inside
 :func:`native_gradients` (which the train step enters when it runs on CPU and the kernels are
@@ -154,20 +154,20 @@ def with_stats_cotangent(dy: jax.Array, stats: ops.StatsCotangent | None) -> jax
     return dy + (a + b * (stats.y - m))
 
 
-def instantiate_cotangent(dy, like: jax.Array) -> jax.Array:
-    """``dy``, or zeros shaped like ``like`` for a symbolic-zero cotangent (custom VJPs defined
-    with ``symbolic_zeros=True``)."""
-    return jnp.zeros_like(like) if isinstance(dy, SymbolicZero) else dy
+def instantiate_cotangent(dy) -> jax.Array:
+    """``dy``, or zeros of its shape for a symbolic-zero cotangent (custom VJPs defined with
+    ``symbolic_zeros=True``)."""
+    return jnp.zeros(dy.aval.shape, dy.aval.dtype) if isinstance(dy, SymbolicZero) else dy
 
 
 def _output_cotangent(residuals, cotangents, moments: bool) -> jax.Array:
     """The cotangent of a kernel's output ``y`` with the part through its moments (if any) added by
     XLA; ``residuals`` end with ``(y, m)`` when ``moments``."""
     if not moments:
-        return instantiate_cotangent(cotangents, residuals[0])
+        return instantiate_cotangent(cotangents)
     y, m = residuals[-2:]
     dy, dm = cotangents
-    return with_stats_cotangent(instantiate_cotangent(dy, y), stats_cotangent(y, m, dm))
+    return with_stats_cotangent(instantiate_cotangent(dy), stats_cotangent(y, m, dm))
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -346,25 +346,55 @@ def dense_applies(x: jax.Array, kernel: jax.Array, stride: int, padding: int) ->
     )
 
 
+def dense_image_applies(pixels: jax.Array, kernel: jax.Array) -> bool:
+    """Whether this layer reads the uint8 image itself (:func:`dense` with ``mean``): inside
+    :func:`native_gradients`, the RGB stem (3x3 over 3 channels, a multiple of 8 outputs)."""
+    kh, kw, cin, cout = kernel.shape
+    return (
+        _ACTIVE.get() is not None
+        and pixels.dtype == jnp.uint8
+        and kernel.dtype == jnp.float32
+        and (kh, kw, cin) == (3, 3, 3) == (kh, kw, pixels.shape[-1])
+        and cout % 8 == 0
+    )
+
+
 def dense(
-    x: jax.Array, kernel: jax.Array, stride: int, padding: int, *, moments: bool = False
+    x: jax.Array,
+    kernel: jax.Array,
+    stride: int,
+    padding: int,
+    *,
+    moments: bool = False,
+    mean: tuple[float, ...] | None = None,
 ) -> jax.Array | tuple[jax.Array, Stats]:
     """A dense convolution on the native kernels (Winograd F(4x4, 3x3) when it applies, else
     direct), its kernel gradient natively, its input gradient natively for 3x3 stride-1 pad-1
     (FPN merges, SSH; Winograd) and 1x1 stride-1 layers with a multiple of 8 inputs, else by
-    XLA. With ``moments``, ``(y, batch statistics of y)`` (:func:`_stats_result`)."""
-    return _stats_result(_dense(x, kernel, stride, padding, _mesh(), moments), moments)
+    XLA. With ``moments``, ``(y, batch statistics of y)`` (:func:`_stats_result`). With
+    ``mean``, ``x`` is the uint8 image (:func:`dense_image_applies`), read as
+    ``float32(x) - mean`` by the forward and kernel-gradient kernels: no float32 copy of it."""
+    return _stats_result(_dense(x, kernel, stride, padding, _mesh(), moments, mean), moments)
 
 
 def weight_grad(
-    x: jax.Array, dy: jax.Array, kernel_size: int, stride: int, padding: int
+    x: jax.Array,
+    dy: jax.Array,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    stats: ops.StatsCotangent | None = None,
+    mean: jax.Array | None = None,
 ) -> jax.Array:
     """The kernel gradient ``[k, k, cin, cout]`` of a dense convolution, per device and image by
-    ``ops.weight_grad``, summed over the batch."""
+    ``ops.weight_grad`` (``stats``: the part of ``dy`` through its moments, and ``mean``: that
+    of the uint8 image ``x``, for the stem), summed over the batch."""
     call = _per_device(
-        lambda x, g: ops.weight_grad(x, g, kernel_size, stride, padding), _mesh(), (True, True)
+        lambda x, g, st: ops.weight_grad(x, g, kernel_size, stride, padding, st, mean),
+        _mesh(),
+        (True, True, True),
     )
-    return jnp.sum(call(x, dy), axis=0)
+    return jnp.sum(call(x, dy, stats), axis=0)
 
 
 def _conv(
@@ -374,34 +404,56 @@ def _conv(
     padding: int,
     mesh: Mesh | None,
     moments: bool = False,
+    mean: tuple[float, ...] | None = None,
 ):
     """``conv(x, kernel)`` (no bias, no activation) by ``ops.conv``, per device; with
-    ``moments``, also its per-image moments."""
+    ``moments``, also its per-image moments; with ``mean``, of the uint8 ``x`` minus it."""
     params, layer = ops.plain_layer(kernel, stride=stride, padding=padding)
+    offset = None
+    if mean is not None:  # the mean after the layer's parameters, where ops.conv reads it
+        offset = params.shape[0]
+        params = jnp.concatenate([params, jnp.asarray(mean, jnp.float32)])
     call = _per_device(
-        lambda x, p: ops.conv(x, p, layer, moments=moments), mesh, (True, False), 1 + moments
+        lambda x, p: ops.conv(x, p, layer, offset, moments=moments),
+        mesh,
+        (True, False),
+        1 + moments,
     )
     return call(x, params)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _dense(x, kernel, stride, padding, mesh, moments):
-    return _conv(x, kernel, stride, padding, mesh, moments)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _dense(x, kernel, stride, padding, mesh, moments, mean):
+    return _conv(x, kernel, stride, padding, mesh, moments, mean)
 
 
-def _dense_fwd(x, kernel, stride, padding, mesh, moments):
+def _dense_fwd(x, kernel, stride, padding, mesh, moments, mean):
     x, kernel = x.value, kernel.value
-    out = _dense(x, kernel, stride, padding, mesh, moments)
+    out = _dense(x, kernel, stride, padding, mesh, moments, mean)
     return out, (x, kernel, *(out if moments else ()))
 
 
-def _dense_bwd(stride, padding, mesh, moments, residuals, cotangents):
+def _dense_bwd(stride, padding, mesh, moments, mean, residuals, cotangents):
     """dx of a 3x3 stride-1 pad-1 or 1x1 stride-1 layer: the convolution of ``dy`` with the
     flipped, transposed kernel (pad k - 1 - p = p) on the same kernel; other layers' dx by XLA
-    (the stem's is unused, so XLA drops it). ``dy`` with the part through the moments added."""
+    (the stem's is unused, so XLA drops it; the uint8 image has none). ``dy`` with the part
+    through the moments added: by the stem's kernel-gradient kernel as it reads ``dy``, by XLA
+    for the other layers."""
     x, kernel = residuals[:2]
-    dy = _output_cotangent(residuals, cotangents, moments)
-    k, _, cin, cout = kernel.shape
+    k, _, cin, _ = kernel.shape
+    if (k, cin) == (3, 3):  # the stem
+        direct, stats = cotangents, None
+        if moments:
+            y, m = residuals[-2:]
+            direct, stats = cotangents[0], stats_cotangent(y, m, cotangents[1])
+        direct = instantiate_cotangent(direct)
+        dw = weight_grad(x, direct, k, stride, padding, stats, mean)
+        if mean is not None:
+            return None, dw
+        dy = with_stats_cotangent(direct, stats)  # for XLA's dx only (dropped when unused)
+    else:
+        dy = _output_cotangent(residuals, cotangents, moments)
+        dw = weight_grad(x, dy, k, stride, padding)
     if (k, stride, padding) in ((3, 1, 1), (1, 1, 0)) and cin % 8 == 0:
         dx = _conv(dy, jnp.transpose(kernel[::-1, ::-1], (0, 1, 3, 2)), 1, padding, mesh)
     else:
@@ -416,7 +468,7 @@ def _dense_bwd(stride, padding, mesh, moments, residuals, cotangents):
             x,
         )
         (dx,) = x_vjp(dy)
-    return dx, weight_grad(x, dy, k, stride, padding)
+    return dx, dw
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd, symbolic_zeros=True)

@@ -13,7 +13,8 @@ import numpy as np
 from flax import nnx
 
 from retinaface_jax.config import RetinaFaceConfig, get_config
-from retinaface_jax.models.conv_ops import conv2d
+from retinaface_jax.models import native_training
+from retinaface_jax.models.conv_ops import ImageWithMean, conv2d
 from retinaface_jax.models.layers import BatchNorm2d, Conv2d, add_bias, initialized_at_once
 from retinaface_jax.models.net import FPN, SSH, MobileNetV1
 from retinaface_jax.models.resnet import ResNet50
@@ -80,9 +81,13 @@ class RetinaFace(nnx.Module):
                 module.momentum = cfg.bn_momentum
 
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``x [B,H,W,3]`` float32 BGR minus ``cfg.rgb_mean`` -> ``(loc, conf_logits, landms)``."""
+        """``x [B,H,W,3]`` float32 BGR minus ``cfg.rgb_mean``, or uint8 BGR (the mean subtracted
+        here, exactly as ``subtract_mean`` does) -> ``(loc, conf_logits, landms)``."""
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"RetinaFace input: expected [B,H,W,3] (NHWC, BGR), got {x.shape}")
+        if x.dtype == jnp.uint8:  # inside a native CPU train step the stem reads it as it is
+            x = ImageWithMean(x, tuple(self.cfg.rgb_mean))
+            x = x if native_training.active() else x.materialize()
         fpn = self.fpn(self.body.features(x))
         feats = [self.ssh1(fpn[0]), self.ssh2(fpn[1]), self.ssh3(fpn[2])]
         heads = (self.BboxHead, self.ClassHead, self.LandmarkHead)

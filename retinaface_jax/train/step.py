@@ -27,6 +27,7 @@ from retinaface_jax.kernels.native import native_kernels_available
 from retinaface_jax.loss import multibox_loss
 from retinaface_jax.models.conv_ops import get_conv_impl
 from retinaface_jax.models.native_training import native_gradients
+from retinaface_jax.models.retinaface import RetinaFace
 from retinaface_jax.priors import prior_box
 from retinaface_jax.train.sharding import data_sharded, replicated
 from retinaface_jax.train.state import TrainState, merge_model
@@ -45,7 +46,7 @@ def make_loss_fn(
 
     def loss_fn(params: Any, batch_stats: Any, batch: Batch) -> tuple[jax.Array, Any]:
         model = merge_model(graphdef, params, batch_stats)
-        predictions = model(_model_input(batch["image"], cfg.rgb_mean))
+        predictions = model(_model_input(model, batch["image"], cfg.rgb_mean))
         loss_l, loss_c, loss_landm = multibox_loss(
             predictions, priors, batch["targets"], batch["valid"], cfg
         )
@@ -57,10 +58,16 @@ def make_loss_fn(
     return loss_fn
 
 
-def _model_input(image: jax.Array, rgb_mean: tuple[float, float, float]) -> jax.Array:
+def _model_input(model: nnx.Module, image: jax.Array, rgb_mean: tuple[float, ...]) -> jax.Array:
     """A batch's images as the model takes them: uint8 BGR (the pipeline's) becomes float32 minus
-    ``rgb_mean``, the original's arithmetic, exact; float32 is already mean-subtracted."""
-    return subtract_mean(image, rgb_mean) if image.dtype == jnp.uint8 else image
+    ``rgb_mean``, the original's arithmetic, exact; float32 is already mean-subtracted. A
+    ``RetinaFace`` with the same mean takes the uint8 images as they are and subtracts it itself,
+    with the same result (inside a native CPU step its stem's kernels read the uint8 image)."""
+    if image.dtype != jnp.uint8:
+        return image
+    if isinstance(model, RetinaFace) and tuple(model.cfg.rgb_mean) == tuple(rgb_mean):
+        return image
+    return subtract_mean(image, rgb_mean)
 
 
 def make_train_step(
