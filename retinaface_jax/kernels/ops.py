@@ -630,7 +630,7 @@ def weight_grad(
     stride: int,
     padding: int,
     stats: StatsCotangent | None = None,
-    mean: jax.Array | None = None,
+    mean: jax.Array | tuple[float, ...] | None = None,
 ) -> jax.Array:
     """The kernel gradient of a dense ``k x k`` convolution (NHWC ``x``, cotangent ``dy`` with
     ``cout`` a multiple of 8) per image: ``[N, k, k, cin, cout]`` (the caller sums over images).

@@ -354,7 +354,7 @@ def dense_image_applies(pixels: jax.Array, kernel: jax.Array) -> bool:
         _ACTIVE.get() is not None
         and pixels.dtype == jnp.uint8
         and kernel.dtype == jnp.float32
-        and (kh, kw, cin) == (3, 3, 3) == (kh, kw, pixels.shape[-1])
+        and (kh, kw, cin, pixels.shape[-1]) == (3, 3, 3, 3)
         and cout % 8 == 0
     )
 
@@ -384,7 +384,7 @@ def weight_grad(
     stride: int,
     padding: int,
     stats: ops.StatsCotangent | None = None,
-    mean: jax.Array | None = None,
+    mean: tuple[float, ...] | None = None,
 ) -> jax.Array:
     """The kernel gradient ``[k, k, cin, cout]`` of a dense convolution, per device and image by
     ``ops.weight_grad`` (``stats``: the part of ``dy`` through its moments, and ``mean``: that
