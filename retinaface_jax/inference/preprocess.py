@@ -4,7 +4,8 @@
 float32 for float input), converting grayscale, BGRA/RGBA and 16-bit images, and rejects anything
 else with an error that names the input. ``resize_factor`` implements the original's scale rules;
 ``to_network_input`` resizes like the original (float32 ``cv2.resize``) and subtracts the mean
-(``subtract_mean``, which the detector and the train step use inside their programs).
+(``subtract_mean``, from ``retinaface_jax.mean_subtraction``, which the detector, the model
+and the train step use inside their programs).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+
+from retinaface_jax.mean_subtraction import subtract_mean
 
 ImageInput = str | os.PathLike | np.ndarray
 
@@ -134,10 +137,3 @@ def to_network_input(image: np.ndarray, resize: float, rgb_mean: Any) -> np.ndar
     this is the same step in numpy, for calling the raw model directly.
     """
     return subtract_mean(resize_image(image, resize), rgb_mean)
-
-
-def subtract_mean(images: Any, rgb_mean: Any) -> Any:
-    """``float32(images) - rgb_mean`` over the last (BGR) axis: the original's input
-    normalisation, one float32 rounding. numpy in, numpy out; a JAX array (the detector's and
-    the train step's jitted programs) stays a JAX array."""
-    return images.astype(np.float32) - np.asarray(rgb_mean, dtype=np.float32)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from retinaface_jax.mean_subtraction import subtract_mean
 from retinaface_jax.models import native_training
 from retinaface_jax.models.reductions import channel_sums
 
@@ -70,8 +71,8 @@ class ImageWithMean(NamedTuple):
     mean: tuple[float, ...]
 
     def materialize(self) -> jax.Array:
-        """The float32 image minus the mean (as ``inference.preprocess.subtract_mean``)."""
-        return self.pixels.astype(jnp.float32) - np.asarray(self.mean, np.float32)
+        """The float32 image minus the mean."""
+        return subtract_mean(self.pixels, self.mean)
 
 
 def conv2d(

@@ -22,9 +22,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from retinaface_jax.config import RetinaFaceConfig
-from retinaface_jax.inference.preprocess import subtract_mean
 from retinaface_jax.kernels.native import native_kernels_available
 from retinaface_jax.loss import multibox_loss
+from retinaface_jax.mean_subtraction import subtract_mean
 from retinaface_jax.models.conv_ops import get_conv_impl
 from retinaface_jax.models.native_training import native_gradients
 from retinaface_jax.models.retinaface import RetinaFace
