@@ -4,6 +4,7 @@ Measures, for mobilenet0.25 at 640x640:
 - the ONNX reference model's forward time per image (onnxruntime, CPU), timed between the
   train steps so both sides see the same machine load: the machine's yardstick,
 - compile time and steady-state time of the jitted train step at batch 8 and 32 (images/s),
+  cycling through the pipeline's first real batches (``--steps`` of them at most),
 - the grain data pipeline's images/s on the shared WIDER FACE train images,
 and prints step-time-per-image / anchor-forward-per-image. The original PyTorch train step costs
 about 6.5 anchor forwards per trained image on a 2-core Zen 3 CPU (AVX2) and 6.7-10.7 on a 2-core
@@ -46,49 +47,57 @@ def anchor_forward(shared: Path, size: int) -> Callable[[], object]:
     return lambda: forward(x)
 
 
-def pipeline_batch(shared: Path, cfg, batch: int, count: int, workers: int) -> tuple[dict, float]:
-    """The grain pipeline's first real batch, and its images/s over the ``count`` batches after
-    it (over 16 images the rate swung from 211 to 412 images/s between runs, over 288 from 225 to
-    241)."""
+def pipeline_batches(
+    shared: Path, cfg, batch: int, count: int, workers: int, keep: int
+) -> tuple[list[dict], float]:
+    """The grain pipeline's first ``keep`` real batches (``keep <= count + 1``), and its images/s
+    over the ``count`` batches after the first (over 16 images the rate swung from 211 to 412
+    images/s between runs, over 288 from 225 to 241)."""
     records, _ = load_records(shared / "data" / "widerface" / "train" / "label.txt")
     it = make_train_iterator(
         records, cfg, batch_size=batch, seed=0, num_steps=count + 1, num_workers=workers
     )
-    first = next(it)
+    batches = [next(it)]
     t = time.perf_counter()
     for _ in range(count):
-        next(it)
+        b = next(it)
+        if len(batches) < keep:
+            batches.append(b)
     rate = batch * count / (time.perf_counter() - t)
     close = getattr(it, "close", None)
     if close is not None:
         close()
-    return first, rate
+    return batches, rate
 
 
 def time_step(
-    cfg, batch: dict, steps: int, anchor: Callable[[], object], anchor_calls: int
+    cfg, batches: list[dict], steps: int, anchor: Callable[[], object], anchor_calls: int
 ) -> tuple[float, list[float], list[float]]:
     """(compile seconds, seconds per step, seconds per anchor forward) of the jitted train step.
 
-    After every timed step the anchor forward runs ``anchor_calls`` times, so both sides of the
-    ratio are measured under the same machine load (this VM's speed drifts by +-30 %). Each side
-    starts after a ``SETTLE_SECONDS`` pause: timed right after the step, the anchor ran ~4 %
-    slower (8.43 against 8.08 ms, median of 60 calls each, XLA's threads still spinning), which
-    flattered the ratio; onnxruntime's spinning threads likewise slow a step timed right after it.
+    The timed steps cycle through ``batches``, real pipeline batches: the matching costs ~1 ms
+    more per 8 faces in a batch's most crowded image, so a single batch would not be
+    representative. After every timed step the anchor forward runs ``anchor_calls`` times, so
+    both sides of the ratio are measured under the same machine load (this VM's speed drifts by
+    +-30 %). Each side starts after a ``SETTLE_SECONDS`` pause: timed right after the step, the
+    anchor ran ~4 % slower (8.43 against 8.08 ms, median of 60 calls each, XLA's threads still
+    spinning), which flattered the ratio; onnxruntime's spinning threads likewise slow a step
+    timed right after it.
     """
     schedule = learning_rate_schedule(cfg, steps_per_epoch=1000)
     tx = make_optimizer(cfg, schedule)
     model = RetinaFace(cfg, rngs=nnx.Rngs(0))
     graphdef, state = create_train_state(model, tx)
     step = make_train_step(graphdef, cfg, cfg.image_size, tx, schedule, donate=True)
-    batch = jax.device_put(batch)
+    batches = [jax.device_put(b) for b in batches]
     t = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t
-    state, m = compiled(state, batch)
+    state, m = compiled(state, batches[0])
     jax.block_until_ready(m)
     step_times, anchor_times = [], []
-    for _ in range(steps):
+    for i in range(steps):
+        batch = batches[i % len(batches)]
         time.sleep(SETTLE_SECONDS)
         t = time.perf_counter()
         state, m = compiled(state, batch)
@@ -123,16 +132,21 @@ def main() -> None:
     results = {}
     for b in sizes:
         cfg = get_config("mobilenet0.25", image_size=args.size, batch_size=b)
-        batch, data_rate = pipeline_batch(shared, cfg, b, max(2, 256 // b), args.workers)
+        count = max(2, 256 // b)
+        batches, data_rate = pipeline_batches(
+            shared, cfg, b, count, args.workers, keep=min(args.steps, count + 1)
+        )
+        faces = max(int(x["valid"].sum(axis=1).max()) for x in batches)
         compile_s, step_times, anchor_times = time_step(
-            cfg, batch, args.steps, anchor, args.anchor_calls
+            cfg, batches, args.steps, anchor, args.anchor_calls
         )
         step_s, anchor_s = statistics.median(step_times), statistics.median(anchor_times)
         results[b] = (step_s, anchor_s)
         print(
             f"batch {b}: data pipeline {data_rate:.1f} images/s ({args.workers} workers); "
             f"train step compile {compile_s:.1f} s, {step_s:.2f} s/step = {b / step_s:.2f} "
-            f"images/s (data keeps up: {data_rate >= b / step_s})"
+            f"images/s (data keeps up: {data_rate >= b / step_s}; {len(batches)} real batches "
+            f"in turn, up to {faces} faces in an image)"
         )
         print(
             f"batch {b}: anchor forward (onnxruntime, {args.size}x{args.size}) between the steps: "
