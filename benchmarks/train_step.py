@@ -54,19 +54,16 @@ def pipeline_batches(
     over the ``count`` batches after the first (over 16 images the rate swung from 211 to 412
     images/s between runs, over 288 from 225 to 241)."""
     records, _ = load_records(shared / "data" / "widerface" / "train" / "label.txt")
-    it = make_train_iterator(
+    with make_train_iterator(
         records, cfg, batch_size=batch, seed=0, num_steps=count + 1, num_workers=workers
-    )
-    batches = [next(it)]
-    t = time.perf_counter()
-    for _ in range(count):
-        b = next(it)
-        if len(batches) < keep:
-            batches.append(b)
-    rate = batch * count / (time.perf_counter() - t)
-    close = getattr(it, "close", None)
-    if close is not None:
-        close()
+    ) as it:
+        batches = [next(it)]
+        t = time.perf_counter()
+        for _ in range(count):
+            b = next(it)
+            if len(batches) < keep:
+                batches.append(b)
+        rate = batch * count / (time.perf_counter() - t)
     return batches, rate
 
 
