@@ -6,7 +6,9 @@ label 1 = face with landmarks / -1 = face without) and ``valid [B, M]`` marking 
 Every operation keeps the batch as the leading axis and works per image (the batch is only summed
 at the very end), so the loss partitions over a data-parallel device mesh. Shapes are static and
 everything is jit-able. Matching streams over the faces in small chunks (no ``[B, M, P]`` IoU in
-memory) and stops after the last real face; negatives are mined without sorting.
+memory) and stops after the last real face; inside a CPU train step (``native_gradients``) a
+native kernel does that part in one pass, with the same results. Negatives are mined without
+sorting.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 
 from retinaface_jax.box_utils import encode, encode_landm, jaccard, point_form
 from retinaface_jax.config import RetinaFaceConfig, cfg_mnet
+from retinaface_jax.models import native_training
 
 __all__ = ["match", "multibox_loss", "MIN_BEST_PRIOR_IOU"]
 
@@ -171,10 +174,10 @@ def match(
         ) from e
     if len(static[1]) != 2:
         raise ValueError(f"match: variances must be a pair (cfg.variance), got {variances!r}")
-    return _match_batch(priors, targets, valid, *static)
+    return _match_batch(priors, targets, valid, *static, native_training.active())
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
 def _match_batch(
     priors: Array,
     targets: Array,
@@ -182,6 +185,7 @@ def _match_batch(
     threshold: float,
     variances: tuple[float, float],
     min_best_iou: float,
+    native: bool,
 ) -> tuple[Array, Array, Array]:
     truths, landms, labels = targets[..., :4], targets[..., 4:14], targets[..., 14]
     wh = truths[..., 2:] - truths[..., :2]
@@ -189,7 +193,10 @@ def _match_batch(
     usable = jax.lax.stop_gradient(usable & jnp.isfinite(labels))
     truths = jax.lax.stop_gradient(truths)  # targets are data; the while loop has no VJP
 
-    best = _best_overlaps(truths, usable, point_form(priors), _MATCH_CHUNK)
+    if native:  # a CPU train step (native_training.native_gradients): one pass, no IoU in memory
+        best = native_training.match_overlaps(truths, usable, point_form(priors))
+    else:
+        best = _best_overlaps(truths, usable, point_form(priors), _MATCH_CHUNK)
 
     def one(*args: Array) -> tuple[Array, Array, Array]:
         return _assign(priors, *args, threshold, variances, min_best_iou)

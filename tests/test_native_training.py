@@ -210,6 +210,7 @@ def test_cpu_train_step_uses_the_kernels(monkeypatch):
     assert text.count("@retinaface_conv_winograd(") == 2 * len(dense)  # forward, input gradient
     # the stem reads the uint8 image itself (forward and kernel gradient): no float32 copy
     assert text.count("@retinaface_conv_u8(") == text.count("@retinaface_weight_grad_u8(") == 1
+    assert text.count("@retinaface_match_overlaps(") == 1  # matching: one pass, no while loop
     floats = hlo(empty_batch(2, size))
     assert "@retinaface_conv_u8(" not in floats and "@retinaface_weight_grad_u8(" not in floats
     monkeypatch.setattr(step_module, "native_kernels_available", lambda: False)
@@ -728,3 +729,106 @@ def test_dense_conv_batch_parallel_on_four_devices():
     np.testing.assert_allclose(v4, v1, rtol=1e-5)
     np.testing.assert_allclose(dx4, dx1, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dk4, dk1, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- matching (loss._best_overlaps)
+
+
+def _iou_float32(truths: np.ndarray, priors: np.ndarray) -> np.ndarray:
+    """[B, M, P] IoU of point-form boxes in numpy float32, every operation rounded (no FMA): the
+    original's expression, which the native kernel computes."""
+    a = [truths[..., i][..., None] for i in range(4)]
+    b = [priors[:, i] for i in range(4)]
+    zero = np.float32(0)
+    iw = np.maximum(np.minimum(a[2], b[2]) - np.maximum(a[0], b[0]), zero)
+    ih = np.maximum(np.minimum(a[3], b[3]) - np.maximum(a[1], b[1]), zero)
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+@pytest.mark.parametrize("size", [64, 336, 640])
+def test_match_overlaps_equals_dense_first_index_argmax(size):
+    """The one-pass kernel against a dense numpy IoU with first-index argmax, at prior counts
+    that are and are not multiples of its 16-lane vectors and 1024-prior blocks: 168, 4,704 and
+    16,800 priors. Duplicate faces (ties between rows), faces that are not usable among and after
+    usable ones, an image without faces."""
+    from retinaface_jax.box_utils import point_form
+    from retinaface_jax.config import cfg_mnet
+    from retinaface_jax.priors import prior_box
+
+    priors = np.asarray(point_form(prior_box(cfg_mnet, (size, size))), np.float32)
+    rng = np.random.default_rng(size)
+    b, m = 4, 37
+    xy = rng.uniform(-0.1, 0.9, (b, m, 2))
+    wh = rng.uniform(0.002, 0.4, (b, m, 2))
+    truths = np.concatenate([xy, xy + wh], -1).astype(np.float32)
+    truths[0, 5] = truths[0, 2]  # an exact duplicate: the first row wins every tie
+    usable = rng.uniform(size=(b, m)) < 0.6
+    usable[0, 2] = usable[0, 5] = True
+    usable[1] = False  # an image without faces
+    usable[2, :-1] = False
+    usable[2, -1] = True  # only the last row is real
+    call = jax.jit(ops.match_overlaps)
+    got = [np.asarray(x) for x in call(truths, usable, priors)]
+    iou = np.where(usable[..., None], _iou_float32(truths, priors), np.float32(-1))
+    np.testing.assert_array_equal(got[0], iou.max(2))
+    np.testing.assert_array_equal(got[1], np.where(usable, iou.argmax(2), 0))
+    np.testing.assert_array_equal(got[2], iou.max(1))
+    np.testing.assert_array_equal(got[3], np.where(usable.any(1)[:, None], iou.argmax(1), 0))
+    assert (got[2][1] == -1).all() and (got[3][1] == 0).all()
+
+
+def _golden_match(g, mesh=None):
+    from retinaface_jax.config import cfg_mnet
+    from retinaface_jax.loss import match
+
+    def fn(targets, valid):  # a new function per call: the trace depends on native_gradients
+        return match(g["priors"], targets, valid, cfg_mnet.overlap_threshold, cfg_mnet.variance)
+
+    targets, valid = g["targets"], g["target_valid"]
+    if mesh is not None:
+        targets, valid = (
+            jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (targets, valid)
+        )
+    with native_gradients(mesh):
+        native_fn = jax.jit(fn).lower(targets, valid)
+    assert "@retinaface_match_overlaps(" in native_fn.as_text()
+    native = [np.asarray(x) for x in native_fn.compile()(targets, valid)]
+    xla = [np.asarray(x) for x in jax.jit(fn)(targets, valid)]
+    return native, xla
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_native_match_equals_golden_and_xla(golden, seed):
+    """``match`` inside a CPU train step (the native overlaps) gives the original's targets, and
+    the same targets as XLA's chunked loop, on one and on four devices."""
+    g = golden(f"loss_case_seed{seed}")
+    native, xla = _golden_match(g)
+    for a, b in zip(native, xla, strict=True):
+        np.testing.assert_array_equal(a, b)
+    loc_t, conf_t, landm_t = native
+    np.testing.assert_array_equal(conf_t, g["match_conf_t"])
+    np.testing.assert_allclose(loc_t, g["match_loc_t"], rtol=1e-5, atol=1e-5)
+    lm = g["match_conf_t"] > 0
+    np.testing.assert_allclose(landm_t[lm], g["match_landm_t"][lm], rtol=1e-5, atol=1e-5)
+    if g["targets"].shape[0] % 4 == 0:
+        four, _ = _golden_match(g, make_mesh(jax.devices()[:4]))
+        for a, b in zip(four, native, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_match_overlaps_rejects_bad_shapes():
+    truths = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(Exception, match="retinaface_match_overlaps: expected truths"):
+        jax.block_until_ready(
+            jax.ffi.ffi_call(
+                ops.MATCH_OVERLAPS_TARGET,
+                (
+                    jax.ShapeDtypeStruct((2, 3), jnp.float32),
+                    jax.ShapeDtypeStruct((2, 3), jnp.int32),
+                    jax.ShapeDtypeStruct((2, 5), jnp.float32),
+                    jax.ShapeDtypeStruct((2, 5), jnp.int32),
+                ),
+            )(truths, np.zeros((2, 3), bool), np.zeros((5, 3), np.float32))
+        )

@@ -71,6 +71,7 @@ TARGETS: dict[str, str] = {
     "retinaface_bn_grad_sums": "RfBnGradSums",
     "retinaface_weight_grad": "RfWeightGrad",
     "retinaface_weight_grad_u8": "RfWeightGradU8",
+    "retinaface_match_overlaps": "RfMatchOverlaps",
 }
 """FFI target name -> handler symbol exported by the library (``XLA_FFI_DEFINE_HANDLER_SYMBOL``)."""
 

@@ -37,6 +37,7 @@ MOMENTS_TARGET = "retinaface_moments"
 BN_GRAD_SUMS_TARGET = "retinaface_bn_grad_sums"
 WEIGHT_GRAD_TARGET = "retinaface_weight_grad"
 WEIGHT_GRAD_U8_TARGET = "retinaface_weight_grad_u8"
+MATCH_OVERLAPS_TARGET = "retinaface_match_overlaps"
 NO_ACTIVATION = 1.0  # negative slope 1: y = v
 ROW_BLOCKS = 8  # row blocks per image of the depthwise and conv_bn gradients: 64 tasks at batch 8
 MAX_CIN = 4096  # the widest input a conv kernel reads (kMaxCin in cpu_conv.cc)
@@ -345,6 +346,29 @@ def topk_nms(
     out = (jax.ShapeDtypeStruct((b, max_keep), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
     call = jax.ffi.ffi_call(TOPK_NMS_TARGET, out)
     return call(scores, boxes, jnp.asarray(threshold, jnp.float32), top_k=np.int64(top_k))
+
+
+def match_overlaps(
+    truths: jax.Array, usable: jax.Array, priors: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The IoU bookkeeping of MultiBoxLoss's matching in one pass (``loss._best_overlaps``).
+
+    ``truths [B, M, 4]`` and ``priors [P, 4]`` in point form, ``usable [B, M]`` bool ->
+    ``(face_best [B, M], face_idx [B, M], prior_best [B, P], prior_idx [B, P])``: per face the
+    overlap of its best prior and that prior's first index (-1 / 0 for a face that is not usable),
+    per prior the overlap of its best usable face and that face's first index (-1 / 0 when none).
+    The IoU is the original's expression with every float32 operation rounded."""
+    b, m = usable.shape
+    p = priors.shape[0]
+    out = (
+        jax.ShapeDtypeStruct((b, m), jnp.float32),
+        jax.ShapeDtypeStruct((b, m), jnp.int32),
+        jax.ShapeDtypeStruct((b, p), jnp.float32),
+        jax.ShapeDtypeStruct((b, p), jnp.int32),
+    )
+    return jax.ffi.ffi_call(MATCH_OVERLAPS_TARGET, out)(
+        truths.astype(jnp.float32), usable.astype(bool), priors.astype(jnp.float32)
+    )
 
 
 def _depthwise_shapes(x: jax.Array, kernel: jax.Array, stride: int) -> tuple[int, int]:

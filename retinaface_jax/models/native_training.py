@@ -15,6 +15,8 @@ materialises for 1x1 weight gradients are slow too. So on CPU the train step run
   :func:`batch_norm_into`), and combined over the batch by XLA (:func:`stats_from_images`);
   ``ops.moments`` for an input no kernel wrote;
 - BatchNorm's backward sums: ``ops.bn_grad_sums``;
+- MultiBoxLoss's matching overlaps (each face's best prior, each prior's best face):
+  :func:`match_overlaps`, one pass instead of XLA's loop over chunks of faces (``loss.match``);
 - a BatchNorm + LeakyReLU whose next layer is a 3x3 depthwise or a 1x1 stride-1 layer: read
   through by that layer (:func:`batch_norm_into`, ``layers.BatchNorm2d.into_conv``). Its
   forward and kernel-gradient kernels normalise the BatchNorm's input row by row, so the
@@ -311,6 +313,15 @@ def _image_moments_bwd(mesh, residuals, dm):
 
 
 _image_moments.defvjp(_image_moments_fwd, _image_moments_bwd)
+
+
+def match_overlaps(
+    truths: jax.Array, usable: jax.Array, priors: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``ops.match_overlaps`` (MultiBoxLoss's matching overlaps, ``loss._best_overlaps``),
+    batch-parallel over the active mesh. Its inputs are data: it has no gradient."""
+    call = _per_device(ops.match_overlaps, _mesh(), (True, True, False), outputs=4)
+    return call(*(jax.lax.stop_gradient(a) for a in (truths, usable, priors)))
 
 
 def batch_norm_grad_sums(
