@@ -2227,15 +2227,15 @@ ffi::Error RfTopkNmsImpl(ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::F32> box
   return ffi::Error::Success();
 }
 
-
 // MultiBoxLoss's matching overlaps (retinaface_jax/loss.py, _best_overlaps) for the CPU train step.
 // truths [B, M, 4] and priors [P, 4] in point form, usable [B, M] -> per face the overlap of its
 // best prior and that prior's first index [B, M] (-1 / 0 for a face that is not usable), per prior
 // the overlap of its best usable face and that face's first index [B, P] (-1 / 0 when none): ties
 // go to the first index, as torch's max. The XLA formulation writes a [B, 8, P] IoU per chunk of 8
 // faces and reads it back four times (~0.12 ms per face of the batch's most crowded image at batch
-// 8, 640 x 640); here a task holds one image's block of priors (coordinates and running best, 20 KB)
-// in cache and runs every usable face over it, the faces' best priors merged over the blocks after.
+// 8, 640 x 640); here a task holds one image's block of priors (coordinates, areas and running best:
+// 28 KB) in cache and runs every usable face over it; the faces' best priors are merged over the
+// blocks after.
 // The IoU is the original's expression, each operation rounded (no contraction into FMAs):
 // inter / (area_a + area_b - inter), the intersection's width and height clamped at 0.
 #pragma GCC push_options
@@ -2354,8 +2354,8 @@ ffi::Error RfMatchOverlapsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> truth
     const int64_t b = task / blocks, k = task % blocks, p0 = k * kMatchBlock;
     const size_t part = size_t((b * blocks + k) * M);
     auto run = [&](auto v) {
-      match_block<decltype(v)>(soa.data(), padded, p0, std::min(kMatchBlock, P - p0), T + b * M * 4,
-                               faces.data() + b * M, count[size_t(b)],
+      match_block<decltype(v)>(soa.data(), padded, p0, std::min(kMatchBlock, P - p0),
+                               T + b * M * 4, faces.data() + b * M, count[size_t(b)],
                                prior_best->typed_data() + b * P + p0,
                                prior_idx->typed_data() + b * P + p0, part_best.data() + part,
                                part_idx.data() + part);
