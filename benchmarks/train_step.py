@@ -72,9 +72,10 @@ def time_step(
 ) -> tuple[float, list[float], list[float]]:
     """(compile seconds, seconds per step, seconds per anchor forward) of the jitted train step.
 
-    The timed steps cycle through ``batches``, real pipeline batches: the matching costs ~1 ms
-    more per 8 faces in a batch's most crowded image, so a single batch would not be
-    representative. After every timed step the anchor forward runs ``anchor_calls`` times, so
+    The timed steps cycle through ``batches``, real pipeline batches: the matching's cost depends
+    on a batch's faces (with XLA's loop ~1 ms more per 8 faces of its most crowded image, with
+    the native kernel of a CPU step far less), so a single batch would not be representative.
+    After every timed step the anchor forward runs ``anchor_calls`` times, so
     both sides of the ratio are measured under the same machine load (this VM's speed drifts by
     +-30 %). Each side starts after a ``SETTLE_SECONDS`` pause: timed right after the step, the
     anchor ran ~4 % slower (8.43 against 8.08 ms, median of 60 calls each, XLA's threads still

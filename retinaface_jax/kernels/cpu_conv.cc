@@ -2353,18 +2353,13 @@ ffi::Error RfMatchOverlapsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> truth
   parallel_for(pool, B * blocks, [&](int64_t task) {
     const int64_t b = task / blocks, k = task % blocks, p0 = k * kMatchBlock;
     const size_t part = size_t((b * blocks + k) * M);
-    auto run = [&](auto v) {
+    with_vector_for(kMatchBlock, [&](auto v) {
       match_block<decltype(v)>(soa.data(), padded, p0, std::min(kMatchBlock, P - p0),
                                T + b * M * 4, faces.data() + b * M, count[size_t(b)],
                                prior_best->typed_data() + b * P + p0,
                                prior_idx->typed_data() + b * P + p0, part_best.data() + part,
                                part_idx.data() + part);
-    };
-#if defined(__AVX512F__)
-    run(v16{});
-#else
-    run(v8{});
-#endif
+    });
   });
   for (int64_t b = 0; b < B; ++b) {
     float* fb = face_best->typed_data() + b * M;
