@@ -66,6 +66,8 @@ namespace {
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i8 __attribute__((vector_size(32)));   // int32 lanes of a v8
+typedef int32_t i16 __attribute__((vector_size(64)));  // int32 lanes of a v16
 
 // Lanes of a vector type (8 or 16 floats).
 template <class V>
@@ -377,7 +379,6 @@ struct MeanSubtractedRows {
     const int64_t key = n * s.H + ih, slot = ih % slots;
     float* row = buf.data() + slot * s.W * s.CX;
     if (tag[size_t(slot)] == key) return row;
-    typedef int32_t i8 __attribute__((vector_size(32)));
     const uint8_t* u = X + key * s.W * s.CX;
     const int64_t len = s.W * s.CX, period = 8 * s.CX;  // period: a multiple of 8 and of CX
     int64_t i = 0;
@@ -2152,7 +2153,6 @@ int64_t greedy_nms(const int32_t* order, int64_t n, const float* boxes, float th
     area[j] = (b[2] - b[0] + 1.f) * (b[3] - b[1] + 1.f);
     active[j] = 1;
   }
-  typedef int32_t i8 __attribute__((vector_size(32)));
   const v8 zero = bcast(0.f), one = bcast(1.f), thr = bcast(threshold);
   int64_t count = 0;
   int64_t i = n > 0 ? 0 : -1;
@@ -2248,11 +2248,11 @@ template <class V>
 struct int_lanes;
 template <>
 struct int_lanes<v8> {
-  typedef int32_t type __attribute__((vector_size(32)));
+  using type = i8;
 };
 template <>
 struct int_lanes<v16> {
-  typedef int32_t type __attribute__((vector_size(64)));
+  using type = i16;
 };
 
 // One task: priors [p0, p0 + kMatchBlock) of soa (5 rows of `stride` floats), the first `count`
