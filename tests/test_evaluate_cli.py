@@ -221,3 +221,152 @@ def test_failing_image_is_reported_and_the_batch_carries_on(tmp_path, capsys):
     assert set(results) == {"e/img_10", "e/img_12"}
     err = capsys.readouterr().err
     assert "retrying" in err and "img_11.jpg" in err and "boom" in err
+
+
+# --- errors for people: one line on stderr, exit 2, traceback only with --debug ---------------
+
+PROG = "python -m retinaface_jax.evaluate"
+
+
+def _assert_one_line_error(err, *parts):
+    assert err.startswith(f"{PROG}: error: "), err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for part in parts:
+        assert part in err, (part, err)
+
+
+def _write_pred(root, name, rows_text):
+    path = root / f"{name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [r for r in rows_text.splitlines() if r.strip()]
+    path.write_text(f"{name.split('/')[1]}\n{len(lines)}\n{rows_text}")
+    return path
+
+
+def _widerface_argv(shared, pred):
+    return ["widerface", "--gt", str(shared / "data/widerface/gt"), "--pred-dir", str(pred)]
+
+
+def _image_where(gt, condition):
+    return next(n for i, n in enumerate(gt.names) if condition(i))
+
+
+def test_partial_set_prints_only_the_computable_settings(shared, tmp_path, capsys):
+    gt = load_widerface_gt(shared / "data/widerface/gt")
+    name = _image_where(
+        gt, lambda i: gt.keep["hard"][i].sum() >= 2 and not gt.keep["medium"][i].any()
+    )
+    i = gt.index[name]
+    x, y, w, h = gt.boxes[i][gt.keep["hard"][i]][0]
+    _write_pred(tmp_path, name, f"{x} {y} {w} {h} 0.9\n1 2 -3 4 0.3\n")
+    assert main(_widerface_argv(shared, tmp_path)) == 0
+    out, err = capsys.readouterr()
+    assert "nan" not in out.lower()
+    for setting in ("Easy  ", "Medium"):
+        s = setting.strip().lower()
+        reason = f"no {s} ground-truth faces among the 1 evaluated image(s)"
+        assert f"{setting} Val AP: skipped ({reason})" in out
+    assert re.search(r"Hard +Val AP: 0\.\d{8}\n", out)
+    # the negative width is evaluated like the official code, and said so on stderr
+    assert err.startswith(f"{PROG}: warning: 1 prediction row(s) with a negative width")
+    assert f"{name.split('/')[1]}.txt: line 4" in err
+
+
+def test_nothing_computable_is_an_error(shared, tmp_path, capsys):
+    gt = load_widerface_gt(shared / "data/widerface/gt")
+    name = _image_where(gt, lambda i: not gt.keep["hard"][i].any())
+    _write_pred(tmp_path, name, "1 2 3 4 0.9\n5 6 7 8 0.4\n")
+    assert main(_widerface_argv(shared, tmp_path)) == 2
+    out, err = capsys.readouterr()
+    assert out.count("Val AP: skipped") == 3 and "nan" not in out.lower()
+    _assert_one_line_error(err, "no WIDER FACE AP could be computed", "hard: no hard")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00", "line 1: not UTF-8"),
+        (b"NAME\n1\n1 2 3 4 1.5\n", "line 3: score outside [0, 1]"),
+        (b"NAME\n1\n1 2 3 4 nan\n", "line 3: non-finite"),
+        (b"NAME\n2\n1 2 3 4 0.5\n", "header says 2 boxes, found 1"),
+        (b"NAME\n1\n1 2 3 0.5\n", "line 3: expected 'x y w h score'"),
+    ],
+)
+def test_bad_prediction_file_is_a_one_line_error(shared, tmp_path, capsys, data, message):
+    name = "0--Parade/0_Parade_marchingband_1_465"
+    path = tmp_path / f"{name}.txt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data.replace(b"NAME", name.split("/")[1].encode()))
+    assert main(_widerface_argv(shared, tmp_path)) == 2
+    _assert_one_line_error(capsys.readouterr().err, str(path), message)
+
+
+def test_missing_directories_are_one_line_errors(shared, tmp_path, capsys):
+    assert main(_widerface_argv(shared, tmp_path / "nopred")) == 2
+    _assert_one_line_error(capsys.readouterr().err, "prediction directory not found", "nopred")
+    argv = ["widerface", "--gt", str(tmp_path / "nogt"), "--pred-dir", str(tmp_path)]
+    assert main(argv) == 2
+    _assert_one_line_error(capsys.readouterr().err, "nogt")
+    folds = shared / "data" / "fddb" / "FDDB-folds"
+    assert main(["fddb", "--folds", str(folds), "--dets", str(tmp_path / "none.txt")]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "FDDB detection file not found", "none.txt")
+    assert main(["fddb", "--folds", str(tmp_path / "nofolds"), "--dets", "x"]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "nofolds")
+
+
+def test_bad_fddb_detection_file_is_a_one_line_error(shared, tmp_path, capsys):
+    folds = shared / "data" / "fddb" / "FDDB-folds"
+    dets = tmp_path / "dets.txt"
+    dets.write_text("2002/08/11/big/img_591\n1.0\n10 20 -5 30 0.9\n")
+    assert main(["fddb", "--folds", str(folds), "--fold", "1", "--dets", str(dets)]) == 2
+    _assert_one_line_error(capsys.readouterr().err, str(dets), "line 3: negative width/height")
+
+
+def test_flag_combinations_are_one_line_errors(widerface_setup, shared, capsys):
+    s = widerface_setup
+    argv = ["widerface", "--images", str(s.root / "images"), "--gt", str(s.gt_dir)]
+    argv += ["--pred-dir", str(s.root / "p3"), "--origin-size", "--max-size", "2150"]
+    assert main(argv) == 2
+    _assert_one_line_error(capsys.readouterr().err, "--max-size cannot be combined")
+    assert main(["widerface", "--gt", str(s.gt_dir)]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "give --images")
+    assert main(["fddb", "--folds", str(shared / "data/fddb/FDDB-folds")]) == 2
+    _assert_one_line_error(capsys.readouterr().err, "give --images")
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--batch-size", "0"], "expected a positive integer, got '0'"),
+        (["--target-size", "-3"], "expected a positive integer, got '-3'"),
+        (["--max-size", "big"], "expected a positive integer, got 'big'"),
+        (["--conf-threshold", "1.5"], "expected a number in [0, 1], got '1.5'"),
+        (["--nms-threshold", "x"], "expected a number in [0, 1], got 'x'"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(tmp_path, capsys, option, message):
+    argv = ["widerface", "--gt", str(tmp_path), "--pred-dir", str(tmp_path), *option]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{option[0]}: {message}" in err and "Traceback" not in err
+
+
+def test_debug_flag_and_env_show_the_traceback(tmp_path, monkeypatch):
+    argv = ["widerface", "--gt", str(tmp_path / "nogt"), "--pred-dir", str(tmp_path)]
+    with pytest.raises(FileNotFoundError, match="nogt"):
+        main([*argv, "--debug"])
+    monkeypatch.setenv("RETINAFACE_DEBUG", "1")
+    with pytest.raises(FileNotFoundError, match="nogt"):
+        main(argv)
+
+
+def test_module_entry_point_errors(tmp_path):
+    argv = [sys.executable, "-m", "retinaface_jax.evaluate", "widerface"]
+    argv += ["--gt", str(tmp_path / "nogt"), "--pred-dir", str(tmp_path)]
+    plain = subprocess.run(argv, capture_output=True, text=True)
+    assert plain.returncode == 2 and plain.stdout == ""
+    _assert_one_line_error(plain.stderr, "WIDER FACE ground truth directory not found")
+    debug = subprocess.run([*argv, "--debug"], capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr

@@ -84,6 +84,16 @@ def test_detection_file_matches_original_format(tmp_path):
         ("img\nthree\n", "line 2: expected the number of detections"),
         ("img\n2.0\n1 2 3 4 0.5\n", "line 4: expected 'x y w h score'"),
         ("img\n1.0\n1 2 3 0.5\n", "line 3: expected 'x y w h score'"),
+        ("img\n2.0\n1 2 3 4 0.5\nimg2\n0.0\n", r"line 4: .* for img \(line 2 says 2\)"),
+        ("img\n1.0\n1 2 3 4 0.5\n5 6 7 8 0.4\n", "line 4: expected an image path, got"),
+        ("img\n1.0\n1 2 -3 4 0.5\n", "line 3: negative width/height for img"),
+        ("img\n2.0\n1 2 3 4 0.5\n1 2 3 -4 0.5\n", "line 4: negative width/height"),
+        ("img\n1.0\n1 2 3 4 1.5\n", r"line 3: score outside \[0, 1\]"),
+        ("img\n1.0\n1 2 3 4 -0.5\n", r"line 3: score outside \[0, 1\]"),
+        ("img\n1.0\n1 2 3 4 inf\n", "line 3: non-finite"),
+        ("img\n1.0\nnan 2 3 4 0.5\n", "line 3: non-finite"),
+        ("img\n0.0\nb\n0.0\nimg\n0.0\n", "line 5: image img listed twice"),
+        ("img\n-1.0\n", "line 2: expected the number of detections"),
     ],
 )
 def test_malformed_detection_file_is_named(tmp_path, text, match):
@@ -94,6 +104,22 @@ def test_malformed_detection_file_is_named(tmp_path, text, match):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("data", "line"), [(b"\xff\xd8\xff\xe0JFIF", 1), (b"img\n1.0\n1 2 3 4 0.5\xe9\n", 3)]
+)
+def test_binary_detection_file_names_file_and_line(tmp_path, data, line):
+    path = tmp_path / "dets.txt"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=f"line {line}: not UTF-8") as info:
+        read_fddb_detections(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_detection_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="FDDB detection file not found: .*nothere.txt"):
+        read_fddb_detections(tmp_path / "nothere.txt")
+
+
 def test_malformed_ellipse_file_is_named(tmp_path):
     path = tmp_path / "FDDB-fold-01-ellipseList.txt"
     path.write_text("img\n2\n1 2 3 4 5 1\n")
@@ -102,6 +128,10 @@ def test_malformed_ellipse_file_is_named(tmp_path):
     assert str(path) in str(info.value)
     with pytest.raises(FileNotFoundError, match="FDDB-fold-02-ellipseList.txt"):
         read_fddb_folds(tmp_path, [2])
+    path.write_bytes(b"img\n1\n\x80\n")
+    with pytest.raises(ValueError, match="line 3: not UTF-8") as info:
+        read_fddb_folds(tmp_path)
+    assert str(path) in str(info.value)
 
 
 def _xywh(box):
@@ -127,3 +157,21 @@ def test_discrete_roc_counts():
     assert roc.tpr_at(2) == pytest.approx(2 / 3)
     with pytest.raises(KeyError, match="'c'"):
         fddb_discrete_roc({"c": np.zeros((0, 5))}, ell)
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        (
+            [[0, 0, 5, 5, 0.9], [0, 0, -5, 5, 0.8]],
+            r"detections\['a'\] row 1: negative width/height",
+        ),
+        ([[0, 0, 5, 5, 1.5]], r"row 0: score outside \[0, 1\]"),
+        ([[0, 0, np.nan, 5, 0.5]], "row 0: non-finite"),
+        ([[0, 0, 5, 5]], r"expected shape \[N, 5\]"),
+    ],
+)
+def test_discrete_roc_rejects_invalid_detections(rows, match):
+    ell = {"a": np.array([[30, 20, 0, 50, 50]])}
+    with pytest.raises(ValueError, match=match):
+        fddb_discrete_roc({"a": np.array(rows, dtype=float)}, ell)

@@ -76,7 +76,12 @@ def test_write_refuses_to_overwrite(tmp_path):
         ("img_1\n1\n1 2 3 x 0.5\n", "line 3: expected 'x y w h score'"),
         ("img_1\n1\n1 2 3 4\n", "line 3: expected 'x y w h score'"),
         ("img_2\n0\n", "names image 'img_2' but the file is img_1.txt"),
-        ("img_1\n1\n1 2 3 4 nan\n", "non-finite"),
+        ("img_1\n1\n1 2 3 4 nan\n", "line 3: non-finite"),
+        ("img_1\n2\n1 2 3 4 0.5\ninf 2 3 4 0.5\n", "line 4: non-finite"),
+        ("img_1\n1\n1 2 3 4 1.5\n", r"line 3: score outside \[0, 1\]"),
+        ("img_1\n2\n1 2 3 4 0.5\n1 2 3 4 -0.01\n", r"line 4: score outside \[0, 1\]"),
+        ("img_1\n-1\n", "line 2: expected the number of boxes"),
+        ("img_1\n0\n1 2 3 4 0.5\n", "header says 0 boxes, found 1"),
     ],
 )
 def test_malformed_files_name_the_file(tmp_path, text, match):
@@ -110,3 +115,41 @@ def test_directory_layout_errors(tmp_path):
 def test_bad_keys_rejected_on_write(tmp_path):
     with pytest.raises(ValueError, match="event/image"):
         write_predictions(tmp_path, {"no_event": np.zeros((0, 5))})
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00", 1),  # an image saved as .txt
+        (b"img_1\n1\n1 2 3 4 0.5\xff\n", 3),
+    ],
+)
+def test_binary_file_names_file_and_line(tmp_path, data, line):
+    path = tmp_path / "0--Parade" / "img_1.txt"
+    path.parent.mkdir()
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=f"line {line}: not UTF-8") as info:
+        read_predictions(tmp_path)
+    assert str(path) in str(info.value)
+
+
+def test_negative_sizes_are_kept_with_a_warning_naming_file_and_line(tmp_path):
+    """The official evaluation scores them (boxes covering ~nothing); its golden set has some."""
+    for image in ("img_1", "img_2"):
+        path = tmp_path / "0--Parade" / f"{image}.txt"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(f"{image}\n2\n1 2 3 4 0.9\n5 6 -1.5 4 0.5\n")
+    with pytest.warns(UserWarning, match=r"2 prediction row\(s\) .*/img_1.txt: line 4") as rec:
+        preds = read_predictions(tmp_path)
+    assert len(rec) == 1  # one warning for the whole set
+    np.testing.assert_array_equal(preds["0--Parade/img_2"][1], [5, 6, -1.5, 4, 0.5])
+    with pytest.warns(UserWarning, match="img_2.txt: line 4"):
+        read_prediction_file(tmp_path / "0--Parade" / "img_2.txt")
+
+
+def test_missing_or_directory_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prediction file not found: .*img_9.txt"):
+        read_prediction_file(tmp_path / "img_9.txt")
+    (tmp_path / "e" / "img_1.txt").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError, match="img_1.txt: is a directory"):
+        read_predictions(tmp_path)

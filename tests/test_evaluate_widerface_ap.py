@@ -207,3 +207,65 @@ def test_equal_scores_rejected(gt):
     rows = np.array([[1.0, 2, 3, 4, 0.5]])
     with pytest.raises(ValueError, match="min-max"):
         widerface_ap({gt.names[0]: rows, gt.names[1]: rows}, gt)
+
+
+def test_scores_outside_unit_interval_rejected(gt):
+    name = gt.names[0]
+    rows = np.array([[1.0, 2, 3, 4, 0.5], [1.0, 2, 3, 4, 1.25]])
+    with pytest.raises(ValueError, match=re.escape(f"predictions['{name}'] row 1: score outside")):
+        widerface_ap({name: rows}, gt)
+    rows[1, 4] = np.inf
+    with pytest.raises(ValueError, match="row 1: non-finite"):
+        widerface_ap({name: rows}, gt)
+
+
+# --- partial sets: settings without faces are skipped, never nan ------------------------------
+
+
+def _exact_rows(gt, name, scores=(0.9, 0.5)):
+    """Predictions equal to the image's first "hard" faces, with distinct scores."""
+    i = gt.index[name]
+    boxes = gt.boxes[i][gt.keep["hard"][i]][: len(scores)]
+    return np.column_stack([boxes, scores[: len(boxes)]])
+
+
+def test_settings_without_faces_are_skipped(gt):
+    # an image whose faces are all "hard": easy and medium have nothing to recall
+    name = next(
+        n
+        for i, n in enumerate(gt.names)
+        if gt.keep["hard"][i].sum() >= 2 and not gt.keep["medium"][i].any()
+    )
+    preds = {name: _exact_rows(gt, name)}
+    with pytest.warns(UserWarning, match="skipped for easy: no easy ground-truth faces"):
+        result = evaluate_widerface(preds, gt)
+    assert set(result.ap) == set(result.precision) == set(result.recall) == {"hard"}
+    assert np.isfinite(result.ap["hard"]) and 0 < result.ap["hard"] <= 1
+    assert result.skipped == {
+        s: f"no {s} ground-truth faces among the 1 evaluated image(s)" for s in ("easy", "medium")
+    }
+    assert result.num_faces["easy"] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert set(widerface_ap(preds, gt)) == {"hard"}  # documented: the key is omitted
+
+
+def test_nothing_computable_gives_an_empty_ap(gt):
+    name = next(n for i, n in enumerate(gt.names) if not gt.keep["hard"][i].any())
+    preds = {name: np.array([[1.0, 2, 3, 4, 0.9], [5.0, 6, 7, 8, 0.4]])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = evaluate_widerface(preds, gt)
+    assert result.ap == {} and set(result.skipped) == {"easy", "medium", "hard"}
+
+
+def test_pr_plot_leaves_out_skipped_settings(gt, tmp_path):
+    pytest.importorskip("matplotlib")
+    from retinaface_jax.evaluate.plot import plot_pr_curves
+
+    name = next(n for i, n in enumerate(gt.names) if not gt.keep["hard"][i].any())
+    preds = {name: np.array([[1.0, 2, 3, 4, 0.9], [5.0, 6, 7, 8, 0.4]])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        result = evaluate_widerface(preds, gt)
+    assert plot_pr_curves(result, tmp_path / "pr.png").stat().st_size > 0

@@ -1,5 +1,10 @@
 """``python -m retinaface_jax.evaluate widerface|fddb ...``: detector + official protocol in one
-command (see ``--help`` of each sub-command)."""
+command (see ``--help`` of each sub-command).
+
+User errors (missing directories, bad files, bad option values) are one ``PROG: error: ...`` line
+on stderr and exit status 2 (argparse's own usage errors too); the traceback only with
+``--debug`` or ``RETINAFACE_DEBUG=1`` (``retinaface_jax.cli_errors``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from retinaface_jax.cli_errors import add_debug_flag, run_cli
 from retinaface_jax.evaluate import fddb, run
 from retinaface_jax.evaluate.fddb import (
     fddb_discrete_roc,
@@ -20,8 +26,10 @@ from retinaface_jax.evaluate.fddb import (
 )
 from retinaface_jax.evaluate.plot import plot_pr_curves, plot_roc, require_matplotlib
 from retinaface_jax.evaluate.predictions_io import read_predictions
-from retinaface_jax.evaluate.widerface_ap import PROTOCOL, evaluate_widerface
-from retinaface_jax.evaluate.widerface_gt import load_widerface_gt
+from retinaface_jax.evaluate.widerface_ap import PROTOCOL, WiderFaceEvaluation, evaluate_widerface
+from retinaface_jax.evaluate.widerface_gt import SETTINGS, load_widerface_gt
+
+PROG = "python -m retinaface_jax.evaluate"
 
 FDDB_PROTOCOL = (
     "FDDB, our discrete ROC (not the official ellipse-overlap tool): per image, by descending "
@@ -30,7 +38,30 @@ FDDB_PROTOCOL = (
 )
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a number in [0, 1] (score and IoU thresholds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 def _add_detector_args(p: argparse.ArgumentParser, default_batch: int = 4) -> None:
+    add_debug_flag(p)
     g = p.add_argument_group("detector")
     g.add_argument(
         "--weights",
@@ -38,19 +69,20 @@ def _add_detector_args(p: argparse.ArgumentParser, default_batch: int = 4) -> No
     )
     g.add_argument("--network", default="mobilenet0.25", help="mobilenet0.25 or resnet50")
     g.add_argument(
-        "--conf-threshold", type=float, default=None, help="score threshold (config: 0.02)"
+        "--conf-threshold", type=_fraction, default=None, help="score threshold (config: 0.02)"
     )
-    g.add_argument("--nms-threshold", type=float, default=None, help="NMS IoU (config: 0.4)")
-    g.add_argument("--batch-size", type=int, default=default_batch)
+    g.add_argument("--nms-threshold", type=_fraction, default=None, help="NMS IoU (config: 0.4)")
+    g.add_argument("--batch-size", type=_positive_int, default=default_batch)
     g.add_argument("--overwrite", action="store_true", help="replace existing prediction files")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m retinaface_jax.evaluate",
+        prog=PROG,
         description="Evaluate RetinaFace on WIDER FACE val (official AP) or FDDB.",
     )
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser(
@@ -73,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     scale = w.add_mutually_exclusive_group()
     scale.add_argument("--origin-size", action="store_true", help="original image scale (default)")
     scale.add_argument(
-        "--target-size", type=int, help="short side target, e.g. 1600 (with --max-size)"
+        "--target-size", type=_positive_int, help="short side target, e.g. 1600 (with --max-size)"
     )
-    w.add_argument("--max-size", type=int, help="long side cap, e.g. 2150")
+    w.add_argument("--max-size", type=_positive_int, help="long side cap, e.g. 2150")
     w.add_argument(
         "--plot", type=Path, help="write the three precision-recall curves to this image"
     )
@@ -91,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--folds", type=Path, required=True, help="FDDB-folds dir (FDDB-fold-XX-ellipseList.txt)"
     )
-    f.add_argument("--fold", type=int, action="append", help="fold number(s) to use (default: all)")
+    f.add_argument(
+        "--fold", type=_positive_int, action="append", help="fold number(s) to use (default: all)"
+    )
     f.add_argument(
         "--out", type=Path, default=Path("fddb_eval"), help="output dir (default ./fddb_eval)"
     )
@@ -132,7 +166,7 @@ def _load(args: argparse.Namespace) -> tuple[object, str, float, float]:
     target = getattr(args, "target_size", None)
     max_size = getattr(args, "max_size", None)
     if max_size and not target and getattr(args, "origin_size", False):
-        raise SystemExit("--max-size cannot be combined with --origin-size")
+        raise ValueError("--max-size cannot be combined with --origin-size")
     detector = run.load_detector(args.weights, args.network, target, max_size)
     text, conf, nms = _detector_protocol(args, detector)
     return detector, text, conf, nms
@@ -165,7 +199,7 @@ def _detect(args: argparse.Namespace, job: Callable, images: dict, target: Path)
 
 def cmd_widerface(args: argparse.Namespace) -> int:
     if args.images is None and args.pred_dir is None:
-        raise SystemExit(
+        raise ValueError(
             "widerface: give --images (run the detector) and/or --pred-dir (existing files)"
         )
     if args.plot:
@@ -178,14 +212,14 @@ def cmd_widerface(args: argparse.Namespace) -> int:
         images = run.widerface_jobs(args.images, gt, pred_dir, args.overwrite)
         written, failed = _detect(args, run.detect_widerface, images, pred_dir)
         print(f"wrote {len(written)} prediction files to {pred_dir}")
-        t0 = time.perf_counter()
-        predictions = read_predictions(written)
+        source: Path | list[Path] = written
     else:
-        t0 = time.perf_counter()
-        predictions = read_predictions(args.pred_dir)
+        source = args.pred_dir
+    t0 = time.perf_counter()
+    predictions = _read_predictions_reporting_warnings(source)
     load_seconds += time.perf_counter() - t0
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the coverage line is printed below
+        warnings.simplefilter("ignore", UserWarning)  # coverage and skipped settings: below
         result = evaluate_widerface(predictions, gt)
     print(f"protocol: {PROTOCOL}")
     print(
@@ -193,17 +227,40 @@ def cmd_widerface(args: argparse.Namespace) -> int:
         + (" (partial set: not comparable with full-val AP)" if result.partial else "")
     )
     print("==================== Results ====================")
-    print(f"Easy   Val AP: {result.ap['easy']:.8f}")
-    print(f"Medium Val AP: {result.ap['medium']:.8f}")
-    print(f"Hard   Val AP: {result.ap['hard']:.8f}")
+    for line in _ap_lines(result):
+        print(line)
     print("=================================================")
     print(
         f"evaluation time: {load_seconds + result.seconds:.2f} s "
         f"(AP {result.seconds:.2f} s, reading GT and predictions {load_seconds:.2f} s)"
     )
+    if not result.ap:
+        raise ValueError(f"no WIDER FACE AP could be computed: {result.skipped_message()}")
     if args.plot:
         print(f"wrote PR curves to {plot_pr_curves(result, args.plot)}")
     return 0
+
+
+def _read_predictions_reporting_warnings(source: Path | list[Path]) -> dict:
+    """``read_predictions`` with its warnings (negative box sizes) as one stderr line each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        predictions = read_predictions(source)
+    for w in caught:
+        print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+    return predictions
+
+
+def _ap_lines(result: WiderFaceEvaluation) -> list[str]:
+    """``Easy   Val AP: 0.93763254`` per setting, or why that setting was skipped (never nan)."""
+    lines = []
+    for s in SETTINGS:
+        label = f"{s.capitalize():<6} Val AP:"
+        if s in result.ap:
+            lines.append(f"{label} {result.ap[s]:.8f}")
+        else:
+            lines.append(f"{label} skipped ({result.skipped[s]})")
+    return lines
 
 
 def cmd_fddb(args: argparse.Namespace) -> int:
@@ -214,14 +271,14 @@ def cmd_fddb(args: argparse.Namespace) -> int:
         dets_file = args.dets
     else:
         if args.images is None:
-            raise SystemExit("fddb: give --images (run the detector) or --dets (existing file)")
+            raise ValueError("fddb: give --images (run the detector) or --dets (existing file)")
         images, missing = run.list_fddb_images(args.images, list(ellipses))
         print(
             f"{len(images)} of {len(ellipses)} annotated images present in {args.images}"
             + (f" ({missing} missing, not evaluated)" if missing else "")
         )
         if not images:
-            raise SystemExit(f"no annotated FDDB image found under {args.images}")
+            raise FileNotFoundError(f"no annotated FDDB image found under {args.images}")
         dets_file = args.out / "FDDB_dets.txt"
         if dets_file.exists() and not args.overwrite:
             raise FileExistsError(f"{dets_file} already exists; use another --out or --overwrite")
@@ -242,13 +299,15 @@ def cmd_fddb(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str] | None) -> int:
+    """Parse and run one sub-command; user errors are raised (reported by :func:`main`)."""
     args = build_parser().parse_args(argv)
-    try:
-        return cmd_widerface(args) if args.command == "widerface" else cmd_fddb(args)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, RuntimeError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    return cmd_widerface(args) if args.command == "widerface" else cmd_fddb(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command: one-line errors on stderr and exit status 2, tracebacks only with --debug."""
+    return run_cli(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,12 @@ Detection file (one file for all images, as the original writes ``FDDB_dets.txt`
 
 So numbers are close to, but not comparable with, published FDDB discrete-ROC results; use the
 written detection file with the official tool for those.
+
+Detection files and arrays are checked, errors naming the file and line (or the image): content
+that is not UTF-8, a count line that is not a count or disagrees with the rows, an image listed
+twice, rows with fewer than 5 numbers, non-finite numbers, negative widths or heights and scores
+outside ``[0, 1]`` are *rejected*, never clipped (the original writes ``w = x2 - x1 + 1 >= 1`` and
+softmax scores; clipping would hide a wrong file and tie scores in the ROC).
 """
 
 from __future__ import annotations
@@ -41,14 +47,20 @@ from retinaface_jax.evaluate.matching import (
     pairwise_iou,
     xywh_to_x1y1x2y2,
 )
-from retinaface_jax.evaluate.text_rows import parse_row
+from retinaface_jax.evaluate.text_rows import (
+    DETECTION_FIELDS,
+    check_detection_rows,
+    invalid_detection,
+    parse_row,
+    read_lines,
+)
 
 
 def read_fddb_ellipses(path: str | Path) -> dict[str, np.ndarray]:
     """Parse an ``FDDB-fold-XX-ellipseList.txt`` -> ``{image path: [M, 5]}`` rows of
     ``(major_radius, minor_radius, angle, center_x, center_y)``."""
     path = Path(path)
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [ln.strip() for ln in read_lines(path, "FDDB ellipse file")]
     out: dict[str, np.ndarray] = {}
     i = 0
     while i < len(lines):
@@ -133,26 +145,72 @@ def format_fddb_detections(detections: Mapping[str, np.ndarray]) -> str:
 _COUNT = re.compile(r"^\d+(\.0*)?$")
 
 
+def _looks_like_row(line: str) -> bool:
+    """Whether ``line`` is numbers (a detection row), not an image path."""
+    fields = line.split()
+    try:
+        numbers = [float(f) for f in fields]
+    except ValueError:
+        return False
+    return len(numbers) >= 2
+
+
+def _read_block(lines: list[str], i: int, path: Path, name: str) -> tuple[np.ndarray, int]:
+    """The rows of image ``name`` whose count is on line ``i + 2`` -> (rows, next line index)."""
+    if i + 1 >= len(lines) or not _COUNT.match(lines[i + 1].strip()):
+        raise ValueError(f"{path}: line {i + 2}: expected the number of detections of {name}")
+    count = int(float(lines[i + 1]))
+    context = f" for {name} (line {i + 2} says {count})"
+    rows, linenos = [], []
+    for k in range(i + 2, i + 2 + count):
+        line = lines[k] if k < len(lines) else "<end of file>"
+        rows.append(parse_row(line, 5, path, k + 1, DETECTION_FIELDS, context))
+        linenos.append(k + 1)
+    return check_detection_rows(rows, linenos, path, f" for {name}"), i + 2 + count
+
+
 def read_fddb_detections(path: str | Path) -> dict[str, np.ndarray]:
-    """Parse an FDDB detection file -> ``{image path: [N, 5]}``; errors name file and line."""
+    """Parse an FDDB detection file -> ``{image path: [N, 5]}``; errors name file and line
+    (see the module docstring for what is rejected)."""
     path = Path(path)
-    lines = path.read_text().splitlines()
+    lines = read_lines(path, "FDDB detection file")
     out: dict[str, np.ndarray] = {}
+    first_line: dict[str, int] = {}
     i = 0
     while i < len(lines):
         name = lines[i].strip()
         if not name:
             i += 1
             continue
-        if i + 1 >= len(lines) or not _COUNT.match(lines[i + 1].strip()):
-            raise ValueError(f"{path}: line {i + 2}: expected the number of detections of {name}")
-        count = int(float(lines[i + 1]))
-        rows = []
-        for k in range(i + 2, i + 2 + count):
-            line = lines[k] if k < len(lines) else "<end of file>"
-            rows.append(parse_row(line, 5, path, k + 1, "x y w h score", f" for {name}"))
-        out[name] = np.array(rows, dtype=np.float64).reshape(-1, 5)
-        i += 2 + count
+        if _looks_like_row(name):
+            previous = f" (more rows for {list(out)[-1]} than its count line says?)" if out else ""
+            raise ValueError(
+                f"{path}: line {i + 1}: expected an image path, got the numbers {name!r}{previous}"
+            )
+        if name in first_line:
+            raise ValueError(
+                f"{path}: line {i + 1}: image {name} listed twice (first at line {first_line[name]})"
+            )
+        first_line[name] = i + 1
+        out[name], i = _read_block(lines, i, path, name)
+    return out
+
+
+def _check_detections(detections: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``{image: float64 [N, 5]}``; a ValueError names the image and row of a bad detection."""
+    out = {}
+    for name, rows in detections.items():
+        a = np.asarray(rows, dtype=np.float64)
+        if a.size == 0:
+            a = a.reshape(0, 5)
+        if a.ndim != 2 or a.shape[1] != 5:
+            raise ValueError(
+                f"detections[{name!r}]: expected shape [N, 5] (x, y, w, h, score), got {a.shape}"
+            )
+        bad = invalid_detection(a)
+        if bad is not None:
+            raise ValueError(f"detections[{name!r}] row {bad[0]}: {bad[1]}: {a[bad[0]].tolist()}")
+        out[name] = a
     return out
 
 
@@ -190,8 +248,7 @@ def fddb_discrete_roc(
         )
     scores, tps = [], []
     num_faces = 0
-    for name, rows in detections.items():
-        rows = np.asarray(rows, dtype=np.float64).reshape(-1, 5)
+    for name, rows in _check_detections(detections).items():
         faces = ellipse_bounding_boxes(ellipses[name])
         num_faces += len(faces)
         rows = rows[np.argsort(-rows[:, 4], kind="stable")]

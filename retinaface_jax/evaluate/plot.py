@@ -45,9 +45,10 @@ def _finish(fig: Any, ax: Any, path: str | Path, title: str, legend_loc: str) ->
 
 
 def plot_pr_curves(evaluation: WiderFaceEvaluation, path: str | Path, title: str = "") -> Path:
-    """Write the easy/medium/hard precision-recall curves, AP in the legend, to ``path``."""
+    """Write the easy/medium/hard precision-recall curves, AP in the legend, to ``path``
+    (skipped settings, which have no curve, are left out)."""
     fig, ax = _pyplot().subplots(figsize=(6, 5))
-    for s in SETTINGS:
+    for s in (s for s in SETTINGS if s in evaluation.ap):
         rec, prec = evaluation.recall[s], evaluation.precision[s]
         ok = np.isfinite(prec) & np.isfinite(rec)
         ax.plot(rec[ok], prec[ok], label=f"{s} (AP {evaluation.ap[s]:.4f})")

@@ -9,18 +9,33 @@
 Detector output is written exactly like the original: ``x = int(x1)``, ``w = int(x2) - int(x1)``
 (truncation), the float32 score printed with ``str``. Arbitrary float predictions are written with
 a round-trip exact representation, so evaluating written files equals evaluating the arrays.
+
+Reading is strict, and every error names the file and, where there is one, the line: content that
+is not UTF-8, a wrong image name, a count line that is not a number or disagrees with the rows,
+rows with fewer than 5 numbers, non-finite numbers and scores outside ``[0, 1]`` are *rejected*
+(not clipped: clipping would tie scores and silently change the ranking the AP is computed from;
+RetinaFace scores are probabilities, so an out-of-range score means a wrong file). Negative
+widths or heights are *kept* with a ``UserWarning`` naming the first such line: the official
+evaluation scores them as boxes covering (almost) nothing, and the golden values of that
+evaluation include such rows, so rejecting or clipping them would change official results.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from retinaface_jax.evaluate.text_rows import parse_row
+from retinaface_jax.evaluate.text_rows import (
+    DETECTION_FIELDS,
+    check_detection_rows,
+    parse_row,
+    read_lines,
+)
 
 
 def faces_to_rows(faces: Sequence[Any]) -> np.ndarray:
@@ -86,10 +101,9 @@ def write_predictions(
     return [p for p, _, _ in targets]
 
 
-def read_prediction_file(path: str | Path) -> tuple[str, np.ndarray]:
-    """Parse one prediction file -> (image name, float64 ``[N, 5]``); errors name file and line."""
-    path = Path(path)
-    lines = path.read_text().splitlines()
+def _read_prediction_file(path: Path) -> tuple[str, np.ndarray, list[int]]:
+    """(image name, float64 ``[N, 5]``, lines holding a negative width or height)."""
+    lines = read_lines(path, "prediction file")
     if len(lines) < 2:
         raise ValueError(f"{path}: truncated prediction file (expected the image name and a count)")
     name = lines[0].strip().split("/")[-1].removesuffix(".jpg")
@@ -99,22 +113,43 @@ def read_prediction_file(path: str | Path) -> tuple[str, np.ndarray]:
         raise ValueError(f"{path}: line 1 names image {name!r} but the file is {path.name}")
     try:
         count = int(lines[1].strip())
+        if count < 0:
+            raise ValueError
     except ValueError:
         raise ValueError(
             f"{path}: line 2: expected the number of boxes, got {lines[1].strip()!r}"
         ) from None
-    rows = []
+    rows, linenos = [], []
     for lineno, line in enumerate(lines[2:], start=3):
         if line.strip():
-            rows.append(parse_row(line, 5, path, lineno, "x y w h score"))
+            rows.append(parse_row(line, 5, path, lineno, DETECTION_FIELDS))
+            linenos.append(lineno)
     if len(rows) != count:
         raise ValueError(
             f"{path}: truncated or malformed: header says {count} boxes, found {len(rows)}"
         )
-    out = np.array(rows, dtype=np.float64).reshape(-1, 5)
-    if not np.all(np.isfinite(out)):
-        raise ValueError(f"{path}: non-finite value in the boxes")
-    return name, out
+    out = check_detection_rows(rows, linenos, path, negative_size_ok=True)
+    negative = [linenos[i] for i in np.flatnonzero((out[:, 2] < 0) | (out[:, 3] < 0))]
+    return name, out, negative
+
+
+def read_prediction_file(path: str | Path) -> tuple[str, np.ndarray]:
+    """Parse one prediction file -> (image name, float64 ``[N, 5]``); errors name file and line
+    (see the module docstring for what is rejected)."""
+    path = Path(path)
+    name, rows, negative = _read_prediction_file(path)
+    if negative:
+        _warn_negative_sizes(len(negative), path, negative[0])
+    return name, rows
+
+
+def _warn_negative_sizes(count: int, path: Path, lineno: int) -> None:
+    warnings.warn(
+        f"{count} prediction row(s) with a negative width or height, first at {path}: line "
+        f"{lineno}; kept, as the official evaluation keeps them (they hardly ever match a face)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def prediction_files(pred_dir: str | Path) -> list[Path]:
@@ -140,12 +175,18 @@ def prediction_files(pred_dir: str | Path) -> list[Path]:
 def read_predictions(
     source: str | Path | Iterable[str | Path],
 ) -> dict[str, np.ndarray]:
-    """Read a prediction directory (or an explicit list of files) -> ``{"event/image": [N, 5]}``."""
+    """Read a prediction directory (or an explicit list of files) -> ``{"event/image": [N, 5]}``.
+
+    Rows with a negative width or height give one ``UserWarning`` for the whole set."""
     files = (
         prediction_files(source) if isinstance(source, str | Path) else [Path(p) for p in source]
     )
     out: dict[str, np.ndarray] = {}
+    negative: list[tuple[Path, int]] = []
     for path in files:
-        name, rows = read_prediction_file(path)
+        name, rows, bad = _read_prediction_file(path)
         out[f"{path.parent.name}/{name}"] = rows
+        negative.extend((path, lineno) for lineno in bad)
+    if negative:
+        _warn_negative_sizes(len(negative), *negative[0])
     return out

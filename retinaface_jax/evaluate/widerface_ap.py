@@ -16,6 +16,13 @@ Same algorithm and quirks as the official evaluation script shipped with the ori
 4. precision = recalled / proposals, recall = recalled / faces in the setting, AP = VOC area under
    the precision envelope.
 
+A setting with no ground-truth face among the evaluated images (a partial set: e.g. only images
+whose faces are all "hard") has no recall, and the official code prints ``nan`` for it. Here such a
+setting is *skipped*: it is absent from ``ap`` / ``precision`` / ``recall`` and
+:attr:`WiderFaceEvaluation.skipped` says why (a ``UserWarning`` too). Scores must lie in
+``[0, 1]`` and be finite (see ``text_rows``); negative widths/heights are evaluated as the official
+code does.
+
 The original loops over the 1000 thresholds and the predictions in Python. Here each image costs
 one broadcast IoU matrix and its argmax; everything else runs once over all predictions of the set:
 a first-hit mask, per-image cumulative counts, one ``searchsorted`` giving the first threshold each
@@ -40,6 +47,7 @@ from retinaface_jax.evaluate.matching import (
     xywh_to_x1y1x2y2,
 )
 from retinaface_jax.evaluate.predictions_io import read_predictions
+from retinaface_jax.evaluate.text_rows import invalid_detection
 from retinaface_jax.evaluate.widerface_gt import SETTINGS, WiderFaceGT, load_widerface_gt
 
 PROTOCOL = (
@@ -50,15 +58,20 @@ PROTOCOL = (
 
 @dataclasses.dataclass(frozen=True)
 class WiderFaceEvaluation:
-    """AP per setting plus what is needed to report and plot it."""
+    """AP per setting plus what is needed to report and plot it.
+
+    ``ap``, ``precision`` and ``recall`` hold only the settings that could be computed;
+    ``skipped`` maps each other setting to the reason (no ``nan`` values are ever returned).
+    """
 
     ap: dict[str, float]
     precision: dict[str, np.ndarray]  # [num_thresholds], high threshold first
     recall: dict[str, np.ndarray]
-    num_faces: dict[str, int]
+    num_faces: dict[str, int]  # all three settings (0 for a skipped one)
     num_images: int  # images evaluated (those with predictions)
     num_gt_images: int  # images in the ground truth
     seconds: float
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def partial(self) -> bool:
@@ -70,6 +83,10 @@ class WiderFaceEvaluation:
             f"(easy/medium/hard faces: {self.num_faces['easy']}/{self.num_faces['medium']}/"
             f"{self.num_faces['hard']})"
         )
+
+    def skipped_message(self) -> str:
+        """``"easy: reason; hard: reason"`` for the skipped settings ("" when none)."""
+        return "; ".join(f"{s}: {why}" for s, why in self.skipped.items())
 
 
 def _check_predictions(
@@ -87,8 +104,9 @@ def _check_predictions(
             raise ValueError(
                 f"predictions[{key!r}]: expected shape [N, 5] (x, y, w, h, score), got {a.shape}"
             )
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"predictions[{key!r}]: non-finite values")
+        bad = invalid_detection(a, negative_size_ok=True)
+        if bad is not None:
+            raise ValueError(f"predictions[{key!r}] row {bad[0]}: {bad[1]}: {a[bad[0]].tolist()}")
         out[index[key]] = a
     return out
 
@@ -174,7 +192,8 @@ def evaluate_widerface(
     """Official WIDER FACE evaluation of ``{"event/image": [N,5] x,y,w,h,score}`` (or a prediction
     directory) against ``gt`` (a loaded :class:`WiderFaceGT` or the GT directory).
 
-    Only the images present in ``predictions`` are evaluated (their faces alone are counted).
+    Only the images present in ``predictions`` are evaluated (their faces alone are counted); a
+    setting without faces among them is skipped (see :class:`WiderFaceEvaluation`).
     """
     start = time.perf_counter()
     if not isinstance(gt, WiderFaceGT):
@@ -208,8 +227,11 @@ def evaluate_widerface(
             pr[s][:, 1] = _pr_curve(recalled, records, first_t, image, num_thresholds)
 
     ap, precision, recall = {}, {}, {}
+    skipped = _skipped_settings(faces, len(preds))
     with np.errstate(divide="ignore", invalid="ignore"):
         for s in SETTINGS:
+            if s in skipped:
+                continue
             precision[s] = pr[s][:, 1] / pr[s][:, 0]
             recall[s] = pr[s][:, 1] / faces[s]
             ap[s] = voc_ap(recall[s], precision[s])
@@ -221,13 +243,25 @@ def evaluate_widerface(
         num_images=len(preds),
         num_gt_images=len(gt),
         seconds=time.perf_counter() - start,
+        skipped=skipped,
     )
     if result.partial:
         warnings.warn(
             f"WIDER FACE AP: predictions cover only some images; {result.coverage_message()}",
             stacklevel=2,
         )
+    if skipped:
+        warnings.warn(f"WIDER FACE AP skipped for {result.skipped_message()}", stacklevel=2)
     return result
+
+
+def _skipped_settings(faces: dict[str, int], num_images: int) -> dict[str, str]:
+    """Settings whose AP is undefined (no face to recall) -> the reason, for the report."""
+    return {
+        s: f"no {s} ground-truth faces among the {num_images} evaluated image(s)"
+        for s in SETTINGS
+        if faces[s] == 0
+    }
 
 
 def widerface_ap(
@@ -237,6 +271,8 @@ def widerface_ap(
     (``{"event/image": [N, 5] (x, y, w, h, score)}`` or a directory of per-image txt files).
 
     When predictions cover only some val images, only those are evaluated and a ``UserWarning``
-    says how many (use :func:`evaluate_widerface` for the counts and PR curves).
+    says how many (use :func:`evaluate_widerface` for the counts and PR curves). A setting with no
+    ground-truth face among those images has no AP: its key is *omitted* (never ``nan``) and a
+    ``UserWarning`` names it and the reason (``evaluate_widerface(...).skipped``).
     """
     return dict(evaluate_widerface(predictions, gt_dir).ap)
