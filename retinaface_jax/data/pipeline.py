@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import gc
 import logging
+import multiprocessing
+import os
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,8 @@ from retinaface_jax.data.targets import DEFAULT_MAX_FACES, pad_targets, warn_cro
 log = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
+# exit status of a data-loader worker that ended because its parent process died
+EXIT_PARENT_GONE = 3
 
 
 def steps_per_epoch(num_records: int, batch_size: int) -> int:
@@ -157,9 +162,37 @@ class StepBatches:
 
 
 def _init_worker(worker_index: int, worker_count: int) -> None:
-    """Each grain worker is one process: keep OpenCV single-threaded to avoid oversubscription."""
+    """Each grain worker is one process: keep OpenCV single-threaded to avoid oversubscription,
+    and end the worker with its parent."""
     del worker_index, worker_count
     cv2.setNumThreads(1)
+    exit_with_parent()
+
+
+def exit_with_parent() -> None:
+    """In a multiprocessing child: end this process as soon as its parent has died.
+
+    A grain worker whose training process was SIGKILLed (the OOM killer) blocks forever on its
+    full output queue, holding its memory and keeping multiprocessing's resource tracker alive:
+    the tracker unlinks the run's leftover shared memory and semaphores (``/dev/shm``) only once
+    every process holding its pipe has exited. The parent's sentinel, a pipe whose write end
+    only the parent holds, turns readable when the parent dies; a daemon thread waits on it
+    (no polling, any platform, no race: a parent already gone returns at once).
+    ``prctl(PR_SET_PDEATHSIG)`` is not used: it fires when the parent *thread* that started the
+    worker ends, and grain starts its workers from a thread pool.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:  # not a multiprocessing child (e.g. num_workers=0): nothing to watch
+        return
+    threading.Thread(
+        target=_exit_when_gone, args=(parent,), name="exit-with-parent", daemon=True
+    ).start()
+
+
+def _exit_when_gone(parent: multiprocessing.process.BaseProcess) -> None:
+    """Wait for ``parent`` to die, then exit at once (no cleanup that could block)."""
+    parent.join()
+    os._exit(EXIT_PARENT_GONE)
 
 
 def make_train_dataset(
