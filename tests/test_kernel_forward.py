@@ -838,7 +838,7 @@ def test_kernel_forward_on_uint8_equals_mean_subtracted_float(request, shared, b
     """A uint8 image (the stem kernel subtracts the mean; for ResNet50, XLA does) gives the bits of
     its float32 ``x - mean``, also inside a valid region (padded inputs: the mean is subtracted
     before the padded border is zeroed)."""
-    from retinaface_jax.inference.padding import valid_region
+    from retinaface_jax.inference.padding import PaddedRegion, masked_for_padding
     from retinaface_jax.models.kernel_forward import kernel_forward
 
     model = request.getfixturevalue(backbone)
@@ -847,11 +847,13 @@ def test_kernel_forward_on_uint8_equals_mean_subtracted_float(request, shared, b
     flt = img.astype(np.float32) - MEAN
 
     def run(x, valid_hw=None):
-        body = None if plan.mobilenet_body else model.body.features
-        if valid_hw is None:
-            return kernel_forward(plan, params, x, body)
-        with valid_region(valid_hw, x.shape[1:3]):
-            return kernel_forward(plan, params, x, body)
+        region = None if valid_hw is None else PaddedRegion(valid_hw, x.shape[1:3])
+        body = None
+        if not plan.mobilenet_body:
+            graphdef, state = nnx.split(model)
+            copy = nnx.merge(graphdef, state)
+            body = (copy if region is None else masked_for_padding(copy, region)).body.features
+        return kernel_forward(plan, params, x, body, region)
 
     run = jax.jit(run)
     for got, ref in zip(run(img), run(flt), strict=True):

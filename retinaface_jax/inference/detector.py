@@ -23,7 +23,7 @@ from retinaface_jax.config import RetinaFaceConfig, dump_config, get_config
 from retinaface_jax.inference import buckets
 from retinaface_jax.inference.compile_cache import enable_compilation_cache
 from retinaface_jax.inference.face import Face
-from retinaface_jax.inference.padding import mask_padded, masked_for_padding, valid_region
+from retinaface_jax.inference.padding import PaddedRegion, mask_padded, masked_for_padding
 from retinaface_jax.inference.postprocess import (
     detections_native,
     nms_rows,
@@ -84,25 +84,17 @@ def _detect_program(
     """
     leaves, kparams = weights
     model = rebuild(leaves) if leaves else None
-    if plan is None:
-        x = subtract_mean(images, cfg.rgb_mean)
-    else:  # kernel_forward subtracts the mean (in its stem kernel, for a uint8 image)
-        x = images
-
-    def forward(x):
-        if plan is not None:
-            return kernel_forward(plan, kparams, x, model.body.features if model else None)
-        return model(x)
-
-    if masked:
-        if model is not None:
-            model = masked_for_padding(model)
-        with valid_region(valid_hw, images.shape[1:3]):
-            if plan is None:  # (kernel_forward masks its input itself)
-                x = mask_padded(x)  # the padded border is zero after mean subtraction
-            loc, conf, landms = forward(x)
-    else:
-        loc, conf, landms = forward(x)
+    # the native stem kernel subtracts the mean itself, from a uint8 image only
+    stem_subtracts = plan is not None and images.dtype == jnp.uint8
+    x = images if stem_subtracts else subtract_mean(images, cfg.rgb_mean)
+    region = PaddedRegion(valid_hw, images.shape[1:3]) if masked else None
+    if region is not None and model is not None:
+        model = masked_for_padding(model, region)
+    if plan is not None:  # (kernel_forward masks its input itself)
+        body = model.body.features if model is not None else None
+        loc, conf, landms = kernel_forward(plan, kparams, x, body, region)
+    else:  # the padded border is zero after mean subtraction
+        loc, conf, landms = model(mask_padded(x, region))
     priors_np, strides_np = pixel_priors(cfg, images.shape[1], images.shape[2])
     priors, strides = jnp.asarray(priors_np), jnp.asarray(strides_np)
     valid = prior_valid_mask(priors, strides, valid_hw)

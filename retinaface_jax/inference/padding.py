@@ -10,17 +10,17 @@ bucket, the FPN's nearest upsampling maps ``i -> floor(i / 2)`` as it does for t
 sizes, and the valid outputs are bit-identical to an unpadded run (tests check this). For ResNet50
 the stem BatchNorm's output is masked too, so the 3x3 max-pool never sees padded activations.
 
+The padded region is an explicit value, :class:`PaddedRegion`, handed to whatever runs the
+network: no module state, so concurrent traces in several threads cannot see each other's region.
 Usage (inside a traced function, on a throwaway merged copy of the model)::
 
-    model = masked_for_padding(nnx.merge(graphdef, state))
-    with valid_region(valid_hw, images.shape[1:3]):
-        outputs = model(images)
+    region = PaddedRegion(valid_hw, images.shape[1:3])
+    outputs = masked_for_padding(nnx.merge(graphdef, state), region)(images)
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,31 +28,21 @@ from flax import nnx
 
 from retinaface_jax.models.layers import BatchNorm2d, Conv2d
 
-_REGION: tuple[jax.Array, tuple[int, int]] | None = None
+
+class PaddedRegion(NamedTuple):
+    """Images of a padded batch ``[B, *padded_hw, C]`` are valid in their top-left
+    ``valid_hw [B, 2]`` pixels."""
+
+    valid_hw: jax.Array
+    padded_hw: tuple[int, int]
 
 
-@contextlib.contextmanager
-def valid_region(valid_hw: jax.Array, padded_hw: tuple[int, int]) -> Iterator[None]:
-    """While tracing: images of the batch are valid in their top-left ``valid_hw [B, 2]`` pixels."""
-    global _REGION
-    previous = _REGION
-    _REGION = (valid_hw, (int(padded_hw[0]), int(padded_hw[1])))
-    try:
-        yield
-    finally:
-        _REGION = previous
-
-
-def region_active() -> bool:
-    """Whether a :func:`valid_region` is in effect (padded inputs are being masked)."""
-    return _REGION is not None
-
-
-def mask_padded(x: jax.Array) -> jax.Array:
-    """Zero ``x [B, h, w, C]`` outside each image's valid extent (identity outside a region)."""
-    if _REGION is None:
+def mask_padded(x: jax.Array, region: PaddedRegion | None) -> jax.Array:
+    """Zero ``x [B, h, w, C]`` outside each image's valid extent (identity when ``region`` is
+    None)."""
+    if region is None:
         return x
-    valid_hw, (hb, wb) = _REGION
+    valid_hw, (hb, wb) = region.valid_hw, (int(region.padded_hw[0]), int(region.padded_hw[1]))
     fh, fw = hb // x.shape[1], wb // x.shape[2]
     if fh * x.shape[1] != hb or fw * x.shape[2] != wb:
         raise ValueError(f"feature map {x.shape[1:3]} does not divide the padded input {hb}x{wb}")
@@ -63,28 +53,37 @@ def mask_padded(x: jax.Array) -> jax.Array:
     return jnp.where((rows & cols)[..., None], x, jnp.zeros((), x.dtype))
 
 
+_REGION_ATTR = "_padded_region"  # set on the throwaway copy's masking modules only
+
+
 class _MaskedInputConv2d(Conv2d):
     def __call__(self, x: jax.Array) -> jax.Array:
-        return super().__call__(mask_padded(x))
+        return super().__call__(mask_padded(x, getattr(self, _REGION_ATTR)))
 
 
 class _MaskedOutputBatchNorm2d(BatchNorm2d):
     def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
-        return mask_padded(super().__call__(x, *args, **kwargs))
+        return mask_padded(super().__call__(x, *args, **kwargs), getattr(self, _REGION_ATTR))
 
 
-def masked_for_padding(model: nnx.Module) -> nnx.Module:
-    """Make ``model`` (in place) mask padded regions inside :func:`valid_region`; returns it.
+def _mask_with(module: nnx.Module, cls: type, region: PaddedRegion) -> None:
+    module.__class__ = cls
+    object.__setattr__(module, _REGION_ATTR, region)  # plain Python data, not model state
+
+
+def masked_for_padding(model: nnx.Module, region: PaddedRegion) -> nnx.Module:
+    """Make ``model`` (in place) zero the padded ``region`` before every padded convolution (and
+    after ResNet50's stem BatchNorm); returns it.
 
     Meant for a throwaway copy (e.g. the result of ``nnx.merge`` inside a jitted function): the
     classes of padded ``Conv2d`` modules (and ResNet50's stem BatchNorm) are swapped for masking
-    subclasses; parameters and results outside a ``valid_region`` are unchanged.
+    subclasses that hold ``region``; parameters are unchanged.
     """
     for _, module in nnx.iter_modules(model):
         if type(module) is Conv2d and module.padding > 0:
-            module.__class__ = _MaskedInputConv2d
+            _mask_with(module, _MaskedInputConv2d, region)
     body = getattr(model, "body", None)
     stem_bn = getattr(body, "bn1", None)
     if type(stem_bn) is BatchNorm2d:
-        stem_bn.__class__ = _MaskedOutputBatchNorm2d
+        _mask_with(stem_bn, _MaskedOutputBatchNorm2d, region)
     return model

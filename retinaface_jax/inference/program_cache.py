@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -84,13 +85,17 @@ class ExportedPrograms:
             ]
         )
         self._programs: dict[tuple, Callable[..., Any]] = {}
+        self._lock = threading.Lock()  # first calls from several threads export each key once
 
     def __call__(self, *args: Any, **static: Any) -> Any:
         rest = args[1:]
         key = (_signature(rest), tuple(sorted(static.items())))
         program = self._programs.get(key)
         if program is None:
-            program = self._programs[key] = self._load_or_export(args, static, key)
+            with self._lock:
+                program = self._programs.get(key)
+                if program is None:
+                    program = self._programs[key] = self._load_or_export(args, static, key)
         return program(*args)
 
     def path_for(self, key: tuple) -> Path:

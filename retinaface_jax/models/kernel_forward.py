@@ -16,8 +16,8 @@ layer as fused conv -> BatchNorm -> activation kernels:
   ``[B, cells, channels]`` array that is split into loc / conf / landms.
 :func:`kernel_params` folds and packs the parameters once on the host into one flat buffer and a
 static :class:`KernelPlan` (the layers' offsets and shapes); :func:`kernel_forward` runs the plan.
-With padded inputs the same masking as the XLA path applies (``inference.padding.mask_padded``
-before every padded convolution).
+With padded inputs (``region``) the same masking as the XLA path applies
+(``inference.padding.mask_padded`` before every padded convolution).
 """
 
 from __future__ import annotations
@@ -137,23 +137,23 @@ def kernel_params(model: nnx.Module) -> tuple[np.ndarray, KernelPlan]:
     return buf.array(), plan
 
 
-def _run(plan: KernelPlan, params: jax.Array, name: str, x: jax.Array) -> jax.Array:
+def _run(
+    plan: KernelPlan, params: jax.Array, name: str, x: jax.Array, region: Any = None
+) -> jax.Array:
     from retinaface_jax.inference.padding import mask_padded
 
     layer = plan.layers[name]
     if isinstance(layer, ops.DwLayer):
-        return ops.conv_dw(mask_padded(x), params, layer)
+        return ops.conv_dw(mask_padded(x, region), params, layer)
     if x.dtype == jnp.uint8:  # the image, read by the stem kernel (see _network_input)
         return ops.conv(x, params, layer, mean=plan.mean)
-    return ops.conv(mask_padded(x) if layer.padding else x, params, layer)
+    return ops.conv(mask_padded(x, region) if layer.padding else x, params, layer)
 
 
-def _network_input(plan: KernelPlan, params: jax.Array, x: jax.Array) -> jax.Array:
+def _network_input(plan: KernelPlan, params: jax.Array, x: jax.Array, masked: bool) -> jax.Array:
     """A uint8 image stays uint8 when the MobileNetV1 stem kernel can subtract the mean itself
     (no padded region to zero: masking needs the float input); else ``float32(x) - mean`` here."""
-    from retinaface_jax.inference.padding import region_active
-
-    if x.dtype != jnp.uint8 or (plan.mobilenet_body and not region_active()):
+    if x.dtype != jnp.uint8 or (plan.mobilenet_body and not masked):
         return x
     return x.astype(jnp.float32) - params[plan.mean : plan.mean + x.shape[-1]]
 
@@ -163,38 +163,46 @@ def kernel_forward(
     params: jax.Array,
     x: jax.Array,
     body: Callable[[jax.Array], list[jax.Array]] | None = None,
+    region: Any = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``model(x)`` (eval mode) on the native kernels: ``(loc, conf_logits, landms)``.
 
     ``plan, params = kernel_params(model)``; ``x``: float32 BGR minus the mean, or the uint8 BGR
     image (the same as ``float32(x) - cfg.rgb_mean``); ``body``: the backbone's ``features`` when
-    it is not MobileNetV1 (e.g. ``model.body.features`` for ResNet50, which runs on XLA).
+    it is not MobileNetV1 (e.g. ``model.body.features`` for ResNet50, which runs on XLA; pass a
+    model masked for ``region``, ``inference.padding.masked_for_padding``). ``region``: an
+    ``inference.padding.PaddedRegion`` for padded inputs (zeroed before every padded
+    convolution), or None.
     """
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype not in (jnp.float32, jnp.uint8):
         raise ValueError(
             f"RetinaFace input: expected [B,H,W,3] float32 or uint8 (NHWC, BGR), got "
             f"{x.shape} {x.dtype}"
         )
-    x = _network_input(plan, params, x)
+    x = _network_input(plan, params, x, region is not None)
     if plan.mobilenet_body:
         feats = []
         for name, n in (("stage1", 6), ("stage2", 6), ("stage3", 2)):
             for i in range(n):
-                x = _run(plan, params, f"body.{name}.{i}", x)
+                x = _run(plan, params, f"body.{name}.{i}", x, region)
             feats.append(x)
     elif body is None:
         raise ValueError("kernel_forward: this model's body is not MobileNetV1; pass body=")
     else:
         feats = body(x)
-    o1, o2, o3 = (_run(plan, params, f"fpn.output{i + 1}", f) for i, f in enumerate(feats))
-    o2 = _run(plan, params, "fpn.merge2", o2 + upsample_nearest(o3, o2.shape[1:3]))
-    o1 = _run(plan, params, "fpn.merge1", o1 + upsample_nearest(o2, o1.shape[1:3]))
+
+    def run(name: str, x: jax.Array) -> jax.Array:
+        return _run(plan, params, name, x, region)
+
+    o1, o2, o3 = (run(f"fpn.output{i + 1}", f) for i, f in enumerate(feats))
+    o2 = run("fpn.merge2", o2 + upsample_nearest(o3, o2.shape[1:3]))
+    o1 = run("fpn.merge1", o1 + upsample_nearest(o2, o1.shape[1:3]))
     levels = []
     for level, f in enumerate((o1, o2, o3)):
         half, quarter = plan.ssh_channels[level]
-        a = _run(plan, params, f"ssh{level + 1}.a", f)
-        b = _run(plan, params, f"ssh{level + 1}.b", a)
-        c = _run(plan, params, f"ssh{level + 1}.c", b)
+        a = run(f"ssh{level + 1}.a", f)
+        b = run(f"ssh{level + 1}.b", a)
+        c = run(f"ssh{level + 1}.c", b)
         # the SSH output is [a[..., :half], b[..., :quarter], c]: read in place by the heads
         levels.append((plan.layers[f"heads.{level}"], ((a, half), (b, quarter), (c, quarter))))
     y = ops.heads(params, levels)  # [B, cells, (bbox | class | landmark) x anchors]
