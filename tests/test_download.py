@@ -128,8 +128,9 @@ def test_env_weights_take_precedence(server, cache, monkeypatch, shared):
 )
 def test_bad_transfers_are_refused_and_leave_nothing(server, cache, mode, match):
     server.mode = mode
-    with pytest.raises(WeightsError, match=match):
+    with pytest.raises(WeightsError, match=match) as info:
         resolve_weights("mobilenet0.25", base_url=server.url, progress=False)
+    assert info.value.__cause__ is None
     assert _leftovers(cache) == []
     server.mode = "ok"  # a later good download works
     assert resolve_weights("mobilenet0.25", base_url=server.url, progress=False).is_file()
@@ -152,9 +153,26 @@ def test_no_network(cache, monkeypatch):
         raise OSError(errno.ENETUNREACH, "Network is unreachable")
 
     monkeypatch.setattr(socket, "create_connection", unreachable)
-    with pytest.raises(WeightsError, match="cannot reach.*--weights"):
+    with pytest.raises(WeightsError, match="cannot reach.*--weights") as info:
         resolve_weights("mobilenet0.25", progress=False)  # the real GitHub URL
     assert _leftovers(cache) == []
+    _assert_self_contained(info.value, cache)
+
+
+def _assert_self_contained(error: WeightsError, cache: Path) -> None:
+    """What failed, the file name, how to do without the download, where the cache is; and no
+    chained tracebacks (the message carries the cause)."""
+    msg = str(error)
+    assert f"could not download the weights file {MNET.filename}" in msg
+    assert "--weights PATH" in msg and "$RETINAFACE_WEIGHTS" in msg
+    assert str(cache / MNET.filename) in msg
+    assert error.__cause__ is None and error.__suppress_context__
+
+
+def test_unreachable_url_message(cache):
+    with pytest.raises(WeightsError, match="Connection refused") as info:
+        resolve_weights("mobilenet0.25", base_url="http://127.0.0.1:9/", progress=False)
+    _assert_self_contained(info.value, cache)
 
 
 def test_resnet50_path_with_stand_in(server, cache, monkeypatch):

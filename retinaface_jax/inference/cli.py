@@ -1,7 +1,10 @@
 """``python detect.py``: detect faces in images, folders and videos; write annotated copies + JSON.
 
-Every input is processed even when some fail: an unreadable or non-image file is named on stderr,
-skipped, and makes the exit status 1 at the end. Outputs never replace an input file.
+Every input is processed even when some fail: an unreadable, undecodable, oversized or
+unwritable input is named on stderr, skipped, and makes the exit status 1 at the end. Outputs
+never replace an input file (nor one written earlier in the run), whatever extension they end up
+with. User errors (bad options, bad weights, no network for the download) are one line on stderr;
+``--debug`` or ``RETINAFACE_DEBUG=1`` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -16,10 +20,19 @@ from typing import IO, Any
 import cv2
 import numpy as np
 
+from retinaface_jax.cli_errors import add_debug_flag, describe, run_cli
 from retinaface_jax.inference.align import align_faces
 from retinaface_jax.inference.draw import draw_faces
 from retinaface_jax.inference.face import Face
-from retinaface_jax.inference.preprocess import ImageError, load_image
+from retinaface_jax.inference.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    MAX_PIXELS_ENV,
+    ImageError,
+    check_pixels,
+    default_max_pixels,
+    load_image,
+    max_pixels_limit,
+)
 from retinaface_jax.inference.video import VideoError, VideoReader, is_video, open_writer
 from retinaface_jax.kernels.native import KERNEL_CHOICES
 
@@ -43,11 +56,14 @@ IMAGE_EXTENSIONS = (
     ".pic",
 )
 PROGRESS_MIN_INPUTS = 4
+PROG = "detect.py"
+# errors that skip one input instead of ending the run (cv2.error: OpenCV refusing an image)
+INPUT_ERRORS = (ImageError, VideoError, OSError, ValueError, RuntimeError, MemoryError, cv2.error)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="detect.py",
+        prog=PROG,
         description="RetinaFace face detection (boxes, scores, five landmarks) in JAX.",
     )
     p.add_argument(
@@ -121,8 +137,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: our native CPU kernels when JAX runs on the CPU and they build (once per "
         "machine), else XLA; native: require them; xla: never use them",
     )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"skip images (and videos) of more than N pixels, checked from the file header "
+        f"before decoding (default: ${MAX_PIXELS_ENV} or {DEFAULT_MAX_PIXELS:,}; 0 = no limit)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug_flag(p)
     return p
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad option values up front (a usage error, exit 2), before any work is done."""
+    for flag in ("batch_size", "top_k", "keep_top_k", "target_size", "max_size"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {v}")
+    for flag in ("vis_threshold", "conf_threshold", "nms_threshold"):
+        v = getattr(args, flag)
+        if v is not None and not 0.0 <= v <= 1.0:
+            parser.error(f"--{flag.replace('_', '-')} must be between 0 and 1, got {v}")
+    if args.max_pixels is not None and args.max_pixels < 0:
+        parser.error(f"--max-pixels must be >= 0 (0 = no limit), got {args.max_pixels}")
+    if args.origin_size and args.max_size is not None:
+        parser.error("--origin-size cannot be combined with --max-size")
 
 
 def collect_inputs(paths: Sequence[str]) -> tuple[list[tuple[Path, Path]], list[str]]:
@@ -143,6 +184,8 @@ def collect_inputs(paths: Sequence[str]) -> tuple[list[tuple[Path, Path]], list[
             files.extend((f, p) for f in found)
         elif p.is_file():
             files.append((p, p.parent))
+        elif p.exists():
+            errors.append(f"{p}: not a regular file or directory")
         else:
             errors.append(f"{p}: no such file or directory")
     return files, errors
@@ -151,22 +194,31 @@ def collect_inputs(paths: Sequence[str]) -> tuple[list[tuple[Path, Path]], list[
 class _Outputs:
     """Chooses output paths: mirrors directory structure, never an input file, never twice."""
 
-    def __init__(self, out_dir: Path, inputs: Sequence[Path]):
+    def __init__(self, out_dir: Path, inputs: Sequence[Path], reserved: Sequence[Path] = ()):
         self.out_dir = out_dir
         self.inputs = {p.resolve() for p in inputs}
-        self.used: set[Path] = set()
+        self.input_ids = {_file_id(p) for p in inputs} - {None}  # hard links to an input too
+        self.used: set[Path] = {p.resolve() for p in reserved}
 
-    def path_for(self, src: Path, root: Path, sub: str = "") -> Path:
-        """``OUT/[sub/]<src relative to root>``, renamed ``<stem>_det[N]`` if it would hit an input
-        or an output already written in this run."""
+    def _taken(self, path: Path) -> bool:
+        resolved = path.resolve()
+        if resolved in self.inputs or resolved in self.used:
+            return True
+        return _file_id(path) in self.input_ids
+
+    def path_for(self, src: Path, root: Path, sub: str = "", suffix: str | None = None) -> Path:
+        """``OUT/[sub/]<src relative to root>`` (with ``suffix`` if given), renamed
+        ``<stem>_det[N]`` if it would hit an input or an output already written in this run."""
         try:
             rel = src.resolve().relative_to(root.resolve())
         except ValueError:
             rel = Path(src.name)
+        if suffix is not None:
+            rel = rel.with_name(rel.stem + suffix)
         base = self.out_dir / sub if sub else self.out_dir
         cand = base / rel
         n = 0
-        while cand.resolve() in self.inputs or cand.resolve() in self.used:
+        while self._taken(cand):
             n += 1
             cand = base / rel.with_name(f"{rel.stem}_det{'' if n == 1 else n}{rel.suffix}")
         self.used.add(cand.resolve())
@@ -174,12 +226,35 @@ class _Outputs:
         return cand
 
 
-def _write_image(path: Path, image: np.ndarray) -> None:
-    ok, buf = cv2.imencode(path.suffix if path.suffix else ".jpg", image)
-    if not ok:
-        path = path.with_suffix(".png")
-        ok, buf = cv2.imencode(".png", image)
-    buf.tofile(str(path))
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def encode_image(image: np.ndarray, suffix: str) -> tuple[str, np.ndarray]:
+    """``(suffix, encoded bytes)``: in the input's format if OpenCV can write it there (e.g. not
+    3-channel .pgm, nor .exr without OpenEXR), else as PNG."""
+    for ext in dict.fromkeys((suffix.lower() or ".png", ".png")):
+        ok, buf = _try_encode(ext, image)
+        if ok:
+            return (suffix if ext == suffix.lower() else ext), buf
+    raise ImageError(f"cannot encode a {image.shape} {image.dtype} image")
+
+
+def _try_encode(ext: str, image: np.ndarray) -> tuple[bool, np.ndarray]:
+    """``cv2.imencode`` without its error log (a refused format only means the PNG fallback)."""
+    logging = cv2.utils.logging
+    level = logging.getLogLevel()
+    logging.setLogLevel(logging.LOG_LEVEL_SILENT)
+    try:
+        return cv2.imencode(ext, image)
+    except cv2.error:
+        return False, np.empty(0, np.uint8)
+    finally:
+        logging.setLogLevel(level)
 
 
 class _Runner:
@@ -196,87 +271,124 @@ class _Runner:
             self.kw["top_k"] = args.top_k
         if args.keep_top_k is not None:
             self.kw["keep_top_k"] = args.keep_top_k
-        self.failed: list[str] = []
+        self.failed: dict[Path, str] = {}  # input -> first error
         self.num_faces = 0
 
-    def fail(self, msg: str) -> None:
-        self.failed.append(msg)
+    def fail(self, src: Path, msg: str, error: BaseException | None = None) -> None:
+        """Report one failed input (once) and carry on; ``--debug`` adds the traceback."""
+        if error is not None and self.args.debug:
+            traceback.print_exception(error, file=sys.stderr)
+        if src not in self.failed:
+            self.failed[src] = msg
         print(f"error: {msg} (skipped)", file=sys.stderr)
+
+    def fail_with(self, src: Path, what: str, error: BaseException) -> None:
+        """``fail`` for an exception: ImageError/VideoError messages already name the input."""
+        if isinstance(error, ImageError | VideoError) and str(error).startswith(str(src)):
+            self.fail(src, str(error), error)
+        else:
+            self.fail(src, f"{src}: {what}: {describe(error)}", error)
 
     def emit(self, record: dict[str, Any]) -> None:
         if self.json_out is not None:
             self.json_out.write(json.dumps(record) + "\n")
             self.json_out.flush()
 
+    def write(self, src: Path, root: Path, image: np.ndarray, sub: str = "") -> Path:
+        """Encode (falling back to PNG), then pick the path for the format actually written."""
+        suffix, buf = encode_image(image, src.suffix)
+        path = self.outputs.path_for(src, root, sub, suffix)
+        buf.tofile(str(path))
+        return path
+
     def save(self, src: Path, root: Path, image: np.ndarray, faces: list[Face]) -> None:
-        if not self.args.no_draw:
-            _write_image(self.outputs.path_for(src, root), draw_faces(image, faces, self.vis))
-        if self.args.save_crops:
-            shown = [f for f in faces if f.score >= self.vis]
-            for i, crop in enumerate(align_faces(image, shown)):
-                crop_src = src.with_name(f"{src.stem}_face{i:03d}.png")
-                _write_image(self.outputs.path_for(crop_src, root, sub="crops"), crop)
+        try:
+            if not self.args.no_draw:
+                self.write(src, root, draw_faces(image, faces, self.vis))
+            if self.args.save_crops:
+                shown = [f for f in faces if f.score >= self.vis]
+                for i, crop in enumerate(align_faces(image, shown)):
+                    self.write(src.with_name(f"{src.stem}_face{i:03d}.png"), root, crop, "crops")
+        except INPUT_ERRORS as e:
+            self.fail_with(src, "cannot write the output", e)
+
+    def detect(self, chunk: list[tuple[Path, Any]]) -> list[list[Face] | None]:
+        """Faces per image of a batch; if the batch fails, image by image (None = failed)."""
+        try:
+            return list(self.det.detect_batch([img for _, img in chunk], **self.kw))
+        except INPUT_ERRORS as e:
+            if len(chunk) == 1:
+                self.fail_with(chunk[0][0], "detection failed", e)
+                return [None]
+        return [self.detect([item])[0] for item in chunk]
+
+    def load(self, src: Path) -> np.ndarray | None:
+        try:
+            return load_image(src)
+        except INPUT_ERRORS as e:
+            self.fail_with(src, "cannot read the image", e)
+            return None
 
     def images(self, items: list[tuple[Path, Path]], bar) -> None:
         bs = max(1, self.args.batch_size)
         for s in range(0, len(items), bs):
             chunk = []
             for src, root in items[s : s + bs]:
-                try:
-                    chunk.append((src, root, load_image(src)))
-                except ImageError as e:
-                    self.fail(str(e))
+                img = self.load(src)
+                if img is None:
                     bar.update(1)
+                else:
+                    chunk.append((src, root, img))
             if not chunk:
                 continue
-            results = self.det.detect_batch([img for _, _, img in chunk], **self.kw)
+            results = self.detect([(src, img) for src, _, img in chunk])
             for (src, root, img), faces in zip(chunk, results, strict=True):
-                self.num_faces += len(faces)
-                self.emit({"image": str(src), "faces": [f.to_dict() for f in faces]})
-                self.save(src, root, img, faces)
+                if faces is not None:
+                    self.num_faces += len(faces)
+                    self.emit({"image": str(src), "faces": [f.to_dict() for f in faces]})
+                    self.save(src, root, img, faces)
                 bar.update(1)
 
     def video(self, src: Path, root: Path) -> None:
         try:
             reader = VideoReader(src)
-        except VideoError as e:
-            self.fail(str(e))
+        except INPUT_ERRORS as e:
+            self.fail_with(src, "cannot open the video", e)
             return
         writer = None
+        frames: list[np.ndarray] = []
+        index = 0
+
+        def flush():
+            nonlocal index
+            results = self.det.detect_batch(frames, **self.kw) if frames else []
+            for frame, faces in zip(frames, results, strict=True):
+                self.num_faces += len(faces)
+                self.emit(
+                    {"image": str(src), "frame": index, "faces": [f.to_dict() for f in faces]}
+                )
+                if writer is not None:
+                    writer.write(draw_faces(frame, faces, self.vis))
+                index += 1
+            frames.clear()
+
         try:
+            check_pixels(str(src), *reader.size)
             if not self.args.no_draw:
                 writer = open_writer(
                     self.outputs.path_for(src, root), reader.fps, reader.size, reader.fourcc
                 )
-            frames: list[np.ndarray] = []
-            index = 0
-            n_read = 0
-
-            def flush():
-                nonlocal index
-                for frame, faces in zip(
-                    frames, self.det.detect_batch(frames, **self.kw), strict=True
-                ):
-                    self.num_faces += len(faces)
-                    self.emit(
-                        {"image": str(src), "frame": index, "faces": [f.to_dict() for f in faces]}
-                    )
-                    if writer is not None:
-                        writer.write(draw_faces(frame, faces, self.vis))
-                    index += 1
-                frames.clear()
-
-            for frame in reader:
-                n_read += 1
-                frames.append(frame)
-                if len(frames) >= max(1, self.args.batch_size):
-                    flush()
-            if frames:
-                flush()
-            if n_read == 0:
-                self.fail(f"{src}: no frames could be read from the video")
-        except VideoError as e:
-            self.fail(str(e))
+            try:
+                for frame in reader:
+                    frames.append(frame)
+                    if len(frames) >= max(1, self.args.batch_size):
+                        flush()
+            finally:
+                flush()  # the frames read before a decoding error are still processed
+            if reader.frames_read == 0:
+                self.fail(src, f"{src}: no frames could be read from the video")
+        except INPUT_ERRORS as e:
+            self.fail_with(src, "video failed", e)
         finally:
             reader.close()
             if writer is not None:
@@ -284,19 +396,23 @@ class _Runner:
 
 
 def main(argv: Sequence[str] | None = None, *, detector: Any = None) -> int:
-    """Run the CLI; returns the exit status (0 ok, 1 if any input failed, 2 usage error).
+    """Run the CLI; returns the exit status (0 ok, 1 if any input failed, 2 usage or user error).
 
     ``detector`` injects a ready ``Detector`` (tests, embedding); otherwise one is built from
-    ``--weights`` / ``--backbone`` and the size options.
+    ``--weights`` / ``--backbone`` and the size options. User errors (bad weights, no network,
+    an unusable ``--output``) are one line on stderr unless ``--debug`` / ``RETINAFACE_DEBUG=1``.
     """
-    from tqdm import tqdm
+    return run_cli(PROG, lambda a: _main(a, detector), argv)
 
+
+def _main(argv: Sequence[str] | None, detector: Any) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.batch_size <= 0:
-        parser.error("--batch-size must be positive")
-    if args.origin_size and args.max_size is not None:
-        parser.error("--origin-size cannot be combined with --max-size")
+    check_args(parser, args)
+    try:
+        max_pixels = default_max_pixels() if args.max_pixels is None else args.max_pixels
+    except ValueError as e:
+        parser.error(str(e))
     files, errors = collect_inputs(args.inputs)
     for msg in errors:
         print(f"error: {msg} (skipped)", file=sys.stderr)
@@ -304,6 +420,9 @@ def main(argv: Sequence[str] | None = None, *, detector: Any = None) -> int:
     json_path = None if args.json in (None, "-") else Path(args.json)
     if json_path is not None and json_path.resolve() in {p.resolve() for p in input_paths}:
         parser.error(f"--json {json_path} is one of the inputs; refusing to overwrite it")
+    if not files:
+        print(f"{PROG}: error: no input to process", file=sys.stderr)
+        return 1
     if detector is None:
         from retinaface_jax.inference.detector import Detector
 
@@ -317,6 +436,29 @@ def main(argv: Sequence[str] | None = None, *, detector: Any = None) -> int:
             kernels=args.kernels,
         )
     args.output.mkdir(parents=True, exist_ok=True)
+    outputs = _Outputs(args.output, input_paths, [json_path] if json_path else [])
+    with max_pixels_limit(max_pixels):
+        runner = _run(args, detector, json_path, outputs, files)
+    failed = len(runner.failed) + len(errors)
+    done = len(files) - len(runner.failed)
+    print(
+        f"{done} input(s) processed, {runner.num_faces} face(s) found, {failed} failed; "
+        f"outputs in {args.output}",
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
+
+
+def _run(
+    args: argparse.Namespace,
+    detector: Any,
+    json_path: Path | None,
+    outputs: _Outputs,
+    files: list[tuple[Path, Path]],
+) -> _Runner:
+    """Process every input (images first, in batches, then videos); returns the runner."""
+    from tqdm import tqdm
+
     json_out: IO[str] | None
     if args.json == "-":
         json_out = sys.stdout
@@ -325,7 +467,7 @@ def main(argv: Sequence[str] | None = None, *, detector: Any = None) -> int:
         json_out = open(json_path, "w", encoding="utf-8")  # noqa: SIM115
     else:
         json_out = None
-    runner = _Runner(args, detector, json_out, _Outputs(args.output, input_paths))
+    runner = _Runner(args, detector, json_out, outputs)
     images = [(f, r) for f, r in files if not is_video(f)]
     videos = [(f, r) for f, r in files if is_video(f)]
     try:
@@ -342,11 +484,4 @@ def main(argv: Sequence[str] | None = None, *, detector: Any = None) -> int:
     finally:
         if json_out is not None and json_out is not sys.stdout:
             json_out.close()
-    failed = len(runner.failed) + len(errors)
-    done = len(files) - len(runner.failed)
-    print(
-        f"{done} input(s) processed, {runner.num_faces} face(s) found, {failed} failed; "
-        f"outputs in {args.output}",
-        file=sys.stderr,
-    )
-    return 1 if failed else 0
+    return runner

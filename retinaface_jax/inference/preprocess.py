@@ -2,8 +2,9 @@
 
 ``load_image`` turns a path or an array into a contiguous ``[H, W, 3]`` BGR image (uint8, or
 float32 for float input), converting grayscale, BGRA/RGBA and 16-bit images, and rejects anything
-else with an error that names the input. ``resize_factor`` implements the original's scale rules;
-``to_network_input`` resizes like the original (float32 ``cv2.resize``) and subtracts the mean
+else with an error that names the input; images over a pixel cap (100 megapixels by default) are
+refused, files from their header before decoding. ``resize_factor`` implements the original's
+scale rules; ``to_network_input`` resizes like the original (float32 ``cv2.resize``) and subtracts the mean
 (``subtract_mean``, from ``retinaface_jax.mean_subtraction``, which the detector, the model
 and the train step use inside their programs).
 """
@@ -11,8 +12,13 @@ and the train step use inside their programs).
 from __future__ import annotations
 
 import os
+import re
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
@@ -23,32 +29,303 @@ ImageInput = str | os.PathLike | np.ndarray
 
 
 class ImageError(ValueError):
-    """An input that is not a usable image (unreadable file, wrong shape or dtype)."""
+    """An input that is not a usable image (unreadable file, wrong shape or dtype, too large)."""
 
 
-def read_image_file(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file with OpenCV (any depth and channel count kept), or raise ImageError."""
+# -- the pixel cap -------------------------------------------------------------------------------
+MAX_PIXELS_ENV = "RETINAFACE_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 100_000_000
+_max_pixels_override: ContextVar[int | None] = ContextVar("max_pixels", default=None)
+
+
+def default_max_pixels() -> int:
+    """The pixel cap when none is passed: :func:`max_pixels_limit`'s value, else
+    ``$RETINAFACE_MAX_PIXELS``, else 100 megapixels; ``0`` means no cap."""
+    override = _max_pixels_override.get()
+    if override is not None:
+        return override
+    env = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not env:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(env)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"${MAX_PIXELS_ENV}={env!r}: expected a pixel count >= 0 (0 = no cap)")
+    return value
+
+
+@contextmanager
+def max_pixels_limit(max_pixels: int) -> Iterator[None]:
+    """Within the block, ``load_image`` calls without ``max_pixels=`` use this cap (the CLI's
+    ``--max-pixels`` reaches the detector's own ``load_image`` this way)."""
+    token = _max_pixels_override.set(_check_cap(max_pixels))
+    try:
+        yield
+    finally:
+        _max_pixels_override.reset(token)
+
+
+def _check_cap(max_pixels: int | None) -> int:
+    if max_pixels is None:
+        return default_max_pixels()
+    if not isinstance(max_pixels, int | np.integer) or max_pixels < 0:
+        raise ValueError(f"max_pixels: expected an integer >= 0 (0 = no cap), got {max_pixels!r}")
+    return int(max_pixels)
+
+
+def check_pixels(label: str, width: int, height: int, max_pixels: int | None = None) -> None:
+    """Raise ImageError naming ``label``, its size and the cap if ``width * height`` exceeds it."""
+    cap = _check_cap(max_pixels)
+    if cap and width * height > cap:
+        raise ImageError(
+            f"{label}: {width}x{height} image ({width * height:,} pixels) is larger than the "
+            f"limit of {cap:,} pixels (raise it with max_pixels=, --max-pixels or "
+            f"${MAX_PIXELS_ENV}; 0 = no limit)"
+        )
+
+
+# -- image sizes from file headers (no decoding) -------------------------------------------------
+_HEADER_BYTES = 1 << 16
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _png_size(head: bytes, f: BinaryIO) -> tuple[int, int] | None:
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return struct.unpack(">II", head[16:24])
+    return None
+
+
+def _gif_size(head: bytes, f: BinaryIO) -> tuple[int, int] | None:
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return struct.unpack("<HH", head[6:10])
+    return None
+
+
+def _bmp_size(head: bytes, f: BinaryIO) -> tuple[int, int] | None:
+    if head[:2] != b"BM" or len(head) < 26:
+        return None
+    if struct.unpack("<I", head[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+        return struct.unpack("<HH", head[18:22])
+    w, h = struct.unpack("<ii", head[18:26])
+    return abs(w), abs(h)  # negative height: rows stored top-down
+
+
+def _webp_size(head: bytes, f: BinaryIO) -> tuple[int, int] | None:
+    if head[:4] != b"RIFF" or head[8:12] != b"WEBP" or len(head) < 30:
+        return None
+    kind = head[12:16]
+    if kind == b"VP8 ":  # lossy: 14-bit sizes after the start code
+        w, h = struct.unpack("<HH", head[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if kind == b"VP8L":  # lossless: 14-bit (size - 1) fields packed after the signature
+        bits = struct.unpack("<I", head[21:25])[0]
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if kind == b"VP8X":  # extended: 24-bit (canvas size - 1)
+        return (
+            int.from_bytes(head[24:27], "little") + 1,
+            int.from_bytes(head[27:30], "little") + 1,
+        )
+    return None
+
+
+def _pnm_size(head: bytes, f: BinaryIO) -> tuple[int, int] | None:
+    """PBM/PGM/PPM (P1-P6), PAM (P7) and PFM (PF/Pf): sizes are ASCII numbers after the magic."""
+    if (
+        len(head) < 3
+        or head[0:1] != b"P"
+        or head[1:2] not in b"1234567fF"
+        or not head[2:3].isspace()
+    ):
+        return None
+    text = re.sub(rb"#[^\n]*", b"", head[2:4096])
+    if head[1:2] == b"7":
+        w, h = re.search(rb"WIDTH\s+(\d+)", text), re.search(rb"HEIGHT\s+(\d+)", text)
+        return (int(w[1]), int(h[1])) if w and h else None
+    tokens = text.split()
+    if len(tokens) < 2 or not (tokens[0].isdigit() and tokens[1].isdigit()):
+        return None
+    return int(tokens[0]), int(tokens[1])
+
+
+def _sunras_size(head: bytes, f: BinaryIO) -> tuple[int, int] | None:
+    if head[:4] == b"\x59\xa6\x6a\x95" and len(head) >= 12:
+        return struct.unpack(">II", head[4:12])
+    return None
+
+
+def _hdr_size(head: bytes, f: BinaryIO) -> tuple[int, int] | None:
+    """Radiance HDR: a text header, a blank line, then e.g. ``-Y 480 +X 640``."""
+    if not head.startswith((b"#?RADIANCE", b"#?RGBE")):
+        return None
+    m = re.search(rb"\n\n?([-+])([XY]) (\d+) ([-+])([XY]) (\d+)", head[:4096])
+    if m is None:
+        return None
+    first, second = int(m[3]), int(m[6])
+    return (second, first) if m[2] == b"Y" else (first, second)
+
+
+def _jp2_size(head: bytes, f: BinaryIO) -> tuple[int, int] | None:
+    """JPEG 2000: the ``ihdr`` box of a .jp2 file, or the SIZ marker of a bare codestream."""
+    if head[:12] == b"\x00\x00\x00\x0cjP  \r\n\x87\n":
+        i = head.find(b"ihdr")
+        if i >= 0 and len(head) >= i + 12:
+            h, w = struct.unpack(">II", head[i + 4 : i + 12])
+            return w, h
+    if head[:4] == b"\xff\x4f\xff\x51" and len(head) >= 24:
+        x, y, x0, y0 = struct.unpack(">IIII", head[8:24])
+        return x - x0, y - y0
+    return None
+
+
+def _avif_size(head: bytes, f: BinaryIO) -> tuple[int, int] | None:
+    """AVIF/HEIF: the largest ``ispe`` (image spatial extents) property in the header."""
+    if head[4:8] != b"ftyp" or not any(b in head[8:64] for b in (b"avif", b"avis", b"heic")):
+        return None
+    sizes = [
+        struct.unpack(">II", head[i + 8 : i + 16])
+        for i in (m.start() for m in re.finditer(b"ispe", head))
+        if len(head) >= i + 16
+    ]
+    return max(sizes, key=lambda s: s[0] * s[1]) if sizes else None
+
+
+def _jpeg_size(head: bytes, f: BinaryIO) -> tuple[int, int] | None:
+    """JPEG: walk the marker segments (EXIF etc. can be long) up to the start-of-frame."""
+    if head[:2] != b"\xff\xd8":
+        return None
+    pos = 2
+    for _ in range(10_000):
+        f.seek(pos)
+        seg = f.read(9)
+        if len(seg) < 2 or seg[0] != 0xFF:
+            return None
+        marker = seg[1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            pos += 2
+        elif len(seg) < 9:
+            return None
+        elif marker in _JPEG_SOF:
+            h, w = struct.unpack(">HH", seg[5:9])
+            return w, h
+        else:
+            pos += 2 + struct.unpack(">H", seg[2:4])[0]
+    return None
+
+
+def _tiff_size(head: bytes, f: BinaryIO) -> tuple[int, int] | None:
+    """TIFF: ImageWidth (256) and ImageLength (257) of the first image file directory."""
+    order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(head[:4])
+    if order is None:
+        return None
+    f.seek(struct.unpack(order + "I", head[4:8])[0])
+    count = f.read(2)
+    if len(count) < 2:
+        return None
+    entries = f.read(12 * min(struct.unpack(order + "H", count)[0], 4096))
+    dims = {}
+    for i in range(0, len(entries) - 11, 12):
+        tag, kind = struct.unpack(order + "HH", entries[i : i + 4])
+        if tag in (256, 257):
+            fmt = "H" if kind == 3 else "I"  # SHORT or LONG, left-justified in the value field
+            dims[tag] = struct.unpack(order + fmt, entries[i + 8 : i + 8 + struct.calcsize(fmt)])[0]
+    return (dims[256], dims[257]) if len(dims) == 2 else None
+
+
+_SIZE_READERS = (
+    _png_size,
+    _jpeg_size,
+    _gif_size,
+    _bmp_size,
+    _webp_size,
+    _tiff_size,
+    _pnm_size,
+    _sunras_size,
+    _hdr_size,
+    _jp2_size,
+    _avif_size,
+)
+
+
+def image_file_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(width, height)`` read from the file's header without decoding it, for PNG, JPEG, GIF,
+    BMP, WebP, TIFF, PNM/PAM/PFM, Sun raster, Radiance HDR, JPEG 2000 and AVIF; None otherwise
+    (or for a damaged header). Raises OSError if the file cannot be read."""
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_BYTES)
+        for reader in _SIZE_READERS:
+            try:
+                size = reader(head, f)
+            except (struct.error, ValueError, OverflowError):
+                size = None
+            if size is not None:
+                return int(size[0]), int(size[1])
+    return None
+
+
+def _cv_message(error: Exception) -> str:
+    """The useful part of a multi-line ``cv2.error`` message."""
+    text = " ".join(str(error).split())
+    return text.split(" error: ", 1)[-1]
+
+
+def read_image_file(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image file with OpenCV (any depth and channel count kept), or raise ImageError.
+
+    Images over the pixel cap (``max_pixels``, see :func:`default_max_pixels`) are refused from
+    their header, before they are decoded: a small file can claim a huge size. For formats whose
+    header we do not read, the cap is checked after decoding (OpenCV's own limit,
+    ``OPENCV_IO_MAX_IMAGE_PIXELS``, 2**30 by default, bounds that).
+    """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ImageError(f"{p}: no such image file")
-    data = np.fromfile(p, dtype=np.uint8)  # works for non-ASCII paths, unlike cv2.imread
-    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    if not p.is_file():
+        raise ImageError(f"{p}: not a regular file (a directory, pipe or device)")
+    cap = _check_cap(max_pixels)
+    try:
+        size = image_file_size(p)
+        if size is not None:
+            check_pixels(str(p), *size, cap)
+        data = np.fromfile(p, dtype=np.uint8)  # works for non-ASCII paths, unlike cv2.imread
+    except OSError as e:
+        raise ImageError(f"{p}: cannot read the file ({e.strerror or e})") from None
+    except MemoryError:
+        raise ImageError(f"{p}: out of memory reading the file") from None
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except cv2.error as e:
+        if "CV_IO_MAX_IMAGE_PIXELS" in str(e):
+            raise ImageError(
+                f"{p}: image is larger than OpenCV's pixel limit (OPENCV_IO_MAX_IMAGE_PIXELS)"
+            ) from None
+        raise ImageError(f"{p}: OpenCV could not decode it ({_cv_message(e)})") from None
+    except MemoryError:
+        raise ImageError(f"{p}: out of memory decoding the image") from None
     if img is None:
         raise ImageError(f"{p}: not a readable image (OpenCV could not decode it)")
+    check_pixels(str(p), img.shape[1], img.shape[0], cap)
     return img
 
 
-def load_image(image: ImageInput, *, rgb: bool = False, name: str | None = None) -> np.ndarray:
+def load_image(
+    image: ImageInput, *, rgb: bool = False, name: str | None = None, max_pixels: int | None = None
+) -> np.ndarray:
     """A path or array -> contiguous ``[H, W, 3]`` BGR array (uint8 or float32).
 
     Arrays are BGR by default (OpenCV convention); ``rgb=True`` says the array is RGB(A).
     Accepted: ``[H, W]`` / ``[H, W, 1]`` grayscale, ``[H, W, 3]``, ``[H, W, 4]`` (alpha dropped),
     dtypes uint8, uint16 (scaled to 0..255 like OpenCV's 16->8 bit conversion), other integer
     types in 0..255 and floats (taken as 0..255 values). Files are always decoded as BGR.
+    Images of more than ``max_pixels`` pixels are refused (default: ``$RETINAFACE_MAX_PIXELS``
+    or 100 megapixels; 0 = no cap; files are checked from their header, before decoding).
     """
     if isinstance(image, str | os.PathLike):
         label = name or str(image)
-        arr = read_image_file(image)
+        arr = read_image_file(image, max_pixels=max_pixels)
         rgb = False
     else:
         label = name or "image array"
@@ -66,6 +343,7 @@ def load_image(image: ImageInput, *, rgb: bool = False, name: str | None = None)
             f"{label}: expected an image of shape [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], "
             f"got shape {arr.shape}"
         )
+    check_pixels(label, arr.shape[1], arr.shape[0], max_pixels)
     arr = _to_8bit_range(arr, label)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
@@ -83,9 +361,14 @@ def _to_8bit_range(arr: np.ndarray, label: str) -> np.ndarray:
         # OpenCV's convertTo(CV_8U, 1/257): round(v / 257), exact 0..65535 -> 0..255.
         return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
     if np.issubdtype(arr.dtype, np.floating):
-        if not np.all(np.isfinite(arr)):
-            raise ImageError(f"{label}: image contains NaN or infinite values")
-        return arr.astype(np.float32, copy=False)
+        # checked after the conversion: float64 values beyond float32's range become inf
+        with np.errstate(over="ignore"):
+            out = arr.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(out)):
+            raise ImageError(
+                f"{label}: image has NaN or infinite values (or values beyond float32's range)"
+            )
+        return out
     lo, hi = arr.min(), arr.max()
     if lo < 0 or hi > 255:
         raise ImageError(

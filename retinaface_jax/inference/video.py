@@ -39,7 +39,12 @@ def _fourcc_text(code: float) -> str:
 
 
 class VideoReader:
-    """Iterate the BGR frames of a video file; ``fps``, ``size`` (w, h), ``fourcc``, ``frame_count``."""
+    """Iterate the BGR frames of a video file; ``fps``, ``size`` (w, h), ``fourcc``, ``frame_count``.
+
+    Iteration raises :class:`VideoError` saying how many frames were read when the video ends
+    early (fewer frames than its header announces, or a decoder error), after yielding every
+    frame that could be read; ``frames_read`` counts them.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -53,13 +58,24 @@ class VideoReader:
         )
         self.fourcc = _fourcc_text(self.cap.get(cv2.CAP_PROP_FOURCC))
         self.frame_count = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        self.frames_read = 0
+
+    def _stopped(self, why: str) -> VideoError:
+        total = f" of {self.frame_count}" if self.frame_count > 0 else ""
+        return VideoError(f"{self.path}: stopped after {self.frames_read}{total} frames: {why}")
 
     def __iter__(self) -> Iterator[np.ndarray]:
         while True:
-            ok, frame = self.cap.read()
+            try:
+                ok, frame = self.cap.read()
+            except cv2.error as e:
+                raise self._stopped(" ".join(str(e).split())) from None
             if not ok:
-                return
+                break
+            self.frames_read += 1
             yield frame
+        if self.frames_read < self.frame_count:
+            raise self._stopped("the file is truncated or damaged")
 
     def close(self) -> None:
         self.cap.release()

@@ -128,15 +128,16 @@ def download(
                         h.update(block)
                         got += len(block)
                         bar.update(len(block))
+        # ``from None``: the message says everything; a chain of urllib tracebacks does not help
         except urllib.error.HTTPError as e:
-            raise WeightsError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
+            raise WeightsError(_download_failed(url, dest, f"HTTP {e.code} {e.reason}")) from None
         except urllib.error.URLError as e:
             raise WeightsError(
-                f"cannot reach {url} ({e.reason}); check the network, or download the file "
-                f"yourself and pass its path (--weights / $RETINAFACE_WEIGHTS)"
-            ) from e
+                _download_failed(url, dest, f"cannot reach it: {e.reason}")
+            ) from None
         except (OSError, ValueError) as e:  # connection reset, IncompleteRead, timeout
-            raise WeightsError(f"download of {url} failed after {got} bytes: {e!r}") from e
+            why = f"failed after {got} bytes: {str(e) or type(e).__name__}"
+            raise WeightsError(_download_failed(url, dest, why)) from None
         if size is not None and got != size:
             raise WeightsError(
                 f"download of {url} is incomplete or wrong: got {got} bytes, expected {size}"
@@ -152,6 +153,15 @@ def download(
         if fd >= 0:
             os.close(fd)
         tmp.unlink(missing_ok=True)
+
+
+def _download_failed(url: str, dest: Path, why: str) -> str:
+    """A self-contained message: what failed, why, and how to do without the download."""
+    return (
+        f"could not download the weights file {dest.name} from {url} ({why}). Check the "
+        f"network, or download {dest.name} yourself and pass its path with --weights PATH "
+        f"(or $RETINAFACE_WEIGHTS), or put it in the cache as {dest}"
+    )
 
 
 def _verify_cached(path: Path, spec: WeightFile) -> bool:
