@@ -6,11 +6,15 @@ Files are written by tests/torch_files.py (checked against torch.load during dev
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import re
 import struct
+import subprocess
 import sys
+import threading
 import time
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -42,6 +46,64 @@ def sha256(path: Path) -> str:
 def names_file(path: Path):
     """pytest.raises(match=...) pattern requiring the file's path in the message."""
     return re.escape(str(path))
+
+
+REFUSE_SECONDS = 10.0  # a hostile file must be refused well within this (2 shared CPU cores)
+
+
+def refused(path: Path, exc: type = CheckpointError, load=load_torch_checkpoint) -> str:
+    """``load(path)`` must raise ``exc`` naming the file within REFUSE_SECONDS; its message.
+
+    The load runs in a daemon thread, so a reader that hangs fails the test instead of hanging
+    the suite.
+    """
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            load(path)
+        except BaseException as e:  # noqa: BLE001 - the test inspects whatever comes out
+            outcome["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    start = time.monotonic()
+    worker.start()
+    worker.join(REFUSE_SECONDS)
+    elapsed = time.monotonic() - start
+    assert not worker.is_alive(), f"{path.name}: still loading after {REFUSE_SECONDS} s"
+    assert elapsed < REFUSE_SECONDS, f"{path.name}: took {elapsed:.1f} s to refuse"
+    error = outcome.get("error")
+    assert error is not None, f"{path.name} was loaded instead of refused"
+    assert isinstance(error, exc), f"{type(error).__name__} instead of {exc.__name__}: {error}"
+    assert str(path) in str(error), f"message does not name the file: {error}"
+    return str(error)
+
+
+LOAD_IN_CHILD = """
+import json, resource, sys, time
+from retinaface_jax.weights.torch_reader import CheckpointError, load_torch_checkpoint
+start = time.perf_counter()
+try:
+    load_torch_checkpoint(sys.argv[1])
+    error = None
+except Exception as e:
+    error = [type(e).__name__, isinstance(e, CheckpointError), str(e)]
+print(json.dumps({"error": error, "seconds": time.perf_counter() - start,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def load_in_child(path: Path, seconds: float = 60) -> dict:
+    """Load ``path`` in a fresh interpreter (killed after ``seconds``): outcome, time, peak RSS."""
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_IN_CHILD, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=seconds,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------- real files
@@ -397,8 +459,7 @@ def test_truncated_files(tmp_path, fmt):
     for cut in cuts:
         path = tmp_path / f"cut{cut}.pt"
         path.write_bytes(full[:cut])
-        with pytest.raises(CheckpointError, match=names_file(path)):
-            load_torch_checkpoint(path)
+        refused(path)
 
 
 def test_legacy_truncation_messages(tmp_path):
@@ -430,8 +491,7 @@ def test_legacy_truncation_messages(tmp_path):
 def test_garbage_files(tmp_path, content, message):
     path = tmp_path / "garbage.pth"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=names_file(path) + f".*({message})"):
-        load_torch_checkpoint(path)
+    assert re.search(message, refused(path))
 
 
 def test_missing_file(tmp_path):
@@ -491,7 +551,7 @@ BAD_GEOMETRY = {
     "negative stride": (tf.Tensor(SHORT, 0, (1,), (-1,)), "negative"),
     "rank mismatch": (tf.Tensor(SHORT, 0, (1,), (1, 1)), "differ in rank"),
     "size not ints": (tf.Tensor(SHORT, 0, ("1",), (1,)), "must be an int"),
-    "expansion bomb": (tf.Tensor(SHORT, 0, (2**20, 2**20), (0, 0)), "overlapping view"),
+    "expansion bomb": (tf.Tensor(SHORT, 0, (2**20, 2**20), (0, 0)), "over the budget"),
 }
 
 
@@ -527,3 +587,221 @@ def test_deeply_nested_pickle(tmp_path):
     path = tf.write_zip(tmp_path / "deep.pt", tf.Raw(b"]" * depth + b"a" * (depth - 1)))
     with pytest.raises(CheckpointError, match=names_file(path) + ".*nested too deeply"):
         load_torch_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------- hostile files
+# One crafted file per attack found by the outside check (issue 28): each must be refused with a
+# CheckpointError naming the file, within REFUSE_SECONDS (see ``refused``).
+
+HUGE = 10**5999  # 6000 digits: str() of it raises ValueError (Python's int digit limit)
+FOUR = tf.Storage(np.ones(4, np.float32))
+
+
+def one_tensor() -> tf.Tensor:
+    return tf.tensor(np.ones(2, np.float32))
+
+
+def self_referential(key: str) -> dict:
+    """``{key: <itself>}``: unwrapping it used to loop forever."""
+    d: dict = {"epoch": 1}
+    d[key] = d
+    return d
+
+
+def mutual_cycle() -> dict:
+    a: dict = {"w": one_tensor()}
+    b = {"model": a}
+    a["state_dict"] = b
+    return b
+
+
+def list_cycle() -> dict:
+    items: list = [one_tensor()]
+    items.append(items)
+    return {"state_dict": {"w": one_tensor()}, "history": items}
+
+
+def tuple_cycle() -> dict:
+    inner: list = []
+    outer = (one_tensor(), inner)
+    inner.append(outer)
+    return {"model": {"w": one_tensor(), "pair": outer}}
+
+
+def module_prefix_cycle() -> dict:
+    sd: dict = OrderedDict([("module.w", one_tensor())])
+    sd["module.self"] = sd
+    return {"state_dict": sd}
+
+
+def nested_lists(depth: int) -> list:
+    root: list = []
+    node = root
+    for _ in range(depth):
+        node.append([])
+        node = node[0]
+    return root
+
+
+HOSTILE_TREES = {
+    "self-referential state_dict": (lambda: self_referential("state_dict"), "contains itself"),
+    "self-referential model": (lambda: self_referential("model"), "contains itself"),
+    "mutual cycle": (mutual_cycle, "contains itself"),
+    "cycle via list": (list_cycle, "contains itself"),
+    "cycle via tuple": (tuple_cycle, "contains itself"),
+    "cycle under module. prefix": (module_prefix_cycle, "contains itself"),
+    "65 dims": (lambda: {"w": tf.Tensor(FOUR, 0, (1,) * 65, (1,) * 65)}, "65 dimensions"),
+    "33 dims": (lambda: {"w": tf.Tensor(FOUR, 0, (1,) * 33, (1,) * 33)}, "33 dimensions"),
+    "zero dim beside absurd dim": (
+        lambda: {"w": tf.Tensor(FOUR, 0, (0, 2**70), (1, 1))},
+        "absurdly large",
+    ),
+    "zero dim beside huge dims": (
+        lambda: {"w": tf.Tensor(FOUR, 0, (0, 2**30, 2**30), (1, 1, 1))},
+        "is absurd",
+    ),
+    "6000-digit int key": (lambda: {HUGE: one_tensor()}, "does not fit in 64 bits"),
+    "6000-digit int value": (lambda: {"epoch": HUGE, "w": one_tensor()}, "64 bits"),
+    "6000-digit size": (lambda: {"w": tf.Tensor(FOUR, 0, (HUGE,), (1,))}, "absurdly large"),
+    "6000-digit stride": (lambda: {"w": tf.Tensor(FOUR, 0, (1,), (HUGE,))}, "absurdly large"),
+    "huge storage offset": (lambda: {"w": tf.Tensor(FOUR, 2**70, (1,), (1,))}, "absurdly"),
+    "6000-digit storage offset": (lambda: {"w": tf.Tensor(FOUR, HUGE, (1,), (1,))}, "absurdly"),
+    "negative 6000-digit size": (lambda: {"w": tf.Tensor(FOUR, 0, (-HUGE,), (1,))}, "negative"),
+    "negative stride": (lambda: {"w": tf.Tensor(FOUR, 0, (2,), (-1,))}, "negative"),
+    "negative offset": (lambda: {"w": tf.Tensor(FOUR, -1, (1,), (1,))}, "negative"),
+    "float dict key": (lambda: {1.5: one_tensor()}, "float is not allowed"),
+    "complex set item": (lambda: {"s": {1j, 2j}}, "complex is not allowed"),
+    "nested 200 deep": (lambda: {"x": nested_lists(200)}, "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", list(HOSTILE_TREES))
+def test_hostile_tree_refused(tmp_path, fmt, case):
+    build, message = HOSTILE_TREES[case]
+    path = write(fmt, tmp_path / "hostile.pth", build())
+    assert path.stat().st_size < 20_000  # the attacks are tiny files
+    assert re.search(re.escape(message), refused(path))
+    assert re.search(re.escape(message), refused(path, load=read_state_dict))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_huge_storage_element_count(tmp_path, fmt):
+    pid = ("storage", tf.Global("torch", "FloatStorage"), "0", "cpu", HUGE)
+    pid += (None,) if fmt == "legacy" else ()
+    obj = {"w": tf.Tensor(tf.PersistentId(pid), 0, (1,), (1,))}
+    path = write(
+        fmt, tmp_path / "count.pth", obj, **({"storage_keys": ["0"]} if fmt == "legacy" else {})
+    )
+    assert "storage size" in refused(path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_int_key_hash_flood_refused_quickly(tmp_path, fmt):
+    """Ints equal modulo 2**61 - 1 share one hash: a dict of 20000 of them is quadratic."""
+    obj = {"state_dict": tf.DictItems([(k * (2**61 - 1), 0) for k in range(1, 20_001)])}
+    path = write(fmt, tmp_path / "flood.pth", obj)
+    assert "does not fit in 64 bits" in refused(path)
+
+
+def stride_zero_bomb(path: Path, fmt: str) -> Path:
+    """Eight 256 MiB float32 tensors expanded (stride 0) from one 4-byte storage."""
+    one = tf.Storage(np.ones(1, np.float32))
+    obj = {f"w{i}": tf.Tensor(one, 0, (2**13, 2**13), (0, 0)) for i in range(8)}
+    return write(fmt, path, obj)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stride_zero_bomb_over_total_budget(tmp_path, fmt):
+    path = stride_zero_bomb(tmp_path / "bomb.pth", fmt)
+    assert path.stat().st_size < 2000
+    result = load_in_child(path)
+    assert result["error"] is not None, "the bomb was loaded"
+    name, is_checkpoint_error, message = result["error"]
+    assert is_checkpoint_error and str(path) in message and "over the budget" in message, name
+    assert result["seconds"] < REFUSE_SECONDS
+    assert result["peak_mb"] < 400, result  # the old reader reached ~2 GB here
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_many_views_each_small_over_total_budget(tmp_path, fmt):
+    """200 whole-storage views of one 256 KiB storage: each is small, together 50 MiB."""
+    storage = tf.Storage(np.arange(2**16, dtype=np.float32))
+    obj = {f"w{i}": tf.Tensor(storage, 0, (2**16,), (1,)) for i in range(200)}
+    path = write(fmt, tmp_path / "views.pth", obj)
+    assert "over the budget" in refused(path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_budget_allows_honest_sharing(tmp_path, fmt):
+    storage = tf.Storage(np.arange(2**16, dtype=np.float32))
+    obj = {f"w{i}": tf.Tensor(storage, 0, (2**16,), (1,)) for i in range(3)}
+    got = load_torch_checkpoint(write(fmt, tmp_path / "tied.pth", obj))
+    for i in range(3):
+        assert_same(got[f"w{i}"], np.arange(2**16, dtype=np.float32))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_memo_index_bomb(tmp_path, fmt):
+    """7 bytes of LONG_BINPUT 0x07ffffff made the C unpickler allocate a 2 GB memo."""
+    put = tf.Raw(pickle.NONE + pickle.LONG_BINPUT + struct.pack("<I", 0x07FFFFFF))
+    path = write(fmt, tmp_path / "memo.pth", {"w": one_tensor(), "x": put})
+    result = load_in_child(path)
+    assert result["seconds"] < REFUSE_SECONDS and result["peak_mb"] < 400, result
+    assert result["error"] is None, result  # an honest if odd pickle: loads, cheaply
+    assert load_torch_checkpoint(path)["x"] is None
+
+
+def test_overlapping_zip_records(tmp_path):
+    path = tf.write_overlapping_zip(tmp_path / "overlap.pth", 4096)
+    assert "overlapping" in refused(path)
+
+
+def test_zip_encrypted_record(tmp_path):
+    path = tf.write_zip(tmp_path / "enc.pth", small_checkpoint())
+    tf.set_zip_flags(path, "archive/data/0", 1)
+    assert "encrypted" in refused(path)
+
+
+@pytest.mark.parametrize(
+    "record, at, damage",
+    [("data/0", 0, b"XX"), ("data.pkl", 30, b"X")],
+    ids=["bad local header magic", "local name differs from the directory"],
+)
+def test_zip_bad_member_header(tmp_path, record, at, damage):
+    path = tf.write_zip(tmp_path / "member.pth", small_checkpoint())
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        at += zf.getinfo(f"archive/{record}").header_offset
+    data[at : at + len(damage)] = damage
+    path.write_bytes(bytes(data))
+    assert "corrupted" in refused(path)
+
+
+def test_zip_deflated_record(tmp_path):
+    path = tmp_path / "deflated.pth"
+    honest = tf.write_zip(tmp_path / "honest.pth", small_checkpoint())
+    with zipfile.ZipFile(honest) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    assert "compressed" in refused(path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_byte_flips_give_checkpoint_errors_only(tmp_path, fmt):
+    """Any damage to a small honest file loads or raises CheckpointError naming the file."""
+    honest = write(fmt, tmp_path / "honest.pth", {"state_dict": small_checkpoint(), "n": 3})
+    data = honest.read_bytes()
+    rng = np.random.default_rng(28)
+    path = tmp_path / "flipped.pth"
+    start = time.monotonic()
+    for _ in range(300):
+        damaged = bytearray(data)
+        for at in rng.integers(0, len(data), rng.integers(1, 4)):
+            damaged[at] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(damaged))
+        try:
+            load_torch_checkpoint(path)
+        except CheckpointError as e:
+            assert str(path) in str(e)
+    assert time.monotonic() - start < 60

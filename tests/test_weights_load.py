@@ -87,7 +87,7 @@ def test_convert_cli_native_bit_identical(shared, tmp_path):
     for u, v in zip(outputs(a, X), outputs(b, X)):
         np.testing.assert_array_equal(u, v)
     # never overwrites without being asked
-    assert convert_main([str(src), str(tmp_path / "native")]) == 1
+    assert convert_main([str(src), str(tmp_path / "native")]) == 2
 
 
 def test_imagenet_backbone(shared):
@@ -117,3 +117,20 @@ def test_package_never_imports_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_load_model_refuses_self_referential_checkpoint_quickly(tmp_path):
+    """126 bytes of ``{'state_dict': <itself>}`` used to hang load_model forever."""
+    from test_torch_reader import refused, self_referential
+
+    from retinaface_jax.weights.torch_reader import CheckpointError
+
+    for writer in (write_legacy, write_zip):
+        path = writer(tmp_path / f"cycle_{writer.__name__}.pth", self_referential("state_dict"))
+        assert "contains itself" in refused(path, CheckpointError, load=load_model)
+
+
+def test_load_model_names_the_file_when_backbone_unknown(tmp_path):
+    path = write_zip(tmp_path / "other.pth", {"foo.weight": tensor(np.ones(2, np.float32))})
+    with pytest.raises(WeightsError, match=f"{path}: cannot infer the backbone"):
+        load_model(path)

@@ -8,7 +8,8 @@ Object trees are built from plain Python containers plus these stand-ins:
   contiguous case) and ``Parameter(tensor)``: pickled as torch's rebuild functions;
 * ``Global(module, name)``: any global, written as a GLOBAL opcode without importing it;
   ``Reduce(func, args, state=None)``: a call to ``func(*args)`` on unpickling (then BUILD
-  ``state``); ``PersistentId(pid)``: an arbitrary persistent id; ``Raw(opcodes)``: verbatim bytes.
+  ``state``); ``PersistentId(pid)``: an arbitrary persistent id; ``Raw(opcodes)``: verbatim bytes;
+  ``DictItems(pairs)``: a dict written from its pairs (e.g. keys with colliding hashes).
 
 ``write_legacy`` lays the pickles and storages out as torch did before 1.6 (and as the official
 RetinaFace files are); ``write_zip`` writes the zip layout of torch >= 1.6. Both were checked to
@@ -24,6 +25,7 @@ import io
 import pickle
 import struct
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +93,13 @@ class Raw:
     """Opcodes written verbatim into the pickle."""
 
     opcodes: bytes
+
+
+@dataclass(eq=False)
+class DictItems:
+    """A dict written from ``pairs`` without building it here (keys may collide by design)."""
+
+    pairs: list[tuple[Any, Any]]
 
 
 @dataclass(eq=False)
@@ -223,8 +232,16 @@ class _Writer(pickle._Pickler):
     def save_raw(self, obj: Raw) -> None:
         self.write(obj.opcodes)
 
+    def save_dict_items(self, obj: DictItems) -> None:
+        self.write(pickle.EMPTY_DICT + pickle.MARK)
+        for key, value in obj.pairs:
+            self.save(key)
+            self.save(value)
+        self.write(pickle.SETITEMS)
+
     dispatch[Global] = save_fake_global
     dispatch[Raw] = save_raw
+    dispatch[DictItems] = save_dict_items
 
 
 def dumps(obj: Any, *, legacy: bool = False, keys: dict | None = None) -> bytes:
@@ -365,3 +382,69 @@ class _UnsafeLoader(pickle.Unpickler):
 def unsafe_load(data: bytes) -> Any:
     """Unpickle ``data`` like ``pickle.load`` would (runs payloads!); for control tests only."""
     return _UnsafeLoader(io.BytesIO(data)).load()
+
+
+# ------------------------------------------------------------------------------ hostile zip files
+
+
+def _local_record(name: str, data: bytes) -> bytes:
+    """A zip local file header (stored, no extra field) followed by ``data``."""
+    crc = zlib.crc32(data)
+    header = struct.pack(
+        "<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, 0, 0, 0x21, crc, len(data), len(data), len(name), 0
+    )
+    return header + name.encode() + data
+
+
+def _central_record(name: str, data: bytes, offset: int) -> bytes:
+    crc = zlib.crc32(data)
+    header = struct.pack(
+        "<4sHHHHHHIIIHHHHHII",
+        b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, crc, len(data), len(data), len(name), 0, 0, 0, 0, 0,
+        offset,
+    )  # fmt: skip
+    return header + name.encode()
+
+
+def write_overlapping_zip(path: Path, nbytes: int) -> Path:
+    """A zip checkpoint whose storage record ``data/0`` contains the whole record ``data/1``.
+
+    Both records are valid to the zipfile module, so every byte of ``data/1`` is read twice
+    (nesting more such records would read it again and again: a "quoted overlap" zip bomb).
+    """
+    inner_data = np.arange(nbytes, dtype=np.uint8).tobytes()
+    inner = _local_record("archive/data/1", inner_data)
+    outer_data = inner
+    obj = {
+        "outer": tensor(np.frombuffer(outer_data, np.uint8)),
+        "inner": tensor(np.frombuffer(inner_data, np.uint8)),
+    }
+    pkl = dumps(obj)
+    out = io.BytesIO()
+    entries = []
+    for name, data in [("archive/data.pkl", pkl), ("archive/data/0", outer_data)]:
+        entries.append((name, data, out.tell()))
+        out.write(_local_record(name, data))
+    outer_offset = entries[-1][2]
+    entries.append(("archive/data/1", inner_data, outer_offset + 30 + len("archive/data/0")))
+    directory = b"".join(_central_record(*entry) for entry in entries)
+    start = out.tell()
+    out.write(directory)
+    out.write(struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 3, 3, len(directory), start, 0))
+    path.write_bytes(out.getvalue())
+    return path
+
+
+def set_zip_flags(path: Path, name: str, flags: int) -> Path:
+    """Set the general-purpose flag bits of record ``name`` in the central directory of a zip
+    (bit 0: encrypted), leaving everything else as it is."""
+    data = bytearray(path.read_bytes())
+    pos = data.index(b"PK\x01\x02")
+    while True:
+        (name_len,) = struct.unpack_from("<H", data, pos + 28)
+        if data[pos + 46 : pos + 46 + name_len] == name.encode():
+            struct.pack_into("<H", data, pos + 8, flags)
+            break
+        pos = data.index(b"PK\x01\x02", pos + 4)
+    path.write_bytes(bytes(data))
+    return path

@@ -40,16 +40,17 @@ def abstract_model(cfg: RetinaFaceConfig) -> RetinaFace:
         return RetinaFace(cfg)
 
 
-def infer_backbone(state_dict: StateDict) -> str:
-    """``'mobilenet0.25'`` or ``'resnet50'`` from the state-dict names."""
+def infer_backbone(state_dict: StateDict, source: str = "state dict") -> str:
+    """``'mobilenet0.25'`` or ``'resnet50'`` from the state-dict names (``source`` names the
+    file in the error)."""
     keys = list(state_dict)
     if any(k.startswith(("body.stage1.", "stage1.")) for k in keys):
         return "mobilenet0.25"
     if any(k.startswith(("body.layer1.", "layer1.", "body.conv1.")) for k in keys):
         return "resnet50"
     raise WeightsError(
-        "cannot infer the backbone: expected keys starting with 'body.stage1.' (mobilenet0.25) or "
-        f"'body.layer1.' (resnet50); first keys are {keys[:5]}"
+        f"{source}: cannot infer the backbone: expected keys starting with 'body.stage1.' "
+        f"(mobilenet0.25) or 'body.layer1.' (resnet50); first keys are {keys[:5]}"
     )
 
 
@@ -103,7 +104,9 @@ def load_model(
     """A ``RetinaFace`` with weights from ``source``, in inference mode (BatchNorm running stats).
 
     ``backbone`` (``'mobilenet0.25'``/``'resnet50'``) is inferred from the keys when not given;
-    ``cfg`` overrides the preset of that backbone.
+    ``cfg`` overrides the preset of that backbone. A file that is not a readable checkpoint
+    raises :class:`~retinaface_jax.weights.torch_reader.CheckpointError` and weights that do not
+    fit raise :class:`WeightsError`, both naming the file.
     """
     if isinstance(source, Mapping):
         sd, label = source, "state dict"
@@ -121,7 +124,7 @@ def load_model(
             )
         sd, label = path, str(path)
     sd = read_state_dict(sd)
-    name = backbone or (cfg.backbone if cfg is not None else infer_backbone(sd))
+    name = backbone or (cfg.backbone if cfg is not None else infer_backbone(sd, label))
     cfg = cfg if cfg is not None else get_config(name)
     if backbone is not None and get_config(backbone).backbone != cfg.backbone:
         raise WeightsError(f"backbone {backbone!r} contradicts cfg.backbone {cfg.backbone!r}")

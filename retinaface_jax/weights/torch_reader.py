@@ -16,6 +16,27 @@ refuses everything else with :class:`UnsafeCheckpointError`. Tensors come back a
 numpy arrays of the saved dtype, shape, strides and storage offset. Every size declared by the
 file is checked against the bytes actually present, so truncated or corrupted files give a
 :class:`CheckpointError` naming the file instead of a hang or a huge allocation.
+
+Limits, so that a crafted file is refused within seconds and with bounded memory:
+
+* memory budget: the arrays returned may hold at most ``BUDGET_FACTOR`` (4) times the storage
+  bytes present in the file plus ``BUDGET_FLOOR`` (16 MiB) in total. Honest files materialise
+  each stored byte about once (tensors sharing a storage a few times); only overlapping views
+  (stride 0, or many tensors over one storage) can ask for more, and are refused beyond that;
+* the pickles are read by the pure-Python unpickler (its memo is a dict: a huge memo index
+  cannot make it allocate), dict keys and set items must be str, bytes, bool, None or 64-bit
+  ints (no hash-flooding with crafted numbers), and BUILD is only accepted on an OrderedDict
+  (whose state, e.g. ``_metadata``, is dropped);
+* ints anywhere in the tree must fit in 64 bits; tensor sizes, strides and storage offsets and
+  storage element counts must lie in ``[0, MAX_INDEX)`` (2**48), a tensor has at most
+  ``MAX_RANK`` (32) dimensions, and its sizes multiplied (zeros counted as one) stay below
+  ``MAX_INDEX``;
+* containers nest at most ``MAX_DEPTH`` (100) deep and may not contain themselves (a cycle,
+  e.g. ``{'state_dict': <itself>}``); shared references (the same tensor twice) are fine;
+* zip records read may not add up to more bytes than the file holds (overlapping records).
+
+Any other failure while parsing (``ValueError``, ``struct.error``, zipfile errors,
+``MemoryError``...) is reported as a :class:`CheckpointError` naming the file, never raw.
 """
 
 from __future__ import annotations
@@ -45,9 +66,16 @@ __all__ = [
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 
-# A copy bigger than its storage only happens for overlapping (e.g. expanded, stride 0) views;
-# refuse those above this size instead of letting a tiny file demand gigabytes.
-_MAX_EXPANDED_BYTES = 1 << 28
+# Total bytes of the returned arrays: at most BUDGET_FACTOR x the storage bytes in the file
+# plus BUDGET_FLOOR (room for small expanded views in tiny files). See the module docstring.
+BUDGET_FACTOR = 4
+BUDGET_FLOOR = 16 << 20
+# Bounds on what the file may declare (sizes, strides, offsets, counts; rank; nesting).
+MAX_INDEX = 1 << 48
+MAX_RANK = 32
+MAX_DEPTH = 100
+_INT_MIN, _INT_END = -(1 << 63), 1 << 64  # ints anywhere in the tree: int64 or uint64
+_MAX_MEMO_INDEX = 1 << 32  # text PUT/GET indices (binary ones are 1 or 4 bytes anyway)
 
 
 class CheckpointError(ValueError):
@@ -111,8 +139,9 @@ if _bf16 is not None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Stand-ins produced while unpickling. All are frozen and slotted, so a BUILD opcode in a crafted
-# file cannot set attributes on them; arrays are only materialised after unpickling.
+# Stand-ins produced while unpickling. All are frozen and slotted, and the unpickler refuses BUILD
+# on anything but an OrderedDict, so a crafted file cannot alter them after they were validated;
+# arrays are only materialised after unpickling.
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,14 +201,24 @@ class _SafeCallable:
 
 
 def _check_int(value: Any, what: str) -> int:
+    """``value`` as an index-like int in ``[0, MAX_INDEX)``; anything else is refused."""
     if type(value) is not int:
         raise CheckpointError(f"{what} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise CheckpointError(f"{what} is negative ({_short_repr(value)})")
+    if value >= MAX_INDEX:
+        raise CheckpointError(
+            f"{what} {_short_repr(value)} is absurdly large (limit {MAX_INDEX}, 2**48)"
+        )
     return value
 
 
 def _check_int_tuple(value: Any, what: str) -> tuple[int, ...]:
+    """A size or stride: at most MAX_RANK ints, each checked by :func:`_check_int`."""
     if not isinstance(value, tuple | list):
         raise CheckpointError(f"{what} must be a tuple of ints, got {type(value).__name__}")
+    if len(value) > MAX_RANK:
+        raise CheckpointError(f"{what} has {len(value)} dimensions, more than {MAX_RANK}")
     return tuple(_check_int(v, what) for v in value)
 
 
@@ -220,9 +259,9 @@ def _tensor_ref(
     flags = {"conj": False, "neg": False}
     if metadata:
         if not isinstance(metadata, dict) or not set(metadata) <= set(flags):
-            raise CheckpointError(f"unsupported tensor metadata {metadata!r}")
+            raise CheckpointError(f"unsupported tensor metadata {_short_repr(metadata)}")
         flags.update({k: bool(v) for k, v in metadata.items()})
-    return _TensorRef(
+    ref = _TensorRef(
         storage=storage,
         offset=_check_int(offset, "storage offset"),
         size=_check_int_tuple(size, "tensor size"),
@@ -230,6 +269,13 @@ def _tensor_ref(
         dtype=storage.dtype if dtype is None else dtype,
         **flags,
     )
+    if len(ref.size) != len(ref.stride):
+        raise CheckpointError(f"tensor size {ref.size} and stride {ref.stride} differ in rank")
+    if math.prod(max(n, 1) for n in ref.size) >= MAX_INDEX:
+        raise CheckpointError(
+            f"tensor size {ref.size} is absurd (its non-zero sizes multiply to 2**48 or more)"
+        )
+    return ref
 
 
 class _RebuildParameter(_SafeCallable):
@@ -267,6 +313,55 @@ class _CodecsEncode(_SafeCallable):
         return text.encode("latin1")
 
 
+def _check_key(key: Any) -> Any:
+    """A dict key or set item: str, bytes, bool, None or a 64-bit int (hashes we trust)."""
+    if type(key) is int:
+        _check_int64(key, "dict key")
+    elif not isinstance(key, str | bytes | bool | type(None)):
+        raise CheckpointError(
+            f"dict key or set item of type {type(key).__name__} is not allowed "
+            "(expected str, bytes, bool, None or int)"
+        )
+    return key
+
+
+def _check_int64(value: int, what: str) -> int:
+    """An int that fits in 64 bits (signed or unsigned); bigger ones are absurd in a checkpoint."""
+    if not _INT_MIN <= value < _INT_END:
+        raise CheckpointError(f"{what} {_short_repr(value)} does not fit in 64 bits")
+    return value
+
+
+class _MakeOrderedDict(_SafeCallable):
+    """``collections.OrderedDict``, with the keys of an initial list of pairs checked."""
+
+    __slots__ = ()
+
+    def __call__(self, items: Any = ()) -> OrderedDict:
+        if not isinstance(items, list | tuple):
+            raise CheckpointError("OrderedDict(...) may only get a list of (key, value) pairs")
+        out = OrderedDict()
+        for pair in items:
+            if not (isinstance(pair, tuple | list) and len(pair) == 2):
+                raise CheckpointError("OrderedDict(...) may only get (key, value) pairs")
+            out[_check_key(pair[0])] = pair[1]
+        return out
+
+
+class _MakeSet(_SafeCallable):
+    """``builtins.set`` / ``frozenset`` over a list of checked items."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
+    def __call__(self, items: Any = ()) -> set | frozenset:
+        if not isinstance(items, list | tuple):
+            raise CheckpointError(f"{self.kind.__name__}(...) may only get a list of items")
+        return self.kind(_check_key(item) for item in items)
+
+
 _REBUILD_TENSOR = _RebuildTensorV2()
 _REBUILD_PARAMETER = _RebuildParameter()
 
@@ -280,10 +375,14 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch._tensor", "_rebuild_from_type_v2"): _RebuildFromTypeV2(),
     ("torch", "Tensor"): _TypeMarker("torch.Tensor"),
     ("torch.nn.parameter", "Parameter"): _TypeMarker("torch.nn.parameter.Parameter"),
-    ("collections", "OrderedDict"): OrderedDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
+    ("collections", "OrderedDict"): _MakeOrderedDict(),
+    ("builtins", "set"): _MakeSet(set),
+    ("builtins", "frozenset"): _MakeSet(frozenset),
     ("builtins", "complex"): complex,
+    # protocol 2 pickles written by Python 3 (torch's default) spell builtins the Python 2 way
+    ("__builtin__", "set"): _MakeSet(set),
+    ("__builtin__", "frozenset"): _MakeSet(frozenset),
+    ("__builtin__", "complex"): complex,
     ("_codecs", "encode"): _CodecsEncode(),
     ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", np.dtype(np.uint8)),
     **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
@@ -295,8 +394,75 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 # Unpickling
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only allowlisted globals and storage persistent ids."""
+def _text_memo_index(line: bytes) -> int:
+    """The index of a text PUT/GET opcode, refused when it is not a small non-negative int."""
+    digits = line.rstrip(b"\n")
+    if not (digits.isdigit() and len(digits) <= 10 and int(digits) < _MAX_MEMO_INDEX):
+        raise CheckpointError(f"bad memo index {_short_repr(digits)}")
+    return int(digits)
+
+
+class _SafeUnpickler(pickle._Unpickler):
+    """Unpickler that resolves only allowlisted globals and storage persistent ids.
+
+    Built on the pure-Python unpickler: the C one sizes its memo array by the largest index it
+    sees, so 7 bytes of ``LONG_BINPUT 0x0fffffff`` make it allocate gigabytes. The opcodes that
+    insert dict keys or set items check them (:func:`_check_key`), and BUILD only runs on an
+    OrderedDict, whose state it drops.
+    """
+
+    dispatch = pickle._Unpickler.dispatch.copy()
+
+    def _load_put(self) -> None:
+        self.memo[_text_memo_index(self.readline())] = self.stack[-1]
+
+    def _load_get(self) -> None:
+        self.append(self.memo[_text_memo_index(self.readline())])
+
+    def _load_setitem(self) -> None:
+        _check_key(self.stack[-2])
+        pickle._Unpickler.load_setitem(self)
+
+    # After a MARK the pure-Python unpickler starts a fresh ``self.stack`` (the old one goes to
+    # its metastack), so the items of SETITEMS, DICT, ADDITEMS and FROZENSET are all of it.
+
+    def _load_setitems_or_dict(self, load: Any) -> None:
+        for key in self.stack[::2]:
+            _check_key(key)
+        load(self)
+
+    def _load_setitems(self) -> None:
+        self._load_setitems_or_dict(pickle._Unpickler.load_setitems)
+
+    def _load_dict(self) -> None:
+        self._load_setitems_or_dict(pickle._Unpickler.load_dict)
+
+    def _load_set_items(self, load: Any) -> None:
+        for item in self.stack:
+            _check_key(item)
+        load(self)
+
+    def _load_additems(self) -> None:
+        self._load_set_items(pickle._Unpickler.load_additems)
+
+    def _load_frozenset(self) -> None:
+        self._load_set_items(pickle._Unpickler.load_frozenset)
+
+    def _load_build(self) -> None:
+        if type(self.stack[-2]) is not OrderedDict:
+            raise CheckpointError(
+                f"BUILD (setting object state) on {type(self.stack[-2]).__name__} is not allowed"
+            )
+        self.stack.pop()  # OrderedDict state (a state dict's _metadata) is not needed
+
+    dispatch[pickle.PUT[0]] = _load_put
+    dispatch[pickle.GET[0]] = _load_get
+    dispatch[pickle.SETITEM[0]] = _load_setitem
+    dispatch[pickle.SETITEMS[0]] = _load_setitems
+    dispatch[pickle.DICT[0]] = _load_dict
+    dispatch[pickle.ADDITEMS[0]] = _load_additems
+    dispatch[pickle.FROZENSET[0]] = _load_frozenset
+    dispatch[pickle.BUILD[0]] = _load_build
 
     def __init__(self, data: io.BytesIO, path: Path, storage_pid_len: int | None) -> None:
         super().__init__(data, encoding="utf-8")  # as torch.load, for Python 2 era strings
@@ -332,8 +498,7 @@ class _SafeUnpickler(pickle.Unpickler):
         view = pid[5] if self._pid_len == 6 else None
         if not isinstance(key, str) or not isinstance(location, str):
             raise CheckpointError(f"storage key and location must be str in {_short_repr(pid)}")
-        if _check_int(numel, "storage size") < 0:
-            raise CheckpointError(f"negative storage size in {_short_repr(pid)}")
+        numel = _check_int(numel, "storage size")
         root = self._register(key, storage_type.dtype, numel)
         if view is None:
             return root
@@ -342,7 +507,7 @@ class _SafeUnpickler(pickle.Unpickler):
         view_key, offset, view_numel = view[0], view[1], view[2]
         offset = _check_int(offset, "storage view offset")
         view_numel = _check_int(view_numel, "storage view size")
-        if offset < 0 or view_numel < 0 or offset + view_numel > numel:
+        if offset + view_numel > numel:
             raise CheckpointError(f"storage view outside its storage in {_short_repr(pid)}")
         return _StorageRef(view_key, storage_type.dtype, view_numel, (key, offset, numel))
 
@@ -356,7 +521,15 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def _short_repr(value: Any, limit: int = 200) -> str:
-    text = repr(value)
+    """``repr(value)`` cut to ``limit`` characters; never raises (ints too big to print...)."""
+    if isinstance(value, str | bytes) and len(value) > limit:
+        value = value[:limit]
+    elif type(value) is int and value.bit_length() > 256:
+        return f"<int of {value.bit_length()} bits>"
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a repr that fails must not hide the real error
+        return f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -375,9 +548,19 @@ def _unpickle(stream: io.BytesIO, path: Path, what: str, storage_pid_len: int | 
         raise CheckpointError(f"{path}: {what} is truncated (file ends inside a pickle)") from None
     except Exception as e:  # noqa: BLE001 - any parse failure means a corrupted file
         raise CheckpointError(
-            f"{path}: {what} is corrupted or not a tensor checkpoint ({type(e).__name__}: {e})"
-        ) from None
+            f"{path}: {what} is corrupted or not a tensor checkpoint ({_describe(e)})"
+        ) from e
     return obj, unpickler.storages
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` of an unexpected exception, cut short (its text may come from the file)."""
+    try:
+        text = str(error)
+    except Exception:  # noqa: BLE001
+        text = ""
+    text = text if len(text) <= 200 else text[:200] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,8 +617,10 @@ def _read_legacy(data: bytes, path: Path) -> Any:
 def _read_zip(path: Path, size: int) -> Any:
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise CheckpointError(f"{path}: corrupted or truncated zip checkpoint ({e})") from None
+    except Exception as e:  # noqa: BLE001 - BadZipFile, OSError, EOFError, ValueError...
+        raise CheckpointError(
+            f"{path}: corrupted or truncated zip checkpoint ({_describe(e)})"
+        ) from e
     with archive:
         infos = {info.filename: info for info in archive.infolist()}
         pickles = [n for n in infos if n.count("/") == 1 and n.endswith("/data.pkl")]
@@ -445,28 +630,35 @@ def _read_zip(path: Path, size: int) -> Any:
                 f"found {len(pickles)}"
             )
         prefix = pickles[0][: -len("data.pkl")]
+        left = [size]  # bytes the records read so far may still add up to (overlap guard)
 
         def read(name: str) -> bytes:
             info = infos.get(name)
             if info is None:
-                raise CheckpointError(f"{path}: zip checkpoint has no record {name!r}")
+                raise CheckpointError(f"{path}: zip checkpoint has no record {_short_repr(name)}")
             if info.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointError(f"{path}: record {name!r} is compressed; torch stores none")
-            if info.file_size > size:
                 raise CheckpointError(
-                    f"{path}: record {name!r} declares {info.file_size} bytes, more than the "
-                    f"file holds ({size})"
+                    f"{path}: record {_short_repr(name)} is compressed; torch stores none"
                 )
+            if info.file_size > left[0]:
+                raise CheckpointError(
+                    f"{path}: record {_short_repr(name)} declares {info.file_size} bytes, which "
+                    f"with the records read before adds up to more than the file's {size} bytes "
+                    "(overlapping or corrupted records)"
+                )
+            left[0] -= info.file_size
             try:
                 return archive.read(info)
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-                raise CheckpointError(f"{path}: record {name!r} is corrupted ({e})") from None
+            except Exception as e:  # noqa: BLE001 - bad CRC, header, encryption flag...
+                raise CheckpointError(
+                    f"{path}: record {_short_repr(name)} is corrupted ({_describe(e)})"
+                ) from e
 
         byteorder = "little"
         if prefix + "byteorder" in infos:
             byteorder = read(prefix + "byteorder").decode("ascii", "replace").strip()
             if byteorder not in ("little", "big"):
-                raise CheckpointError(f"{path}: bad byteorder record {byteorder!r}")
+                raise CheckpointError(f"{path}: bad byteorder record {_short_repr(byteorder)}")
         obj, storages = _unpickle(io.BytesIO(read(prefix + "data.pkl")), path, "data.pkl", 5)
         buffers: dict[str, np.ndarray] = {}
         for key, ref in storages.items():
@@ -494,8 +686,8 @@ def _carrier(dtype: np.dtype) -> np.dtype:
 # Materialisation: stand-ins -> numpy arrays
 
 
-def _tensor_array(ref: _TensorRef, buffers: dict[str, np.ndarray], little: bool) -> np.ndarray:
-    """Copy one tensor out of its storage bytes (``buffers``: key -> uint8 array)."""
+def _storage_elements(ref: _TensorRef, buffers: dict[str, np.ndarray], little: bool) -> np.ndarray:
+    """The tensor's storage as a 1-D array of its element carrier type (a view of the file)."""
     storage, dtype = ref.storage, ref.dtype
     item = storage.dtype.itemsize
     if storage.view is None:
@@ -505,28 +697,17 @@ def _tensor_array(ref: _TensorRef, buffers: dict[str, np.ndarray], little: bool)
         raw = buffers[root_key][start * item : (start + storage.numel) * item]
     carrier = _carrier(dtype).newbyteorder("<" if little else ">")
     numel_in_storage = raw.size // dtype.itemsize
-    base = raw[: numel_in_storage * dtype.itemsize].view(carrier)
-    if len(ref.size) != len(ref.stride):
-        raise CheckpointError(f"tensor size {ref.size} and stride {ref.stride} differ in rank")
-    if any(s < 0 for s in ref.size) or any(s < 0 for s in ref.stride) or ref.offset < 0:
-        raise CheckpointError(
-            f"negative size/stride/offset in tensor {ref.size}/{ref.stride}/{ref.offset}"
-        )
-    numel = math.prod(ref.size)
-    if numel == 0:
-        return np.zeros(ref.size, dtype=dtype)
-    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
-    if last >= numel_in_storage:
-        raise CheckpointError(
-            f"tensor of size {ref.size}, stride {ref.stride}, offset {ref.offset} reaches "
-            f"element {last} of a storage of {numel_in_storage} elements"
-        )
-    if numel > numel_in_storage and numel * dtype.itemsize > _MAX_EXPANDED_BYTES:
-        raise CheckpointError(
-            f"tensor of size {ref.size} would need {numel * dtype.itemsize} bytes from a storage "
-            f"of {numel_in_storage} elements; refusing such a large overlapping view"
-        )
-    itemsize = base.dtype.itemsize
+    return raw[: numel_in_storage * dtype.itemsize].view(carrier)
+
+
+def _last_element(ref: _TensorRef) -> int:
+    """Index (in storage elements) of the last element a non-empty tensor reads."""
+    return ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride, strict=True))
+
+
+def _copy_tensor(ref: _TensorRef, base: np.ndarray) -> np.ndarray:
+    """Copy the (validated, non-empty) strided view of ``base`` into a native contiguous array."""
+    dtype, itemsize = ref.dtype, base.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
         base[ref.offset :],
         shape=ref.size,
@@ -539,65 +720,112 @@ def _tensor_array(ref: _TensorRef, buffers: dict[str, np.ndarray], little: bool)
     elif out.dtype != dtype:
         out = out.view(dtype)  # bfloat16 / float8 travel as unsigned ints
     if ref.conj:
-        out = np.conj(out)
+        np.conjugate(out, out=out)
     if ref.neg:
-        out = np.negative(out)
+        np.negative(out, out=out)
     return out
+
+
+class _Materialiser:
+    """Copies the unpickled tree, turning tensor stand-ins into numpy arrays, within limits.
+
+    Shared objects stay shared (each is converted once), containers on the current path may not
+    come back (a cycle), nesting stops at MAX_DEPTH and the arrays made so far may not exceed
+    the memory budget (see the module docstring).
+    """
+
+    def __init__(self, buffers: dict[str, np.ndarray], little: bool) -> None:
+        self.buffers, self.little = buffers, little
+        present = sum(b.nbytes for b in buffers.values())
+        self.budget = BUDGET_FACTOR * present + BUDGET_FLOOR
+        self.spent = 0
+        self.memo: dict[int, Any] = {}
+        self.active: set[int] = set()  # ids of the containers being converted (current path)
+        self.path: list[Any] = []  # keys / indices leading to the current object
+
+    def where(self) -> str:
+        return "".join(f"[{_short_repr(k, 60)}]" for k in self.path) or "<root>"
+
+    def tensor(self, ref: _TensorRef) -> np.ndarray:
+        """One tensor, after checking it stays inside its storage and within the budget."""
+        base = _storage_elements(ref, self.buffers, self.little)
+        if math.prod(ref.size) == 0:
+            return np.zeros(ref.size, dtype=ref.dtype)
+        last = _last_element(ref)
+        if last >= base.size:
+            raise CheckpointError(
+                f"tensor of size {ref.size}, stride {ref.stride}, offset {ref.offset} reaches "
+                f"element {last} of a storage of {base.size} elements"
+            )
+        nbytes = math.prod(ref.size) * ref.dtype.itemsize
+        if self.spent + nbytes > self.budget:
+            raise CheckpointError(
+                f"tensor of size {ref.size} needs {nbytes} bytes, which would bring the arrays "
+                f"read to {self.spent + nbytes} bytes, over the budget of {self.budget} "
+                f"({BUDGET_FACTOR} x the storage bytes in the file + {BUDGET_FLOOR}); "
+                "refusing overlapping (e.g. stride 0) views that large"
+            )
+        self.spent += nbytes
+        return _copy_tensor(ref, base)
+
+    def walk(self, x: Any) -> Any:
+        if isinstance(x, _SCALARS):
+            return _check_int64(x, "integer") if type(x) is int else x
+        if id(x) in self.active:
+            raise CheckpointError(
+                f"object at {self.where()} contains itself (a reference cycle); a checkpoint "
+                "is a tree of containers and tensors"
+            )
+        if id(x) in self.memo:
+            return self.memo[id(x)]
+        if isinstance(x, _TensorRef | _StorageRef):
+            ref = x
+            if isinstance(x, _StorageRef):  # a storage saved on its own: flat elements
+                ref = _TensorRef(x, 0, (x.numel,), (1,), x.dtype)
+            try:
+                out = self.tensor(ref)
+            except CheckpointError as e:
+                raise CheckpointError(f"tensor {self.where()}: {e}") from None
+        else:
+            if len(self.path) >= MAX_DEPTH:
+                raise CheckpointError(f"object tree is nested too deeply (over {MAX_DEPTH} levels)")
+            self.active.add(id(x))
+            out = self.container(x)
+            self.active.discard(id(x))
+        self.memo[id(x)] = out
+        return out
+
+    def child(self, key: Any, value: Any) -> Any:
+        self.path.append(key)
+        out = self.walk(value)
+        self.path.pop()
+        return out
+
+    def container(self, x: Any) -> Any:
+        kind = type(x)
+        if kind in (dict, OrderedDict):
+            out = kind()
+            for k, v in x.items():
+                out[_check_key(k)] = self.child(k, v)
+            return out
+        if kind in (list, tuple):
+            return kind(self.child(i, v) for i, v in enumerate(x))
+        if kind in (set, frozenset):
+            return kind(_check_key(v) for v in x)
+        raise CheckpointError(f"unsupported object of type {kind.__name__} at {self.where()}")
 
 
 _SCALARS = (type(None), bool, int, float, complex, str, bytes)
 
 
 def _materialise(obj: Any, buffers: dict[str, np.ndarray], path: Path, *, little: bool) -> Any:
-    """Copy the unpickled tree, turning tensor stand-ins into numpy arrays."""
-    memo: dict[int, Any] = {}
-
-    def key(k: Any) -> Any:
-        if isinstance(k, _SCALARS) or (isinstance(k, tuple) and all(map(_is_scalar, k))):
-            return k
-        raise CheckpointError(f"unsupported dict key of type {type(k).__name__}")
-
-    def walk(x: Any, where: str) -> Any:
-        if isinstance(x, _SCALARS):
-            return x
-        if id(x) in memo:
-            return memo[id(x)]
-        if isinstance(x, _TensorRef | _StorageRef):
-            try:
-                ref = x
-                if isinstance(x, _StorageRef):  # a storage saved on its own: flat elements
-                    ref = _TensorRef(x, 0, (x.numel,), (1,), x.dtype)
-                out: Any = _tensor_array(ref, buffers, little)
-            except CheckpointError as e:
-                raise CheckpointError(f"tensor {where or '<root>'}: {e}") from None
-        elif type(x) in (dict, OrderedDict):
-            out = memo[id(x)] = type(x)()
-            for k, v in x.items():
-                out[key(k)] = walk(v, f"{where}[{k!r}]")
-        elif type(x) is list:
-            out = memo[id(x)] = []
-            out.extend(walk(v, f"{where}[{i}]") for i, v in enumerate(x))
-        elif type(x) is tuple:
-            out = tuple(walk(v, f"{where}[{i}]") for i, v in enumerate(x))
-        elif type(x) in (set, frozenset):
-            out = type(x)(key(v) for v in x)
-        else:
-            raise CheckpointError(
-                f"unsupported object of type {type(x).__name__} at {where or '<root>'}"
-            )
-        memo[id(x)] = out
-        return out
-
+    """The unpickled tree with numpy arrays for tensors; any refusal names ``path``."""
     try:
-        return walk(obj, "")
+        return _Materialiser(buffers, little).walk(obj)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     except RecursionError:
         raise CheckpointError(f"{path}: object tree is nested too deeply") from None
-
-
-def _is_scalar(x: Any) -> bool:
-    return isinstance(x, _SCALARS)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,13 +838,30 @@ def load_torch_checkpoint(path: str | os.PathLike) -> Any:
     Returns the saved object tree (dicts, OrderedDicts, lists, tuples, scalars) with every
     tensor replaced by a contiguous numpy array of its dtype and shape. Raises
     :class:`UnsafeCheckpointError` for any global outside the allowlist and
-    :class:`CheckpointError` for truncated, corrupted or non-checkpoint files.
+    :class:`CheckpointError` for truncated, corrupted, malicious or non-checkpoint files (see the
+    limits in the module docstring); every message names the file.
     """
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read checkpoint ({e.strerror or e})") from None
+    try:
+        return _read(data, path)
+    except CheckpointError as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: object tree is nested too deeply") from None
+    except Exception as e:  # noqa: BLE001 - whatever a crafted file triggers, report it as such
+        raise CheckpointError(
+            f"{path}: corrupted or not a tensor checkpoint ({_describe(e)})"
+        ) from e
+
+
+def _read(data: bytes, path: Path) -> Any:
+    """Dispatch on the file's first bytes: zip archive or legacy pickles."""
     if data[:4] == b"PK\x03\x04":
         return _read_zip(path, len(data))
     if data[:2] == b"\x80\x02" or data[:1] == b"\x80":
@@ -634,28 +879,49 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
 
     Unwraps ``{'state_dict': ...}`` / ``{'model': ...}`` wrappers, strips the ``module.`` prefix
     ``nn.DataParallel`` adds, and drops ``num_batches_tracked`` counters, which inference does
-    not use. Every remaining value must be an array.
+    not use. Every remaining key must be a str and every value an array. Errors are
+    :class:`CheckpointError` naming the file (or "state dict" for a mapping).
     """
     name = str(source) if isinstance(source, str | os.PathLike) else "state dict"
     obj = load_torch_checkpoint(source) if isinstance(source, str | os.PathLike) else source
-    while isinstance(obj, Mapping):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(f"{name}: expected a mapping of names to tensors, got {type(obj)}")
+    obj = _unwrap(obj, name)
     out: dict[str, np.ndarray] = {}
     for k, v in obj.items():
-        k = str(k)
+        if not isinstance(k, str):
+            raise CheckpointError(
+                f"{name}: state dict key {_short_repr(k, 60)} is {type(k).__name__}, expected str"
+            )
         if k.rsplit(".", 1)[-1] == "num_batches_tracked":
             continue
         if not isinstance(v, np.ndarray):
             if not (hasattr(v, "__array__") and hasattr(v, "shape")):  # e.g. a jax.Array
-                raise CheckpointError(f"{name}: entry {k!r} is {type(v).__name__}, not a tensor")
+                raise CheckpointError(
+                    f"{name}: entry {_short_repr(k, 100)} is {type(v).__name__}, not a tensor"
+                )
             v = np.asarray(v)
         short = k.removeprefix("module.")
         if short in out:
-            raise CheckpointError(f"{name}: key {short!r} appears with and without 'module.'")
+            raise CheckpointError(
+                f"{name}: key {_short_repr(short, 100)} appears with and without 'module.'"
+            )
         out[short] = v
     return out
+
+
+def _unwrap(obj: Any, name: str) -> Mapping:
+    """Follow ``{'state_dict': ...}``-style wrappers down to the state dict; refuse cycles."""
+    seen: set[int] = set()
+    while isinstance(obj, Mapping):
+        if id(obj) in seen:
+            raise CheckpointError(
+                f"{name}: the {'/'.join(_WRAPPER_KEYS)} wrapper entries form a cycle "
+                "(a dict that contains itself)"
+            )
+        seen.add(id(obj))
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            return obj
+        obj = inner
+    raise CheckpointError(
+        f"{name}: expected a mapping of names to tensors, got {type(obj).__name__}"
+    )
