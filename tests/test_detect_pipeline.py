@@ -250,3 +250,20 @@ def test_mixed_folder_compiles_few_programs():
     det.detect_batch(imgs)
     # per bucket: one program for full batches and one for single images at most
     assert det._program._cache_size() <= 2 * len(buckets_used)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("conf_threshold", float("nan")),
+        ("conf_threshold", -0.1),
+        ("conf_threshold", "high"),
+        ("nms_threshold", 1.5),
+        ("nms_threshold", float("inf")),
+        ("nms_threshold", float("nan")),
+    ],
+)
+def test_thresholds_must_be_finite_and_in_range(field, value):
+    img = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match=f"{field}: expected a number in \\[0, 1\\]"):
+        fake_detector().detect(img, **{field: value})

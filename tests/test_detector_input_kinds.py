@@ -14,6 +14,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from test_detect_helpers import reference_postprocess
 
 from retinaface_jax.config import get_config
 from retinaface_jax.inference.detector import Detector
@@ -94,25 +95,10 @@ def images(shared) -> dict[str, np.ndarray]:
 # -- the original pipeline on its ONNX export, in numpy ----------------------------------------
 
 
-def _original_nms(dets: np.ndarray, threshold: float) -> list[int]:
-    """Greedy NMS with the original's +1 pixel areas; suppress IoU > threshold."""
-    x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = np.argsort(-scores, kind="stable")
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(int(i))
-        w = np.maximum(0.0, np.minimum(x2[i], x2[order[1:]]) - np.maximum(x1[i], x1[order[1:]]) + 1)
-        h = np.maximum(0.0, np.minimum(y2[i], y2[order[1:]]) - np.maximum(y1[i], y1[order[1:]]) + 1)
-        inter = w * h
-        iou = inter / (areas[i] + areas[order[1:]] - inter)
-        order = order[1:][iou <= threshold]
-    return keep
-
-
 def original_detect(session, image: np.ndarray, scale: str, conf_threshold: float) -> np.ndarray:
-    """``[K, 15]`` rows (box, score, landmarks) as the original detect.py computes them."""
+    """``[K, 15]`` rows (box, score, landmarks) as the original detect.py computes them: its
+    resize and mean subtraction in numpy, its network (the ONNX export), its post-processing
+    (``reference_postprocess``)."""
     target, longest = SCALES[scale]
     resize = resize_factor(image.shape[0], image.shape[1], target, longest)
     img = np.float32(image)
@@ -121,19 +107,9 @@ def original_detect(session, image: np.ndarray, scale: str, conf_threshold: floa
     h, w = img.shape[:2]
     x = (img - np.float32(CFG.rgb_mean)).transpose(2, 0, 1)[None]
     loc, conf, landms = (o[0] for o in session.run(None, {"input": x}))
-    pri = prior_box(CFG, (h, w))
-    v0, v1 = CFG.variance
-    centres = pri[:, :2] + loc[:, :2] * v0 * pri[:, 2:]
-    sizes = pri[:, 2:] * np.exp(loc[:, 2:] * v1)
-    boxes = np.concatenate([centres - sizes / 2, centres + sizes / 2], 1)
-    boxes = boxes * np.float32([w, h, w, h]) / resize
-    points = pri[:, None, :2] + landms.reshape(-1, 5, 2) * v0 * pri[:, None, 2:]
-    points = points.reshape(-1, 10) * np.float32([w, h] * 5) / resize
-    scores = conf[:, 1]
-    keep = np.flatnonzero(scores > conf_threshold)
-    keep = keep[np.argsort(-scores[keep], kind="stable")][: CFG.top_k]
-    dets = np.concatenate([boxes[keep], scores[keep, None], points[keep]], 1)
-    return dets[_original_nms(dets, CFG.nms_threshold)][: CFG.keep_top_k]
+    return reference_postprocess(
+        loc, conf, landms, prior_box(CFG, (h, w)), CFG, resize, h, w, conf=conf_threshold
+    )
 
 
 # -- comparisons -------------------------------------------------------------------------------

@@ -119,6 +119,20 @@ def _detect_program(
     return nms_rows(scores, boxes, lm, nms_threshold, max_keep)
 
 
+def _threshold(field: str, default: float, value: Any) -> float:
+    """``value`` (None: ``default``) as a float in [0, 1]: a score or an IoU; NaN is refused (it
+    would silently keep or drop everything)."""
+    if value is None:
+        return float(default)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field}: expected a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= v <= 1.0:  # (False for NaN)
+        raise ValueError(f"{field}: expected a number in [0, 1], got {value!r}")
+    return v
+
+
 def choose_kernels(kernels: str, model: nnx.Module) -> str:
     """``'native'`` or ``'xla'``: what a :class:`Detector` built with ``kernels`` runs on."""
     if kernels not in KERNEL_CHOICES:
@@ -259,8 +273,8 @@ class Detector:
         """:meth:`detect` for many images of any sizes; results in input order."""
         cfg = self.cfg
         limits = Limits(
-            cfg.conf_threshold if conf_threshold is None else float(conf_threshold),
-            cfg.nms_threshold if nms_threshold is None else float(nms_threshold),
+            _threshold("conf_threshold", cfg.conf_threshold, conf_threshold),
+            _threshold("nms_threshold", cfg.nms_threshold, nms_threshold),
             cfg.top_k if top_k is _UNSET else top_k,
             cfg.keep_top_k if keep_top_k is _UNSET else keep_top_k,
         )
