@@ -76,3 +76,62 @@ def test_resnet50_trains_from_random_init_with_warning(shared, tmp_path):
     saved = (workdir / "config.toml").read_text()
     assert 'backbone = "resnet50"' in saved and "image_size = 64" in saved and "epochs = 3" in saved
     assert (workdir / "export" / "config.toml").is_file()
+
+
+def test_no_data_says_where_wider_face_comes_from_and_the_layout(tmp_path):
+    done = _train([], tmp_path)  # the default --data, ./data/widerface/train/label.txt
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("train.py: error: --data data/widerface/train/label.txt: no such")
+    for needed in ("WIDER FACE site", "Pytorch_Retinaface", "five landmarks"):
+        assert needed in done.stderr
+    assert "data/widerface/train/images/<event>/<name>.jpg" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--num-workers", "-1", "must be >= 0"),
+        ("--lr", "abc", "expected a number"),
+        ("--batch-size", "0", "must be positive"),
+        ("--image-size", "16", "must be >= 32"),
+    ],
+)
+def test_bad_flag_values_are_one_line_errors(tmp_path, flag, value, says):
+    (tmp_path / "label.txt").write_text("# a.jpg\n")
+    done = _train(["--data", str(tmp_path / "label.txt"), flag, value], tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"argument {flag}: {says}" in done.stderr
+
+
+def test_data_directory_and_file_workdir_are_clear_errors(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "label.txt").write_text("# a.jpg\n")
+    done = _train(["--data", str(tmp_path / "train")], tmp_path)
+    assert done.returncode == 2 and "is a directory" in done.stderr
+    assert f"did you mean --data {tmp_path / 'train' / 'label.txt'}" in done.stderr
+    (tmp_path / "afile").write_text("")
+    done = _train(["--data", str(tmp_path / "train" / "label.txt"), "--workdir", "afile"], tmp_path)
+    assert done.returncode == 2 and "--workdir afile: exists and is not a directory" in done.stderr
+
+
+def test_malformed_label_file_is_one_error_and_debug_shows_the_traceback(tmp_path):
+    label = tmp_path / "label.txt"
+    label.write_text("".join(f"not, a label line {i}\n" for i in range(100)) + "# x.jpg\n1 2\n")
+    args = ["--data", str(label), "--workdir", str(tmp_path / "w"), "--pretrained", "none"]
+    done = _train(args, tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("train.py: error:")]
+    assert len(errors) == 1 and "expected a RetinaFace label.txt" in errors[0]
+    assert done.stderr.count("skipped") <= 25  # the first bad lines are logged, not all 100
+    assert not (tmp_path / "w").exists()  # checked before anything is written
+    debug = _train([*args, "--debug"], tmp_path)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_labels_without_their_images_name_the_expected_layout(tmp_path):
+    from retinaface_jax.data.labels import load_training_records
+
+    label = tmp_path / "label.txt"
+    label.write_text("# 0--Parade/a.jpg\n1 2 3 4\n")
+    with pytest.raises(ValueError, match=r"could be read under .*images.*<event>/<name>\.jpg"):
+        load_training_records(label)

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 _LANDMARK_COLS = np.array([4, 5, 7, 8, 10, 11, 13, 14, 16, 17])
 _NUM_LABEL_TXT_FIELDS = (4, 19, 20)  # boxes only; box + 5 triples; box + 5 triples + trailing
 _NUM_BBX_GT_FIELDS = 10
+LOGGED_PER_KIND = 20  # skipped items logged one by one per kind; the rest are only counted
+FORMAT_HELP = (
+    "expected a RetinaFace label.txt ('# <event>/<name>.jpg' lines, each followed by one line "
+    "per face: x y w h and five landmark 'x y flag' triples) or a wider_face_*_bbx_gt.txt"
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -75,11 +80,18 @@ class ParseReport:
     faces: int = 0
     empty_images: int = 0
     issues: list[Issue] = dataclasses.field(default_factory=list)
+    _logged: Counter[str] = dataclasses.field(default_factory=Counter, repr=False, compare=False)
 
     def add(self, file: str | Path, line: int, kind: str, message: str) -> None:
+        """Record a skipped item; the first ``LOGGED_PER_KIND`` of each kind are also logged (a
+        wrong file must not bury the final error under thousands of lines)."""
         issue = Issue(str(file), line, kind, message)
         self.issues.append(issue)
-        log.warning("skipped %s", issue)
+        self._logged[kind] += 1
+        if self._logged[kind] <= LOGGED_PER_KIND:
+            log.warning("skipped %s", issue)
+        if self._logged[kind] == LOGGED_PER_KIND:
+            log.warning("%s: further %s items are counted, not logged", self.source, kind)
 
     @property
     def counts(self) -> Counter[str]:
@@ -137,6 +149,37 @@ def load_records(
     report.empty_images = sum(r.num_faces == 0 for r in records)
     log.info("%s", report.summary())
     return records, report
+
+
+def load_training_records(
+    label_file: str | Path, image_root: str | Path | None = None
+) -> tuple[list[FaceRecord], ParseReport]:
+    """:func:`load_records`, but a file that yields no usable image is a ``ValueError`` saying
+    why (wrong format, or images not where the layout puts them)."""
+    records, report = load_records(label_file, image_root)
+    if not records:
+        root = Path(image_root) if image_root is not None else Path(label_file).parent / "images"
+        raise ValueError(no_usable_images(report, root))
+    return records, report
+
+
+def no_usable_images(report: ParseReport, image_root: Path) -> str:
+    """Why ``report``'s file gave no training image, and what the file or layout should be."""
+    counts = report.counts
+    if not counts:
+        return f"{report.source}: no images listed; {FORMAT_HELP}"
+    first = report.issues[0]
+    if set(counts) <= {"missing_image", "unreadable_image"}:
+        return (
+            f"{report.source}: none of the {len(report.issues)} images it lists could be read "
+            f"under {image_root.resolve()} (first: {first.message}); the images must be at "
+            "images/<event>/<name>.jpg beside the label file, the path each '# ' line names"
+        )
+    kinds = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    return (
+        f"{report.source}: no usable training images (skipped: {kinds}; first: {first}); "
+        f"{FORMAT_HELP}"
+    )
 
 
 def _parse_floats(tokens: Sequence[str]) -> np.ndarray | None:

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from retinaface_jax.config import RetinaFaceConfig, dump_config, from_dict
-from retinaface_jax.data.labels import load_records
+from retinaface_jax.data.labels import FaceRecord, load_training_records
 from retinaface_jax.data.pipeline import make_train_iterator, steps_per_epoch
 from retinaface_jax.data.targets import DEFAULT_MAX_FACES
 from retinaface_jax.train.checkpoint import Checkpoints
@@ -144,13 +144,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def train(cfg: RetinaFaceConfig, opts: RunOptions) -> TrainResult:
     """Train ``cfg`` on ``opts.data`` in ``opts.workdir`` (see the module docstring)."""
+    # first, so that an unusable data set is an error before anything is written or started
+    records, _ = load_training_records(opts.data)
     workdir = Path(opts.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     ckpts = Checkpoints(workdir, opts.checkpoint_every, opts.keep_checkpoints)
     try:
         cfg, opts, meta = _resolve_resume(cfg, opts, ckpts)
-        return _run(cfg, opts, workdir, ckpts, meta, is_main)
+        return _run(cfg, opts, records, workdir, ckpts, meta, is_main)
     finally:
         ckpts.close()
 
@@ -158,14 +160,12 @@ def train(cfg: RetinaFaceConfig, opts: RunOptions) -> TrainResult:
 def _run(
     cfg: RetinaFaceConfig,
     opts: RunOptions,
+    records: list[FaceRecord],
     workdir: Path,
     ckpts: Checkpoints,
     meta: dict | None,
     is_main: bool,
 ) -> TrainResult:
-    records, _ = load_records(opts.data)
-    if not records:
-        raise ValueError(f"{opts.data}: no usable training images")
     mesh = make_mesh()
     local_batch = local_batch_size(cfg.batch_size, mesh)
     epoch_steps = steps_per_epoch(len(records), cfg.batch_size)
@@ -234,47 +234,49 @@ def _run(
     status, message, last = "done", "", {}
     step = start_step
     last_time = time.perf_counter()
-    with _StopOnSigint() as sigint, metrics_path.open("a") as metrics_file:
-        for step in range(start_step + 1, end_step + 1):
-            batch = shard_batch(next(batches), mesh)
-            new_state, metrics = step_fn(state, batch)
-            values = {k: float(v) for k, v in to_host(metrics).items()}
-            now = time.perf_counter()
-            seconds, last_time = now - last_time, now
-            if not all(math.isfinite(values[k]) for k in (*LOSS_KEYS, "grad_norm")):
-                status = "nonfinite"
-                ckpts.wait()
-                message = (
-                    f"non-finite loss at step {step} ({_fmt(values)}): stopping. The last good "
-                    f"checkpoint (step {ckpts.latest_step()}) in {ckpts.directory} is kept; "
-                    "resume from it with --resume, or start a new run with a lower --lr"
-                )
-                step -= 1
-                break
-            state = new_state
-            epoch = (step - 1) // epoch_steps
-            values.update(step=step, epoch=epoch, seconds=seconds)
-            if step == start_step + 1:
-                log.info("first step (including compilation) took %.1f s", seconds)
-            else:
-                values["images_per_s"] = cfg.batch_size / seconds
-            last = values
-            if is_main:
-                metrics_file.write(json.dumps(values) + "\n")
-                metrics_file.flush()
-            bar.set_postfix_str(_fmt(values), refresh=False)
-            bar.update(1)
-            epoch_end = step % epoch_steps == 0
-            ckpts.save(state, {**run_meta, "epoch": epoch}, force=epoch_end or step == end_step)
-            if _any_process(sigint.requested):
-                ckpts.save(state, {**run_meta, "epoch": epoch}, force=True)
-                status = "interrupted"
-                message = f"interrupted: saved step {step} in {ckpts.directory}"
-                break
-    bar.close()
-    close = getattr(batches, "close", None)
-    if close is not None:
-        close()
+    try:
+        with _StopOnSigint() as sigint, metrics_path.open("a") as metrics_file:
+            for step in range(start_step + 1, end_step + 1):
+                batch = shard_batch(next(batches), mesh)
+                new_state, metrics = step_fn(state, batch)
+                values = {k: float(v) for k, v in to_host(metrics).items()}
+                now = time.perf_counter()
+                seconds, last_time = now - last_time, now
+                if not all(math.isfinite(values[k]) for k in (*LOSS_KEYS, "grad_norm")):
+                    status = "nonfinite"
+                    ckpts.wait()
+                    message = (
+                        f"non-finite loss at step {step} ({_fmt(values)}): stopping. The last good "
+                        f"checkpoint (step {ckpts.latest_step()}) in {ckpts.directory} is kept; "
+                        "resume from it with --resume, or start a new run with a lower --lr"
+                    )
+                    step -= 1
+                    break
+                state = new_state
+                epoch = (step - 1) // epoch_steps
+                values.update(step=step, epoch=epoch, seconds=seconds)
+                if step == start_step + 1:
+                    log.info("first step (including compilation) took %.1f s", seconds)
+                else:
+                    values["images_per_s"] = cfg.batch_size / seconds
+                last = values
+                if is_main:
+                    metrics_file.write(json.dumps(values) + "\n")
+                    metrics_file.flush()
+                bar.set_postfix_str(_fmt(values), refresh=False)
+                bar.update(1)
+                epoch_end = step % epoch_steps == 0
+                ckpts.save(state, {**run_meta, "epoch": epoch}, force=epoch_end or step == end_step)
+                if _any_process(sigint.requested):
+                    ckpts.save(state, {**run_meta, "epoch": epoch}, force=True)
+                    status = "interrupted"
+                    message = f"interrupted: saved step {step} in {ckpts.directory}"
+                    break
+    finally:  # also on an error: stop the data-loader workers, free their shared memory
+        bar.close()
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
     ckpts.wait()
     if message:
         (log.error if status == "nonfinite" else log.info)("%s", message)
