@@ -64,8 +64,10 @@ def widerface_setup(shared, tmp_path, monkeypatch):
     fake = FakeDetector(boxes_by_height)
     loaded = {}
 
-    def load_detector(weights, network, target_size, max_size):
-        loaded.update(weights=weights, network=network, target=target_size, max=max_size)
+    def load_detector(weights, network, target_size, max_size, *, kernels="auto"):
+        loaded.update(
+            weights=weights, network=network, target=target_size, max=max_size, kernels=kernels
+        )
         return fake
 
     monkeypatch.setattr(run, "load_detector", load_detector)
@@ -81,7 +83,13 @@ def test_widerface_detect_write_evaluate(widerface_setup, capsys):
     argv += ["--pred-dir", str(pred), "--plot", str(s.root / "pr.png"), "--no-progress"]
     assert main(argv) == 0
     out, err = capsys.readouterr()
-    assert s.loaded == {"weights": None, "network": "mobilenet0.25", "target": None, "max": None}
+    assert s.loaded == {
+        "weights": None,
+        "network": "mobilenet0.25",
+        "target": None,
+        "max": None,
+        "kernels": "auto",
+    }
     # no top-k limits, the config's thresholds
     assert all(c[1:] == (0.02, 0.4, None, None) for c in s.fake.calls)
     assert f"{s.bad}.jpg" in err  # the unreadable image is reported and skipped
@@ -109,13 +117,19 @@ def test_widerface_detect_write_evaluate(widerface_setup, capsys):
     assert len(read_predictions(pred)) == 2
 
 
-def test_widerface_scale_options_reach_the_detector(widerface_setup):
+def test_widerface_scale_and_kernel_options_reach_the_detector(widerface_setup):
     s = widerface_setup
     argv = ["widerface", "--images", str(s.root / "images"), "--gt", str(s.gt_dir)]
     argv += ["--pred-dir", str(s.root / "p2"), "--target-size", "1600", "--max-size", "2150"]
-    argv += ["--weights", "w.pth", "--no-progress"]
+    argv += ["--weights", "w.pth", "--no-progress", "--kernels", "xla"]
     assert main(argv) == 0
-    assert s.loaded == {"weights": "w.pth", "network": "mobilenet0.25", "target": 1600, "max": 2150}
+    assert s.loaded == {
+        "weights": "w.pth",
+        "network": "mobilenet0.25",
+        "target": 1600,
+        "max": 2150,
+        "kernels": "xla",
+    }
 
 
 def test_reference_predictions_via_cli(shared, capsys):
@@ -164,7 +178,7 @@ def test_fddb_detect_write_roc(shared, tmp_path, monkeypatch, capsys):
     for h, name in enumerate(names, start=10):
         _write_image(tmp_path / "images" / f"{name}.jpg", h)
         boxes_by_height[h] = ellipse_bounding_boxes(ellipses[name])
-    monkeypatch.setattr(run, "load_detector", lambda *a: FakeDetector(boxes_by_height))
+    monkeypatch.setattr(run, "load_detector", lambda *a, **k: FakeDetector(boxes_by_height))
     out_dir = tmp_path / "out"
     argv = ["fddb", "--images", str(tmp_path / "images"), "--folds", str(folds), "--fold", "1"]
     argv += ["--out", str(out_dir), "--plot", str(tmp_path / "roc.png"), "--no-progress"]

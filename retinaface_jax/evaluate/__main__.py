@@ -28,6 +28,7 @@ from retinaface_jax.evaluate.plot import plot_pr_curves, plot_roc, require_matpl
 from retinaface_jax.evaluate.predictions_io import read_predictions
 from retinaface_jax.evaluate.widerface_ap import PROTOCOL, WiderFaceEvaluation, evaluate_widerface
 from retinaface_jax.evaluate.widerface_gt import SETTINGS, load_widerface_gt
+from retinaface_jax.kernels.native import KERNEL_CHOICES
 
 PROG = "python -m retinaface_jax.evaluate"
 
@@ -73,6 +74,12 @@ def _add_detector_args(p: argparse.ArgumentParser, default_batch: int = 4) -> No
     )
     g.add_argument("--nms-threshold", type=_fraction, default=None, help="NMS IoU (config: 0.4)")
     g.add_argument("--batch-size", type=_positive_int, default=default_batch)
+    g.add_argument(
+        "--kernels",
+        choices=KERNEL_CHOICES,
+        default="auto",
+        help="what runs the network: auto (native CPU kernels when usable, else XLA), native, xla",
+    )
     g.add_argument("--overwrite", action="store_true", help="replace existing prediction files")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -167,7 +174,9 @@ def _load(args: argparse.Namespace) -> tuple[object, str, float, float]:
     max_size = getattr(args, "max_size", None)
     if max_size and not target and getattr(args, "origin_size", False):
         raise ValueError("--max-size cannot be combined with --origin-size")
-    detector = run.load_detector(args.weights, args.network, target, max_size)
+    detector = run.load_detector(
+        args.weights, args.network, target, max_size, kernels=getattr(args, "kernels", "auto")
+    )
     text, conf, nms = _detector_protocol(args, detector)
     return detector, text, conf, nms
 

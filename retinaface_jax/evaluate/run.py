@@ -17,12 +17,19 @@ from retinaface_jax.inference.preprocess import load_image
 
 
 def load_detector(
-    weights: str | None, network: str, target_size: int | None, max_size: int | None
+    weights: str | None,
+    network: str,
+    target_size: int | None,
+    max_size: int | None,
+    *,
+    kernels: str = "auto",
 ) -> Any:
     """``Detector.from_pretrained`` (imported lazily: evaluating existing files needs no JAX)."""
     from retinaface_jax import Detector
 
-    return Detector.from_pretrained(weights or network, target_size=target_size, max_size=max_size)
+    return Detector.from_pretrained(
+        weights or network, target_size=target_size, max_size=max_size, kernels=kernels
+    )
 
 
 def _log(msg: str) -> None:
