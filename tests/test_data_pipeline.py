@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -199,3 +202,49 @@ def test_crowded_images_warn_once_and_missing_images_train_as_negatives(
         assert np.all(b["valid"].sum(1) <= 8)
     # the unreadable image contributes no faces: one of the two rows of each batch is empty
     assert all((b["valid"].sum(1) == 0).sum() >= 1 for b in batches)
+
+
+_PARENT_OF_A_WORKER = """
+import multiprocessing, time
+from retinaface_jax.data.pipeline import exit_with_parent
+
+def work():
+    exit_with_parent()
+    time.sleep(120)
+
+if __name__ == "__main__":
+    child = multiprocessing.get_context("spawn").Process(target=work)
+    child.start()
+    print(child.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_exits_when_its_parent_is_sigkilled(tmp_path: Path) -> None:
+    """``exit_with_parent`` (the workers' initialiser runs it): the child of a killed parent ends
+    by itself (train.py as a whole: tests/test_worker_cleanup.py)."""
+    script = tmp_path / "parent.py"
+    script.write_text(_PARENT_OF_A_WORKER)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    try:
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(child), "the worker outlived its SIGKILLed parent by 20 s"
+    finally:
+        parent.stdout.close()
+        if _running(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited orphan that nobody has reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
