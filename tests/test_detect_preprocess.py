@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
+from retinaface_jax.image_header import image_file_size
 from retinaface_jax.inference.face import Face
 from retinaface_jax.inference.preprocess import (
     ImageError,
-    image_file_size,
     load_image,
     max_pixels_limit,
     resize_factor,

@@ -23,7 +23,10 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
+
+from retinaface_jax.image_header import image_file_size
 
 log = logging.getLogger(__name__)
 
@@ -281,21 +284,18 @@ def _parse_bbx_gt(lines: list[str], file: Path, report: ParseReport) -> list[_En
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) from the image header, or None when missing/unreadable."""
+    """(height, width) from the image header (decoded only for formats whose header we do not
+    read), or None when missing/unreadable."""
     if not path.is_file():
         return None
     try:
-        from PIL import Image  # header-only read: fast even for the full WIDER train set
-    except ImportError:  # pragma: no cover - pillow ships with matplotlib
-        import cv2
-
+        size = image_file_size(path)
+    except OSError:
+        return None
+    if size is None:
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         return None if img is None else (int(img.shape[0]), int(img.shape[1]))
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except Exception:  # noqa: BLE001 - any decoder error means "unreadable"
-        return None
+    width, height = size
     return int(height), int(width)
 
 
