@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from test_detect_helpers import fake_detector
 
-from retinaface_jax.inference import preprocess
+from retinaface_jax import image_header
 from retinaface_jax.inference.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_unreadable_file_permission_error(det, tmp_path, capsys, monkeypatch):
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(preprocess, "open", guarded_open, raising=False)
+    monkeypatch.setattr(image_header, "open", guarded_open, raising=False)
     code, err = _run(det, [locked, good, "--output", tmp_path / "o"], capsys)
     assert code == 1
     assert "locked.jpg: cannot read the file (Permission denied)" in err
