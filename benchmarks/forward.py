@@ -5,7 +5,7 @@ Both run in this process on the same inputs (BGR minus mean, float32), timed in 
 B); prints per-call medians,
 their ratio (ours / anchor; < 1 means we are faster) and our compile time. Ours runs as
 ``Detector`` runs it: on our native CPU kernels when they build (``--kernels auto``, the default;
-``retinaface_jax.kernels``), else on XLA, jitted with ``retinaface_jax.compiler_options()`` and
+``retinaface_jax.backends.native``), else on XLA, jitted with ``retinaface_jax.compiler_options()`` and
 called on the model state's flat leaves (calling a jitted function with the ``nnx.Module`` itself
 costs ~3 ms per call, to flatten its graph). ``--kernels xla`` times the XLA formulation.
 
@@ -26,12 +26,12 @@ import numpy as np
 from common import alternating_medians, machine, onnx_anchor, pin_cpus, shared_dir, warm_up
 
 from retinaface_jax import compiler_options, load_model
+from retinaface_jax.backends.native.build import KERNEL_CHOICES
+from retinaface_jax.backends.native.kernel_forward import kernel_forward, kernel_params
+from retinaface_jax.backends.xla_cpu.conv_ops import get_conv_impl
 from retinaface_jax.inference.detector import choose_kernels
-from retinaface_jax.kernels.native import KERNEL_CHOICES
 from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc
-from retinaface_jax.models.conv_ops import get_conv_impl
 from retinaface_jax.models.flat_state import flat_state
-from retinaface_jax.models.kernel_forward import kernel_forward, kernel_params
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from retinaface_jax.backends.native import native_training
 from retinaface_jax.box_utils import encode, encode_landm, jaccard, point_form
 from retinaface_jax.config import RetinaFaceConfig, cfg_mnet
-from retinaface_jax.models import native_training
 
 __all__ = ["match", "multibox_loss", "MIN_BEST_PRIOR_IOU"]
 

@@ -71,7 +71,7 @@ def test_train_step_for_accelerators_uses_xla_convolutions(platform, monkeypatch
 
 def test_the_same_step_on_cpu_calls_the_native_kernels() -> None:
     """The check above can fail: on the CPU the step's convolutions are our kernels."""
-    from retinaface_jax.kernels.native import native_kernels_available
+    from retinaface_jax.backends.native.build import native_kernels_available
 
     if not native_kernels_available():
         pytest.skip("the native kernels did not build here")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retinaface_jax.models import conv_ops
+from retinaface_jax.backends.xla_cpu import conv_ops
 
 CASES = {
     "dense 3x3": (3, 1, 1, 1, 32, 16),

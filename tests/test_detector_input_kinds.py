@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from test_detect_helpers import reference_postprocess
 
+from retinaface_jax.backends.native.build import KERNEL_CHOICES
 from retinaface_jax.config import get_config
 from retinaface_jax.inference.detector import Detector
 from retinaface_jax.inference.preprocess import resize_factor
-from retinaface_jax.kernels.native import KERNEL_CHOICES
 from retinaface_jax.priors import prior_box
 
 PATHS = [k for k in KERNEL_CHOICES if k != "auto"]  # auto is one of these (test_choose_kernels)

@@ -1,4 +1,4 @@
-"""Numerics of the native CPU kernels (``retinaface_jax.kernels``) against independent references.
+"""Numerics of the native CPU kernels (``retinaface_jax.backends.native``) against independent references.
 
 * ``ops.conv`` / ``ops.conv_dw`` against ``lax.conv_general_dilated`` + bias + activation in jnp,
   reading their layer's slices of one parameter buffer (``ops.ParamBuffer``);
@@ -30,8 +30,9 @@ from flax import nnx
 from jax import lax
 from program_inputs import trace_detector_program
 
-from retinaface_jax.kernels import native, ops
-from retinaface_jax.kernels.native import native_kernels_available
+from retinaface_jax.backends.native import build as native
+from retinaface_jax.backends.native import ops
+from retinaface_jax.backends.native.build import native_kernels_available
 
 MEAN = np.array([104.0, 117.0, 123.0], np.float32)
 HIGHEST = lax.Precision.HIGHEST
@@ -658,21 +659,21 @@ def real_input(shared, n: int, h: int, w: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def mobilenet_kernels(mobilenet):
-    from retinaface_jax.models.kernel_forward import kernel_params
+    from retinaface_jax.backends.native.kernel_forward import kernel_params
 
     return kernel_params(mobilenet)
 
 
 @pytest.fixture(scope="module")
 def resnet50_kernels(resnet50):
-    from retinaface_jax.models.kernel_forward import kernel_params
+    from retinaface_jax.backends.native.kernel_forward import kernel_params
 
     return kernel_params(resnet50)
 
 
 def compare_forward(model, kernels, x, *, body: bool) -> dict[str, float]:
     """``kernel_forward`` (``body=model.body.features`` if ``body``) against ``model(x)``."""
-    from retinaface_jax.models.kernel_forward import kernel_forward
+    from retinaface_jax.backends.native.kernel_forward import kernel_forward
 
     params, plan = kernels
     got = jax.jit(lambda m, p, x: kernel_forward(plan, p, x, m.body.features if body else None))(
@@ -718,7 +719,7 @@ def _layer_slices(layer) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("backbone", ["mobilenet", "resnet50"])
 def test_kernel_params_are_one_host_buffer_and_a_plan(request, backbone):
-    from retinaface_jax.models.kernel_forward import KernelPlan
+    from retinaface_jax.backends.native.kernel_forward import KernelPlan
 
     params, plan = request.getfixturevalue(f"{backbone}_kernels")
     assert isinstance(params, np.ndarray) and params.dtype == np.float32 and params.ndim == 1
@@ -787,7 +788,7 @@ def test_avx512_and_avx2_builds_give_the_same_bits(
     whole forward, uint8 and float, layers whose widths take the 8-lane remainders (24
     channels) and kernel gradients (Winograd and direct; 12- against 6-channel tiles) give
     identical bits."""
-    from retinaface_jax.models.kernel_forward import kernel_forward
+    from retinaface_jax.backends.native.kernel_forward import kernel_forward
 
     params, plan = mobilenet_kernels
     rng = np.random.default_rng(5)
@@ -838,8 +839,8 @@ def test_kernel_forward_on_uint8_equals_mean_subtracted_float(request, shared, b
     """A uint8 image (the stem kernel subtracts the mean; for ResNet50, XLA does) gives the bits of
     its float32 ``x - mean``, also inside a valid region (padded inputs: the mean is subtracted
     before the padded border is zeroed)."""
+    from retinaface_jax.backends.native.kernel_forward import kernel_forward
     from retinaface_jax.inference.padding import PaddedRegion, masked_for_padding
-    from retinaface_jax.models.kernel_forward import kernel_forward
 
     model = request.getfixturevalue(backbone)
     params, plan = request.getfixturevalue(f"{backbone}_kernels")
@@ -864,7 +865,7 @@ def test_kernel_forward_on_uint8_equals_mean_subtracted_float(request, shared, b
 
 
 def test_kernel_forward_rejects_bad_input(mobilenet_kernels, resnet50_kernels):
-    from retinaface_jax.models.kernel_forward import kernel_forward
+    from retinaface_jax.backends.native.kernel_forward import kernel_forward
 
     params, plan = mobilenet_kernels
     with pytest.raises(ValueError, match="NHWC"):

@@ -12,7 +12,7 @@ from seeded_weights import seeded_state_dict
 from torch_files import tensor, write_legacy, write_zip
 
 from retinaface_jax import load_model
-from retinaface_jax.models import conv_ops
+from retinaface_jax.backends.xla_cpu import conv_ops
 
 MEAN = np.array([104.0, 117.0, 123.0], np.float32)
 

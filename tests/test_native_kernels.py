@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from retinaface_jax.kernels import native
+from retinaface_jax.backends.native import build as native
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -229,7 +229,7 @@ def test_registered_target_runs_in_a_fresh_process(built):
         import json
         import numpy as np
         import jax, jax.numpy as jnp
-        from retinaface_jax.kernels.native import native_kernels_available
+        from retinaface_jax.backends.native.build import native_kernels_available
 
         ok = [native_kernels_available(), native_kernels_available()]
         x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 8, 16)), jnp.float32)
@@ -275,7 +275,7 @@ def test_truncated_cached_library_is_rebuilt_and_loads(built, tmp_path, monkeypa
     out = run_python(
         """
         import json, warnings
-        from retinaface_jax.kernels.native import native_kernels_available
+        from retinaface_jax.backends.native.build import native_kernels_available
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -1,4 +1,4 @@
-"""The native depthwise kernels of the train step (``models.native_training``): values and both
+"""The native depthwise kernels of the train step (``backends.native.native_training``): values and both
 gradients against ``lax.conv``, batch-parallel under a 4-device mesh, and used by the CPU train
 step only (inference and non-float32 steps keep XLA)."""
 
@@ -18,9 +18,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from program_inputs import empty_batch
 
-from retinaface_jax.kernels import native, ops
-from retinaface_jax.models import conv_ops, native_training
-from retinaface_jax.models.native_training import depthwise_applies, native_gradients
+from retinaface_jax.backends.native import build as native
+from retinaface_jax.backends.native import ops
+from retinaface_jax.backends.native.native_training import depthwise_applies, native_gradients
+from retinaface_jax.backends.xla_cpu import conv_ops, native_training
 from retinaface_jax.train.sharding import make_mesh
 
 

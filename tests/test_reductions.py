@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from retinaface_jax.models import reductions
+from retinaface_jax.backends.xla_cpu import reductions
 
 
 @pytest.mark.parametrize("h", [1, 2, 3, 4, 5, 9, 53])

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from retinaface_jax.backends.native.build import KERNEL_CHOICES
 from retinaface_jax.cli_errors import add_debug_flag, run_cli
 from retinaface_jax.evaluate import fddb, run
 from retinaface_jax.evaluate.fddb import (
@@ -28,7 +29,6 @@ from retinaface_jax.evaluate.plot import plot_pr_curves, plot_roc, require_matpl
 from retinaface_jax.evaluate.predictions_io import read_predictions
 from retinaface_jax.evaluate.widerface_ap import PROTOCOL, WiderFaceEvaluation, evaluate_widerface
 from retinaface_jax.evaluate.widerface_gt import SETTINGS, load_widerface_gt
-from retinaface_jax.kernels.native import KERNEL_CHOICES
 
 PROG = "python -m retinaface_jax.evaluate"
 

@@ -20,6 +20,7 @@ from typing import IO, Any
 import cv2
 import numpy as np
 
+from retinaface_jax.backends.native.build import KERNEL_CHOICES
 from retinaface_jax.cli_errors import add_debug_flag, describe, run_cli
 from retinaface_jax.inference.align import align_faces
 from retinaface_jax.inference.draw import draw_faces
@@ -34,7 +35,6 @@ from retinaface_jax.inference.preprocess import (
     max_pixels_limit,
 )
 from retinaface_jax.inference.video import VideoError, VideoReader, is_video, open_writer
-from retinaface_jax.kernels.native import KERNEL_CHOICES
 
 IMAGE_EXTENSIONS = (
     ".jpg",

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retinaface_jax.backends.native.build import KERNEL_CHOICES, native_kernels_available
+from retinaface_jax.backends.native.kernel_forward import kernel_forward, kernel_params
 from retinaface_jax.config import RetinaFaceConfig, dump_config, get_config
 from retinaface_jax.inference import buckets
 from retinaface_jax.inference.compile_cache import enable_compilation_cache
@@ -39,9 +41,7 @@ from retinaface_jax.inference.preprocess import (
     subtract_mean,
 )
 from retinaface_jax.inference.program_cache import ExportedPrograms
-from retinaface_jax.kernels.native import KERNEL_CHOICES, native_kernels_available
 from retinaface_jax.models.flat_state import flat_state
-from retinaface_jax.models.kernel_forward import kernel_forward, kernel_params
 from retinaface_jax.models.retinaface import RetinaFace
 from retinaface_jax.weights.download import cache_dir
 from retinaface_jax.xla_options import compiler_options
@@ -159,7 +159,7 @@ class Detector:
     (default on) keeps compiled programs (``compile_cache``) and exported ones
     (``program_cache``) under the cache dir, so a new process neither recompiles nor retraces.
     ``kernels``: ``'auto'`` (default) runs the model on our native CPU kernels when JAX's backend
-    is the CPU and they build (``retinaface_jax.kernels``; compiled once per machine, ~5 s),
+    is the CPU and they build (``retinaface_jax.backends.native``; compiled once per machine, ~5 s),
     else on XLA; ``'native'`` requires them; ``'xla'`` never uses them. ``self.kernels`` says
     which one runs.
     """

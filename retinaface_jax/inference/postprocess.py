@@ -109,7 +109,7 @@ def detections_native(
     max_keep: int,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`select_candidates` then :func:`nms_rows`, with top-k and NMS in one native CPU
-    kernel (``kernels.ops.topk_nms``; needs ``native_kernels_available()``): the same candidates,
+    kernel (``backends.native.ops.topk_nms``; needs ``native_kernels_available()``): the same candidates,
     order and NMS decisions (tested index for index); decoded coordinates may differ from the
     XLA path's in the last bit, as XLA compiles the decode of every prior and of the top ``k``
     as different loops.
@@ -119,7 +119,7 @@ def detections_native(
     only their landmarks decoded (decoding every prior's took ~0.1 ms more at 640x480).
     XLA's ``top_k`` (a sort of every prior) and NMS loop cost ~1.5 ms at 640x480 on a 2-core CPU.
     """
-    from retinaface_jax.kernels import ops
+    from retinaface_jax.backends.native import ops
 
     masked = candidate_scores(conf_logits, valid, conf_threshold)
     scale = resize[:, None, None]

@@ -31,7 +31,7 @@ import jaxlib
 import numpy as np
 from jax import export
 
-from retinaface_jax.kernels.native import TARGETS
+from retinaface_jax.backends.native.build import TARGETS
 
 log = logging.getLogger(__name__)
 

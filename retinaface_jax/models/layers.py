@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from retinaface_jax.kernels.ops import NO_ACTIVATION
-from retinaface_jax.models import native_training
-from retinaface_jax.models.conv_ops import conv2d, conv2d_with_stats
-from retinaface_jax.models.native_training import Stats
-from retinaface_jax.models.reductions import channel_sums
+from retinaface_jax.backends.native import native_training
+from retinaface_jax.backends.native.native_training import Stats
+from retinaface_jax.backends.native.ops import NO_ACTIVATION
+from retinaface_jax.backends.xla_cpu.conv_ops import conv2d, conv2d_with_stats
+from retinaface_jax.backends.xla_cpu.reductions import channel_sums
 
 _ABSTRACT = contextvars.ContextVar("retinaface_jax_abstract_init", default=False)
 

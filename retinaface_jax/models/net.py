@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retinaface_jax.backends.native.native_training import Stats
 from retinaface_jax.models.layers import (
     BatchNorm2d,
     Conv2d,
@@ -25,7 +26,6 @@ from retinaface_jax.models.layers import (
     initialized_at_once,
     leaky_relu,
 )
-from retinaface_jax.models.native_training import Stats
 
 
 class PendingBatchNorm(NamedTuple):

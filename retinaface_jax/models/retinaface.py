@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from retinaface_jax.backends.native import native_training
+from retinaface_jax.backends.xla_cpu.conv_ops import ImageWithMean, conv2d
 from retinaface_jax.config import RetinaFaceConfig, get_config
-from retinaface_jax.models import native_training
-from retinaface_jax.models.conv_ops import ImageWithMean, conv2d
 from retinaface_jax.models.layers import BatchNorm2d, Conv2d, add_bias, initialized_at_once
 from retinaface_jax.models.net import FPN, SSH, MobileNetV1
 from retinaface_jax.models.resnet import ResNet50

@@ -5,7 +5,7 @@ for the (static) training size are a numpy constant baked into the compiled step
 ``('data',)`` mesh the state is replicated and the batch sharded, so XLA turns the batch means
 (loss normalisation, BatchNorm statistics) into cross-device reductions and the result does not
 depend on the number of devices. On CPU the convolutions, their gradients and BatchNorm's sums run
-on the native kernels (``models.native_training``) when they are available.
+on the native kernels (``backends.native.native_training``) when they are available.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from retinaface_jax.backends.native.build import native_kernels_available
+from retinaface_jax.backends.native.native_training import native_gradients
+from retinaface_jax.backends.xla_cpu.conv_ops import get_conv_impl
 from retinaface_jax.config import RetinaFaceConfig
-from retinaface_jax.kernels.native import native_kernels_available
 from retinaface_jax.loss import multibox_loss
 from retinaface_jax.mean_subtraction import subtract_mean
-from retinaface_jax.models.conv_ops import get_conv_impl
-from retinaface_jax.models.native_training import native_gradients
 from retinaface_jax.models.retinaface import RetinaFace
 from retinaface_jax.priors import prior_box
 from retinaface_jax.train.sharding import data_sharded, replicated

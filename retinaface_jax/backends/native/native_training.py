@@ -50,7 +50,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from retinaface_jax.kernels import ops
+from retinaface_jax.backends.native import ops
 
 Stats = tuple[jax.Array, jax.Array]  # a BatchNorm input's batch mean and biased variance [C]
 

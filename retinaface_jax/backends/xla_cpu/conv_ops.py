@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from retinaface_jax.backends.native import native_training
+from retinaface_jax.backends.xla_cpu.reductions import channel_sums
 from retinaface_jax.mean_subtraction import subtract_mean
-from retinaface_jax.models import native_training
-from retinaface_jax.models.reductions import channel_sums
 
 _IMPLS = ("auto", "xla", "taps")
 _MIN_TAP_CHANNELS = 16  # narrower inputs (the RGB stem) use _conv_narrow

@@ -1,4 +1,4 @@
-"""``RetinaFace`` in eval mode on the native CPU kernels (``retinaface_jax.kernels``).
+"""``RetinaFace`` in eval mode on the native CPU kernels (``retinaface_jax.backends.native``).
 
 The same function as ``RetinaFace.__call__`` with running BatchNorm statistics, computed layer by
 layer as fused conv -> BatchNorm -> activation kernels:
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from retinaface_jax.kernels import ops
+from retinaface_jax.backends.native import ops
 from retinaface_jax.models.layers import BatchNorm2d, Conv2d, LeakyReLU
 from retinaface_jax.models.net import MobileNetV1, upsample_nearest
 

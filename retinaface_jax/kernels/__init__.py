@@ -1,1 +1,0 @@
-"""Hand-written CPU kernels (C++ XLA FFI handlers), compiled on first use by ``kernels.native``."""
