@@ -19,9 +19,9 @@ from jax.sharding import PartitionSpec as P
 from program_inputs import empty_batch
 
 from retinaface_jax.backends.native import build as native
-from retinaface_jax.backends.native import ops
+from retinaface_jax.backends.native import native_training, ops
 from retinaface_jax.backends.native.native_training import depthwise_applies, native_gradients
-from retinaface_jax.backends.xla_cpu import conv_ops, native_training
+from retinaface_jax.backends.xla_cpu import conv_ops
 from retinaface_jax.train.sharding import make_mesh
 
 
