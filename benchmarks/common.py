@@ -93,9 +93,8 @@ def warm_up(fns: dict[str, Callable[[], object]], seconds: float = 2.0, calls: i
     """Call the functions in turn for at least ``seconds`` and ``calls`` rounds.
 
     The first calls after compiling (or loading from the compilation cache) run slower for a while
-    (allocator growth, first-touch page faults, caches). With 3 warm-up calls three runs of the
-    640x480 detection benchmark gave ratios 2.16, 1.95 and 1.48; after this 2 s warm-up, 1.45,
-    1.42 and 1.51.
+    (allocator growth, first-touch page faults, caches); a few warm-up calls alone leave the
+    ratios of repeated runs scattered.
     """
     start, rounds = time.perf_counter(), 0
     while rounds < calls or time.perf_counter() - start < seconds:
@@ -120,8 +119,7 @@ def alternating_medians(
     Both sides of a ratio then see the same background load (this shared machine drifts by tens
     of percent within minutes). Blocks with a ``settle`` pause before each, not call-by-call
     interleaving: onnxruntime's worker threads keep spinning after a run and slow whatever runs
-    next (measured: our 640x480 forward took 45 ms right after an anchor run, 34 ms after a
-    50 ms pause, 30 ms with no anchor run in between).
+    next.
     """
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(max(1, -(-calls // block))):

@@ -7,7 +7,7 @@ their ratio (ours / anchor; < 1 means we are faster) and our compile time. Ours 
 ``Detector`` runs it: on our native CPU kernels when they build (``--kernels auto``, the default;
 ``retinaface_jax.backends.native``), else on XLA, jitted with ``retinaface_jax.compiler_options()`` and
 called on the model state's flat leaves (calling a jitted function with the ``nnx.Module`` itself
-costs ~3 ms per call, to flatten its graph). ``--kernels xla`` times the XLA formulation.
+flattens its graph on every call). ``--kernels xla`` times the XLA formulation.
 
     python benchmarks/forward.py [--repeats 40] [--sizes 640x480,1024x624,1920x1080] [--batches 1,8]
                                  [--cpus N] [--kernels auto|native|xla]

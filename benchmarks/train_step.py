@@ -6,11 +6,8 @@ Measures, for mobilenet0.25 at 640x640:
 - compile time and steady-state time of the jitted train step at batch 8 and 32 (images/s),
   cycling through the pipeline's first real batches (``--steps`` of them at most),
 - the grain data pipeline's images/s on the shared WIDER FACE train images,
-and prints step-time-per-image / anchor-forward-per-image. The original PyTorch train step costs
-about 6.5 anchor forwards per trained image on a 2-core Zen 3 CPU (AVX2) and 6.7-10.7 on a 2-core
-Zen 5 (AVX-512; the anchor's speed moves with the machine's load, and in PyTorch's process its
-spinning OpenMP threads slow the anchor: 9.9 against 7.9 ms with OMP_WAIT_POLICY=PASSIVE, which
-gave 9.44). The last line is ``ratio <number>`` (batch 8) so it can be tracked.
+and prints step-time-per-image / anchor-forward-per-image (``docs/performance.md`` has the
+original PyTorch train step's, for comparison). The last line is ``ratio <number>`` (batch 8) so it can be tracked.
 
     python benchmarks/train_step.py [--batches 8,32] [--steps 10] [--anchor-calls 4] [--size 640]
 """
@@ -73,13 +70,12 @@ def time_step(
     """(compile seconds, seconds per step, seconds per anchor forward) of the jitted train step.
 
     The timed steps cycle through ``batches``, real pipeline batches: the matching's cost depends
-    on a batch's faces (with XLA's loop ~1 ms more per 8 faces of its most crowded image, with
+    on a batch's faces (with XLA's loop it grows with the faces of its most crowded image, with
     the native kernel of a CPU step far less), so a single batch would not be representative.
     After every timed step the anchor forward runs ``anchor_calls`` times, so
-    both sides of the ratio are measured under the same machine load (this VM's speed drifts by
-    +-30 %). Each side starts after a ``SETTLE_SECONDS`` pause: timed right after the step, the
-    anchor ran ~4 % slower (8.43 against 8.08 ms, median of 60 calls each, XLA's threads still
-    spinning), which flattered the ratio; onnxruntime's spinning threads likewise slow a step
+    both sides of the ratio are measured under the same machine load (this VM's speed drifts).
+    Each side starts after a ``SETTLE_SECONDS`` pause: timed right after the step, the anchor ran
+    slower (XLA's threads still spinning), which flattered the ratio; onnxruntime's spinning threads likewise slow a step
     timed right after it.
     """
     schedule = learning_rate_schedule(cfg, steps_per_epoch=1000)

@@ -3,17 +3,14 @@
 XLA's CPU runtime allocates a jitted program's temporary buffer on every execution (about 2 GB
 for the mobilenet0.25 train step at batch 8, 640x640), from a worker thread. glibc serves such a
 request with a fresh ``mmap`` and unmaps it afterwards, so each step page-faults the whole buffer
-in again: ~490,000 faults per step, 2.70 -> 1.99 s/step on the 2-core CPU where this was
-measured. With a single arena and mmap/trim thresholds above the buffer size, the buffer comes
+in again. With a single arena and mmap/trim thresholds above the buffer size, the buffer comes
 from the heap and stays there.
 
 For training, ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (``huge_pages=True``; glibc >= 2.35, older
 ones ignore it) also has malloc ask for transparent huge pages on that heap, where the kernel only
 gives them on request (``/sys/kernel/mm/transparent_hugepage/enabled``: ``madvise``): the step's
-memory-bound kernels stream tensors of 25-50 MB, and with 2 MB pages they miss the TLB far less
-(185-189 against 192-195 ms per step, 3 % on the Zen 5 where this was measured). ``detect.py``
-leaves it off: a short run faults in 2 MB pages it mostly does not need (its warm start: 1.07 s
-with it, 1.02 s without).
+memory-bound kernels stream tensors of 25-50 MB, and with 2 MB pages they miss the TLB far less.
+``detect.py`` leaves it off: a short run faults in 2 MB pages it mostly does not need.
 
 The variables must be set before the process starts, so scripts re-execute themselves once with
 them (``python train.py``, ``python detect.py`` and the benchmarks do).

@@ -156,7 +156,7 @@ def mirror(
     if not rng.integers(2):
         return image, boxes, landmarks
     width = image.shape[1]
-    image = cv2.flip(image, 1)  # contiguous copy: cv2.resize is ~4x slower on strided views
+    image = cv2.flip(image, 1)  # contiguous copy: cv2.resize is much slower on strided views
     boxes = np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
     lm = landmarks.reshape(-1, 5, 2)[:, MIRROR_LANDMARK_ORDER].copy()
     lm[:, :, 0] = width - lm[:, :, 0]

@@ -3,7 +3,7 @@
 ``wider_face_val.mat`` holds every face box (``x, y, w, h``, all 3,226 val images by event);
 ``wider_{easy,medium,hard}_val.mat`` hold, per image, the 1-based indices of the faces that count
 in that setting (``gt_list``). Faces not listed are "ignored": detections on them are neither true
-nor false positives. Only the needed variables are read, which keeps loading at ~0.1 s.
+nor false positives. Only the needed variables are read, which keeps loading fast.
 """
 
 from __future__ import annotations

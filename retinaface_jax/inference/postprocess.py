@@ -6,8 +6,8 @@ suppress ``IoU > nms_threshold``), keep ``keep_top_k``. :func:`select_candidates
 three steps inside a jitted program on padded, masked arrays, and :func:`nms_rows` the greedy
 step, in the same program, with the original's float32 arithmetic, so the kept set and its order
 are the original's (equal scores keep ``top_k``'s order, lower prior index first; the original
-orders ties by numpy's unstable ``argsort``). Host-side numpy NMS took 4.5-5 ms per 640x480
-image (1,185 candidates, 124 kept); the jitted loop takes 0.9 ms (2-core x86 CPU).
+orders ties by numpy's unstable ``argsort``). The NMS runs in the jitted program because it is
+much faster there than as host-side numpy.
 """
 
 from __future__ import annotations
@@ -116,8 +116,8 @@ def detections_native(
 
     Every prior's box is decoded (elementwise, as the XLA path does for its top ``k``); the kernel
     orders the candidates, keeps the ``k`` best and runs the NMS; the kept rows are gathered and
-    only their landmarks decoded (decoding every prior's took ~0.1 ms more at 640x480).
-    XLA's ``top_k`` (a sort of every prior) and NMS loop cost ~1.5 ms at 640x480 on a 2-core CPU.
+    only their landmarks decoded (decoding every prior's would be wasted work). The kernel
+    replaces XLA's ``top_k`` (a sort of every prior) and NMS loop, which are slow on CPU.
     """
     from retinaface_jax.backends.native import ops
 
@@ -171,7 +171,7 @@ def greedy_nms(
 def _prefix_sizes(k: int) -> list[int]:
     """Static candidate-prefix lengths NMS may run on: ``k`` and 2048, 16384, ... below ``k / 2``.
 
-    Each length is one more compiled loop (~0.6 s of XLA compile time on a 2-core CPU), so they
+    Each length is one more compiled loop (more XLA compile time), so they
     are few: two for the default ``top_k`` of 5000.
     """
     sizes, s = [], 2048

@@ -2,11 +2,10 @@
 
 JAX's persistent compilation cache (``compile_cache``) saves the XLA compile, but its key is the
 lowered program, so every new process still traces the model and lowers it to StableHLO before
-it can look the executable up: ~0.4 s + ~0.4 s of a ~1 s first ``detect()`` for mobilenet0.25 on
-the 2-core CPU. Here each program is exported once (``jax.export``: StableHLO bytecode plus its
+it can look the executable up, a large part of a first ``detect()``'s time. Here each program is exported once (``jax.export``: StableHLO bytecode plus its
 pytree structure, nothing pickled) to ``<cache>/programs/<key>.jaxexport`` and later processes
-call the deserialised program, whose compile the compilation cache then supplies: 1.06-1.35 s
--> 0.48 s for the first call at 1024x1024 (same results, bit for bit).
+call the deserialised program, whose compile the compilation cache then supplies (same results,
+bit for bit).
 
 The key covers everything the program depends on: the jax/jaxlib versions, the platform, a hash
 of this package's source files (an edited checkout re-exports), the compiler options, the shapes
@@ -50,7 +49,8 @@ def source_digest() -> str:
 
 def _signature(tree: Any) -> tuple[tuple[tuple[int, ...], np.dtype], ...]:
     """``(shape, dtype)`` of every leaf: what a program's arguments look like. (The dtype object
-    itself: numpy formats ``str(dtype)`` in Python, ~50 us a leaf on every ``detect()`` call.)"""
+    itself: numpy formats ``str(dtype)`` in Python, slowly, for every leaf on every ``detect()``
+    call.)"""
     return tuple((tuple(x.shape), np.dtype(x.dtype)) for x in jax.tree.leaves(tree))
 
 

@@ -1,8 +1,7 @@
 """A model as a flat list of arrays plus a function that rebuilds it: the cheapest jit argument.
 
-Calling a jitted function with an ``nnx.Module`` flattens its object graph on every call (~3 ms
-for mobilenet0.25 on a 2-core x86 CPU), with its ``nnx.State`` ~0.3 ms, with a list of arrays
-~0.015 ms. Split once, pass the leaves, rebuild inside the jitted function.
+Calling a jitted function with an ``nnx.Module`` flattens its object graph on every call, which
+is costly; its ``nnx.State`` costs less and a list of arrays least. Split once, pass the leaves, rebuild inside the jitted function.
 """
 
 from __future__ import annotations

@@ -30,10 +30,10 @@ _ABSTRACT = contextvars.ContextVar("retinaface_jax_abstract_init", default=False
 def abstract_init() -> Iterator[None]:
     """Inside, layers create their variables as ``jax.ShapeDtypeStruct``: no RNG, no computation.
 
-    This builds a model's structure in a few milliseconds for loading weights into it (every
-    variable must then be assigned). ``nnx.eval_shape`` traces every initialiser instead; for
-    mobilenet0.25 that took ~0.4 s, half of it NNX building error messages for the RNG counter's
-    tracers, on every ``python detect.py`` start.
+    This builds a model's structure cheaply for loading weights into it (every variable must
+    then be assigned). ``nnx.eval_shape`` traces every initialiser instead, much of that time
+    spent by NNX building error messages for the RNG counter's tracers, on every
+    ``python detect.py`` start.
     """
     token = _ABSTRACT.set(True)
     try:
@@ -200,8 +200,7 @@ class BatchNorm2d(nnx.Module):
 
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     """``y + bias`` for NHWC ``y``, the bias gradient summed by ``reductions.channel_sums``:
-    XLA's CPU reduction of the heads' 8 x 80 x 80 x 32 cotangent took 0.9 ms of the train step
-    (a reduce-window of 6.5 MB)."""
+    XLA's CPU reduction of the heads' large cotangent (a reduce-window) is slow."""
     return _add_bias(y, bias)
 
 
@@ -371,8 +370,7 @@ def batch_norm_conv_train(
     ``native_training.batch_moments``): this layer's backward gives ``x`` only the BatchNorm's
     direct input gradient and hands the mean's and variance's cotangents back, and the kernel
     that wrote ``x`` adds their part as it reads ``x``'s cotangent. XLA's separate pass for the
-    BatchNorm's full input gradient (~17 ms of a MobileNet step's per-op profile, of which the
-    kernels' extra reads take ~6 ms back) is gone.
+    BatchNorm's full input gradient is gone; the kernels' extra reads cost less than it did.
     """
     if consumer not in _CONSUMERS:
         raise ValueError(f"batch_norm_conv_train: consumer must be one of {_CONSUMERS}")
@@ -464,8 +462,7 @@ def initialize(module: nnx.Module, rngs: nnx.Rngs) -> None:
 
     Conv2d/Linear weights and biases get torch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)), all taken from
     one random vector: one compiled program per model, where drawing per parameter compiles one
-    per parameter shape (``RetinaFace`` took ~21 s to build on a 2-core CPU, ~0.3-0.9 s per random
-    shape; now 0.8 s). BatchNorm gets ``BatchNorm2d.INITIAL``. Eagerly the vector is split on the
+    per parameter shape, which made building a model slow. BatchNorm gets ``BatchNorm2d.INITIAL``. Eagerly the vector is split on the
     host; under a trace (``nnx.jit``, ``nnx.eval_shape``) with ``jnp``: the same numbers either
     way. Does nothing inside an outer ``abstract_init`` (the outer module initialises).
     """

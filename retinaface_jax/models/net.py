@@ -184,8 +184,7 @@ def upsample_nearest(x: jax.Array, size: tuple[int, int]) -> jax.Array:
 @partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _repeat(x: jax.Array, fh: int, fw: int) -> jax.Array:
     """Each pixel of NHWC ``x`` repeated ``fh`` x ``fw`` times, as a broadcast. Its gradient is a
-    sum over the copies; the gather's was a scatter-add (2.65 against 0.46 ms at 8 x 80 x 80 x 64
-    on the 2-core CPU)."""
+    sum over the copies, much cheaper than a gather's scatter-add."""
     n, h, w, c = x.shape
     y = jnp.broadcast_to(x[:, :, None, :, None], (n, h, fh, w, fw, c))
     return y.reshape(n, h * fh, w * fw, c)
@@ -196,8 +195,8 @@ def _repeat_fwd(x, fh, fw):
 
 
 def _repeat_bwd(fh, fw, _, g):
-    """The sum over the copies as ``fh * fw`` strided slices added elementwise: 0.14 ms at 8 x 80
-    x 80 x 64, against 0.53 ms for XLA's reduction over the reshaped copy axes (autodiff's)."""
+    """The sum over the copies as ``fh * fw`` strided slices added elementwise: on CPU faster
+    than XLA's reduction over the reshaped copy axes (autodiff's)."""
     total = g[:, 0::fh, 0::fw]
     for i, j in itertools.product(range(fh), range(fw)):
         if i or j:

@@ -1,14 +1,13 @@
 """Native CPU kernels inside the train step: convolutions and their gradients, BatchNorm's sums.
 
 XLA's CPU loops for MobileNet's depthwise layers and for per-channel reductions are memory-bound
-and slow at training resolution (forward + both gradients of a depthwise layer on
-8 x 320 x 320 x 8: ~85 ms under XLA), its filter-gradient convolutions and the transposes it
+and slow at training resolution, its filter-gradient convolutions and the transposes it
 materialises for 1x1 weight gradients are slow too. So on CPU the train step runs
 - the 3x3 depthwise convolutions and both gradients: ``ops.depthwise`` / ``ops.depthwise_grad``;
 - every dense convolution with a multiple of 8 outputs: ``ops.conv`` (Winograd F(4x4, 3x3) for
   the 3x3 stride-1 ones; weights transformed and packed by XLA each step); the input gradients of
   3x3 stride-1 pad-1 and 1x1 stride-1 layers, which are layers of the same kind, also by
-  ``ops.conv`` (XLA's dot for the 1x1 ones ran at ~40 % of a core's peak); other input gradients
+  ``ops.conv`` (XLA's dot for the 1x1 ones ran far below a core's peak); other input gradients
   by XLA; every kernel gradient by ``ops.weight_grad`` (Winograd F(3x3, 4x4) for 3x3 stride-1);
 - BatchNorm's batch statistics: by the kernel that writes the BatchNorm's input, each row's
   while it is in cache, merged per image (``moments=True``: :func:`dense`, :func:`depthwise`,

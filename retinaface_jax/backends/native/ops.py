@@ -6,8 +6,8 @@ and the activation given per output channel as a negative slope: ``y = v > 0 ? v
 (0: ReLU, 0.1: LeakyReLU(0.1), 1: none). Every layer's parameters live in one float32 buffer
 (:class:`ParamBuffer`, built once in numpy on the host); a layer is a static description
 (:class:`ConvLayer`, :class:`DwLayer`) holding its offsets into that buffer. One buffer instead of
-~130 arrays makes dispatching a jitted call cheap (it flattens every argument: ~1.8 ms -> ~0.1 ms
-per ``detect()`` call for mobilenet0.25). The kernels need ``native.native_kernels_available()``
+~130 arrays makes dispatching a jitted call cheap (it flattens every argument on every
+``detect()`` call). The kernels need ``native.native_kernels_available()``
 to have registered them.
 """
 

@@ -7,15 +7,12 @@ convolution in particular. On CPU we therefore write
   most 8 channels at stride 1 run on flattened rows (see ``_conv_depthwise_taps``),
 - a 1 x 1 convolution as a matmul (einsum), with its weight gradient as one 2-D matmul,
 - a dense convolution of a narrow input (the 3-channel stem) as k*k*C broadcast multiply-adds
-  (one fused loop, ~6x faster than XLA's forward), with XLA's gradients,
+  (one fused loop, faster than XLA's forward), with XLA's gradients,
 and leave other dense convolutions, forward and both gradients, to XLA. That last choice assumes
 the program is compiled with ``retinaface_jax.compiler_options()`` (as the detector's and the
-train step's are), which keeps XLA's own convolution kernels. Measured on a 2-core x86 CPU with
-those options (mobilenet0.25, 640x640): XLA's gradients for every dense convolution and plain
-``x.T @ g`` 1x1 weight gradients instead of our earlier per-tap and blocked matmuls took the
-train step from 1.47 to 1.23 s at batch 8 and from 6.4-6.9 to 5.5-5.7 s at batch 32; against
-the code before the options, 1.35 -> 1.13 s at batch 8. (Under XLA's default YNNPACK kernels
-the opposite held: 64->64 at 80x80, ~700 ms for XLA's weight gradient against 93 ms per tap.)
+train step's are), which keeps XLA's own convolution kernels: with those options XLA's gradients
+for every dense convolution and plain ``x.T @ g`` 1x1 weight gradients make a faster train step
+than per-tap and blocked matmuls (under XLA's default YNNPACK kernels the opposite holds).
 Inside a CPU train step (``native_training.native_gradients``) the 3x3 depthwise and the dense
 convolutions (1x1 included) with their gradients run on the native kernels instead. All
 formulations compute the same function with the same parameters. On GPU/TPU ``lax.conv`` is the
@@ -137,8 +134,7 @@ def _pointwise_bwd(residuals, g):
     """The weight gradient as one 2-D ``x.T @ g``.
 
     Autodiff of the einsum contracts the three leading axes of the 4-D operands instead, which
-    XLA's CPU backend lowers far worse: the train step (batch 8, 640x640, 2-core x86) took 1.63 s
-    that way against 1.20 s with this VJP.
+    XLA's CPU backend lowers far worse (a markedly slower train step).
     """
     x, w = residuals
     dw = x.reshape(-1, w.shape[0]).T @ g.reshape(-1, w.shape[1])
@@ -216,11 +212,11 @@ def _conv_depthwise_taps(x, kernel, stride, padding):
     """The depthwise convolution when not differentiated (inference).
 
     With few channels and stride 1 it runs on flattened rows (``_flat_taps``): XLA's CPU loop
-    over ``[B, H, W, 8]`` vectorises along ``W`` with 8x8 shuffles, 3x slower than the flat loop
-    (1.23 against 0.41 ms at 240x320x8; the 640x480 forward went from 22.0 to 19.8 ms). Wider
+    over ``[B, H, W, 8]`` vectorises along ``W`` with 8x8 shuffles, much slower than the flat
+    loop. Wider
     inputs are faster as they are. Both forms add the same products in the same order, so the
     results are bit-identical; training (``_conv_depthwise_fwd``) keeps the NHWC loop, because
-    there the flat form made the step slower (1.28 against 1.07 s at batch 8, 640x640).
+    there the flat form made the step slower.
     """
     kh, kw, _, c = kernel.shape
     if stride != 1 or c > _MAX_FLAT_CHANNELS:

@@ -5,15 +5,13 @@ gradient (one per kernel tap), the BatchNorm batch statistics and the BatchNorm 
 (``sum(g)``, ``sum(g * xhat)``). Written as ``jnp.sum(a * b, axis=(0, 1, 2))``, XLA's CPU
 reductions are slow for these shapes: with YNNPACK (XLA's default) the operands are first
 materialised, shifted views included; with XLA's own reduction emitter (under
-``retinaface_jax.compiler_options()``) the train step was slower still (2.20 against 1.47 s at
-batch 8, 640x640). :func:`channel_sums` instead
+``retinaface_jax.compiler_options()``) the train step was slower still. :func:`channel_sums` instead
 - adds ``ROW_GROUP`` rows of every term in one elementwise loop (XLA fuses the slices and products
   into it, and splits it over the CPU threads), so no full-size operand is stored, then
 - reduces the ``ROW_GROUP``-times smaller partials with a matrix-vector product against ones (a
   plain ``jnp.sum`` there let XLA fuse the two stages back together).
-On a 2-core x86 CPU this made the mobilenet0.25 train step ~10 % faster under XLA's default
-options (batch 8, 640x640: 9.3-9.7 anchor forwards per image before, 8.4 after,
-``benchmarks/train_step.py``) and 33 % faster under ``retinaface_jax.compiler_options()``. GPU
+This makes the mobilenet0.25 train step faster on CPU, under XLA's default options and under
+``retinaface_jax.compiler_options()``. GPU
 and TPU fuse a product into its reduction anyway and take the plain sum.
 """
 
