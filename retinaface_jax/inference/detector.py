@@ -159,7 +159,7 @@ class Detector:
     (default on) keeps compiled programs (``compile_cache``) and exported ones
     (``program_cache``) under the cache dir, so a new process neither recompiles nor retraces.
     ``kernels``: ``'auto'`` (default) runs the model on our native CPU kernels when JAX's backend
-    is the CPU and they build (``retinaface_jax.backends.native``; compiled once per machine, ~5 s),
+    is the CPU and they build (``retinaface_jax.backends.native``; compiled once per machine),
     else on XLA; ``'native'`` requires them; ``'xla'`` never uses them. ``self.kernels`` says
     which one runs.
     """
@@ -354,7 +354,7 @@ class Detector:
         exact = n == bp and all(x.shape[:2] == (hb, wb) for x, _ in prepared)
         if exact and n == 1 and prepared[0][0].dtype == dtype:
             batch = np.ascontiguousarray(prepared[0][0])[None]  # no copy: JAX copies it in
-        else:  # (zero-filling and copying a 640x480 image cost ~0.35 ms)
+        else:  # (zero-filling and copying cost time: the case above avoids them)
             batch = (np.empty if exact else np.zeros)((bp, hb, wb, 3), dtype=dtype)
             for j, (x, _) in enumerate(prepared):
                 batch[j, : x.shape[0], : x.shape[1]] = x
@@ -378,5 +378,5 @@ class Detector:
     @staticmethod
     def finish(outputs: tuple[jax.Array, jax.Array], n: int) -> list[np.ndarray]:
         """Device results of :meth:`dispatch` -> ``[K, 15]`` float32 rows for the first ``n``."""
-        rows, count = (np.asarray(a) for a in outputs)  # (jax.device_get: 0.4 ms more)
+        rows, count = (np.asarray(a) for a in outputs)  # (jax.device_get is slower)
         return [np.asarray(rows[j, : count[j]], dtype=np.float32) for j in range(n)]
