@@ -6,27 +6,29 @@ label 1 = face with landmarks / -1 = face without) and ``valid [B, M]`` marking 
 Every operation keeps the batch as the leading axis and works per image (the batch is only summed
 at the very end), so the loss partitions over a data-parallel device mesh. Shapes are static and
 everything is jit-able. Matching streams over the faces in small chunks (no ``[B, M, P]`` IoU in
-memory) and stops after the last real face; inside a CPU train step (``native_gradients``) a
-native kernel does that part in one pass (same targets in every case tested; its IoU rounds every
-operation as the original does, where XLA may fuse one sum into an FMA). Negatives are mined
-without sorting.
+memory) and stops after the last real face; a caller can hand that part to another
+implementation (``best_overlaps``: the CPU train step passes the native kernel's one pass, same
+targets in every case tested; its IoU rounds every operation as the original does, where XLA may
+fuse one sum into an FMA). Negatives are mined without sorting.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from retinaface_jax.backends.native import native_training
 from retinaface_jax.box_utils import encode, encode_landm, jaccard, point_form
 from retinaface_jax.config import RetinaFaceConfig, cfg_mnet
 
 __all__ = ["match", "multibox_loss", "MIN_BEST_PRIOR_IOU"]
 
 Array = jax.Array
+# (truths [B, M, 4] corners, usable [B, M], priors [P, 4] corners) -> (each face's best prior's
+# IoU [B, M] and index [B, M], each prior's best face's IoU [B, P] and index [B, P])
+BestOverlaps = Callable[[Array, Array, Array], tuple[Array, Array, Array, Array]]
 
 # The original's ``match`` ignores faces whose best prior overlaps them by less than this
 # (hard-coded there, not part of its configuration).
@@ -145,6 +147,7 @@ def match(
     variances: Sequence[float],
     *,
     min_best_iou: float = MIN_BEST_PRIOR_IOU,
+    best_overlaps: BestOverlaps | None = None,
 ) -> tuple[Array, Array, Array]:
     """Assign each prior a face (or background) and encode its regression targets.
 
@@ -157,6 +160,9 @@ def match(
       variances: ``cfg.variance``. ``threshold``, ``variances`` and ``min_best_iou`` are static
         Python numbers (the core is jitted once per value and shape).
       min_best_iou: faces whose best prior IoU is below this are ignored (the original's 0.2).
+      best_overlaps: what computes each face's best prior and each prior's best face
+        (:data:`BestOverlaps`, a module-level function); default: XLA, streaming over chunks
+        of faces.
 
     Returns:
       ``loc_t [B, P, 4]`` float32, ``conf_t [B, P]`` int32 (0 background, else the face's label
@@ -175,7 +181,7 @@ def match(
         ) from e
     if len(static[1]) != 2:
         raise ValueError(f"match: variances must be a pair (cfg.variance), got {variances!r}")
-    return _match_batch(priors, targets, valid, *static, native_training.active())
+    return _match_batch(priors, targets, valid, *static, best_overlaps or _chunked_overlaps)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
@@ -186,7 +192,7 @@ def _match_batch(
     threshold: float,
     variances: tuple[float, float],
     min_best_iou: float,
-    native: bool,
+    best_overlaps: BestOverlaps,
 ) -> tuple[Array, Array, Array]:
     truths, landms, labels = targets[..., :4], targets[..., 4:14], targets[..., 14]
     wh = truths[..., 2:] - truths[..., :2]
@@ -194,15 +200,17 @@ def _match_batch(
     usable = jax.lax.stop_gradient(usable & jnp.isfinite(labels))
     truths = jax.lax.stop_gradient(truths)  # targets are data; the while loop has no VJP
 
-    if native:  # a CPU train step (native_training.native_gradients): one pass, no IoU in memory
-        best = native_training.match_overlaps(truths, usable, point_form(priors))
-    else:
-        best = _best_overlaps(truths, usable, point_form(priors), _MATCH_CHUNK)
+    best = best_overlaps(truths, usable, point_form(priors))
 
     def one(*args: Array) -> tuple[Array, Array, Array]:
         return _assign(priors, *args, threshold, variances, min_best_iou)
 
     return jax.vmap(one)(truths, landms, labels, usable, *best)
+
+
+def _chunked_overlaps(truths: Array, usable: Array, priors: Array):
+    """The default :data:`BestOverlaps`: XLA, streaming over chunks of faces."""
+    return _best_overlaps(truths, usable, priors, _MATCH_CHUNK)
 
 
 def _smooth_l1(x: Array) -> Array:
@@ -279,13 +287,16 @@ def multibox_loss(
     targets: Array,
     valid: Array,
     cfg: RetinaFaceConfig | None = None,
+    *,
+    best_overlaps: BestOverlaps | None = None,
 ) -> tuple[Array, Array, Array]:
     """The original MultiBoxLoss: ``(loss_l, loss_c, loss_landm)``, float32 scalars.
 
     ``predictions = (loc [B,P,4], conf [B,P,C] logits, landm [B,P,10])``; ``priors [P,4]``;
     ``targets [B,M,15]`` and ``valid [B,M]`` as in :func:`match`. ``cfg`` supplies
     ``overlap_threshold``, ``variance``, ``neg_pos_ratio`` and ``num_classes`` (default: the
-    mobilenet0.25 preset, whose loss settings equal resnet50's).
+    mobilenet0.25 preset, whose loss settings equal resnet50's); ``best_overlaps`` as in
+    :func:`match`.
 
     - ``loss_l``: smooth L1 (summed) of box offsets on positive priors (matched to any face),
     - ``loss_landm``: smooth L1 (summed) of landmark offsets on priors matched to faces with
@@ -316,7 +327,9 @@ def multibox_loss(
                 f"(batch of targets, priors, {last}), got {arr.shape}"
             )
 
-    loc_t, conf_t, landm_t = match(priors, targets, valid, cfg.overlap_threshold, cfg.variance)
+    loc_t, conf_t, landm_t = match(
+        priors, targets, valid, cfg.overlap_threshold, cfg.variance, best_overlaps=best_overlaps
+    )
 
     pos_landm = conf_t > 0  # faces with landmarks
     pos = conf_t != 0  # every matched prior

@@ -17,7 +17,7 @@ from flax import nnx
 from retinaface_jax import RetinaFace, get_config
 from retinaface_jax.models.layers import BatchNorm2d, Conv2d, Linear, abstract_init
 from retinaface_jax.models.net import MobileNetV1
-from retinaface_jax.weights.load import abstract_model
+from retinaface_jax.models.retinaface import abstract_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def compile_counts(shared) -> dict[str, int]:
         import jax.monitoring
         from flax import nnx
         from retinaface_jax import RetinaFace, get_config, load_model
-        from retinaface_jax.weights.load import abstract_model
+        from retinaface_jax.models.retinaface import abstract_model
 
         n = [0]
         def count(name, *_, **__):

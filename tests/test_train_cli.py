@@ -94,6 +94,7 @@ def test_no_data_says_where_wider_face_comes_from_and_the_layout(tmp_path):
         ("--lr", "abc", "expected a number"),
         ("--batch-size", "0", "must be positive"),
         ("--image-size", "16", "must be >= 32"),
+        ("--kernels", "fast", "invalid choice: 'fast'"),
     ],
 )
 def test_bad_flag_values_are_one_line_errors(tmp_path, flag, value, says):

@@ -78,7 +78,7 @@ def make_batches(num: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
 
 
 def run_steps(
-    devices: list, batches: list[dict[str, np.ndarray]], model_fn=None, cfg=None
+    devices: list, batches: list[dict[str, np.ndarray]], model_fn=None, cfg=None, kernels="auto"
 ) -> tuple[list[dict[str, float]], dict, dict]:
     """Train from the same initialisation on a ``('data',)`` mesh over ``devices``."""
     cfg = cfg or tiny_cfg()
@@ -88,7 +88,7 @@ def run_steps(
     graphdef, state = create_train_state(model, tx)
     mesh = make_mesh(devices)
     state = replicate(state, mesh)
-    step = make_train_step(graphdef, cfg, SIZE, tx, schedule, mesh)
+    step = make_train_step(graphdef, cfg, SIZE, tx, schedule, mesh, kernels=kernels)
     metrics = []
     for batch in batches:
         state, m = step(state, shard_batch(batch, mesh))
@@ -175,6 +175,31 @@ def test_uint8_images_train_as_float32_minus_the_mean():
     assert m_u8 == m_f
     assert_trees_close(p_u8, p_f, rtol=0, atol=0)
     assert_trees_close(s_u8, s_f, rtol=0, atol=0)
+
+
+def test_kernels_argument_chooses_what_runs_the_step():
+    """``kernels='xla'`` keeps every convolution and the matching on XLA, ``'native'`` runs them
+    on the native kernels; both train to the same numbers (float32 rounding apart)."""
+    from retinaface_jax.train.step import train_kernels
+
+    cfg = tiny_cfg()
+    tx = make_optimizer(cfg, learning_rate_schedule(cfg, steps_per_epoch=100))
+    graphdef, state = create_train_state(TinyDetector(cfg, rngs=nnx.Rngs(0)), tx)
+    (batch,) = make_batches(1)
+    for kernels, native in (("xla", False), ("native", True), ("auto", True)):
+        step = make_train_step(graphdef, cfg, SIZE, tx, donate=False, kernels=kernels)
+        text = step.lower(state, batch).as_text()
+        assert ("@retinaface_conv" in text) is native, kernels
+        assert ("@retinaface_match_overlaps(" in text) is native, kernels
+    runs = {k: run_steps(jax.devices()[:1], [batch] * 2, kernels=k) for k in ("xla", "native")}
+    for a, b in zip(runs["xla"][0], runs["native"][0], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert_trees_close(runs["xla"][1], runs["native"][1], rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="kernels: expected one of"):
+        train_kernels("fast", "cpu")
+    with pytest.raises(RuntimeError, match="CPU only, not tpu"):
+        train_kernels("native", "tpu")
+    assert train_kernels("auto", "tpu") == train_kernels("xla", "cpu") == "xla"
 
 
 def test_four_devices_match_one_device():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import jax
 
-from retinaface_jax.weights.download import cache_dir
+from retinaface_jax.user_cache import cache_dir
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:

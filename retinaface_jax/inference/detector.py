@@ -43,7 +43,7 @@ from retinaface_jax.inference.preprocess import (
 from retinaface_jax.inference.program_cache import ExportedPrograms
 from retinaface_jax.models.flat_state import flat_state
 from retinaface_jax.models.retinaface import RetinaFace
-from retinaface_jax.weights.download import cache_dir
+from retinaface_jax.user_cache import cache_dir
 from retinaface_jax.xla_options import compiler_options
 
 _UNSET: Any = object()

@@ -15,7 +15,13 @@ from flax import nnx
 from retinaface_jax.backends.native import native_training
 from retinaface_jax.backends.xla_cpu.conv_ops import ImageWithMean, conv2d
 from retinaface_jax.config import RetinaFaceConfig, get_config
-from retinaface_jax.models.layers import BatchNorm2d, Conv2d, add_bias, initialized_at_once
+from retinaface_jax.models.layers import (
+    BatchNorm2d,
+    Conv2d,
+    abstract_init,
+    add_bias,
+    initialized_at_once,
+)
 from retinaface_jax.models.net import FPN, SSH, MobileNetV1
 from retinaface_jax.models.resnet import ResNet50
 
@@ -105,3 +111,11 @@ def _level_heads(heads: list[_Head], x: jax.Array) -> list[jax.Array]:
     cuts = np.cumsum([c.out_channels for c in convs])[:-1].tolist()
     parts = jnp.split(y, cuts, axis=-1)  # its transpose is one concatenation, not pads and adds
     return [p.reshape(p.shape[0], -1, h.width) for p, h in zip(parts, heads)]
+
+
+def abstract_model(cfg: RetinaFaceConfig) -> RetinaFace:
+    """A ``RetinaFace`` whose variables are shapes only (``jax.ShapeDtypeStruct``; no random init,
+    nothing traced: instant to build). Every variable must be assigned before use; loading
+    weights does exactly that."""
+    with abstract_init():
+        return RetinaFace(cfg)

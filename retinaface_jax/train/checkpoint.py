@@ -161,7 +161,7 @@ def restore_model_state(
 
     This is how ``load_model(WORKDIR)`` loads the latest checkpoint of a training run.
     """
-    from retinaface_jax.weights.load import abstract_model
+    from retinaface_jax.models.retinaface import abstract_model
 
     cfg, params, batch_stats, _ = load_checkpoint_variables(workdir, step)
     saved = {**_flat(params), **_flat(batch_stats)}

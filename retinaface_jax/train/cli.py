@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from retinaface_jax.backends.native.build import KERNEL_CHOICES  # (stdlib only: cheap)
 from retinaface_jax.cli_errors import add_debug_flag, run_cli
 
 if TYPE_CHECKING:
@@ -105,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-export", action="store_true", help="skip the final native export")
+    p.add_argument(
+        "--kernels",
+        choices=KERNEL_CHOICES,
+        default="auto",
+        help="what runs the model on CPU: auto (our native kernels when they build, else XLA), "
+        "native (required), xla; GPU/TPU always use XLA",
+    )
     dist = p.add_argument_group("multi-host (jax.distributed)")
     dist.add_argument("--coordinator", help="host:port of process 0")
     dist.add_argument("--num-processes", type=int)
@@ -201,6 +209,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         max_faces=args.max_faces or DEFAULT_MAX_FACES,
         progress=not args.no_progress,
         export=not args.no_export,
+        kernels=args.kernels,
     )
     result = train(cfg, opts)
     if result.status == "nonfinite":

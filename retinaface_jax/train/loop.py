@@ -55,7 +55,8 @@ class RunOptions:
 
     ``data``: a ``label.txt`` / ``wider_face_*_bbx_gt.txt``; ``max_steps`` stops early (the
     schedule still follows ``cfg.epochs``); ``pretrained`` is a backbone file, ``'none'`` or None
-    (search); ``init_weights`` full weights to fine-tune.
+    (search); ``init_weights`` full weights to fine-tune; ``kernels``: what runs the model on CPU
+    (``train.step.train_kernels``: ``'auto'``, ``'native'`` or ``'xla'``).
     """
 
     workdir: Path
@@ -71,6 +72,7 @@ class RunOptions:
     max_faces: int = DEFAULT_MAX_FACES
     progress: bool = True
     export: bool = True
+    kernels: str = "auto"
 
 
 @dataclasses.dataclass
@@ -211,7 +213,9 @@ def _run(
         how,
     )
 
-    step_fn = make_train_step(graphdef, cfg, cfg.image_size, tx, schedule, mesh)
+    step_fn = make_train_step(
+        graphdef, cfg, cfg.image_size, tx, schedule, mesh, kernels=opts.kernels
+    )
     batches: Iterator[dict[str, np.ndarray]] = make_train_iterator(
         records,
         cfg,

@@ -4,8 +4,10 @@ The model runs as a pure function of ``(params, batch_stats)`` through its NNX g
 for the (static) training size are a numpy constant baked into the compiled step. Under a
 ``('data',)`` mesh the state is replicated and the batch sharded, so XLA turns the batch means
 (loss normalisation, BatchNorm statistics) into cross-device reductions and the result does not
-depend on the number of devices. On CPU the convolutions, their gradients and BatchNorm's sums run
-on the native kernels (``backends.native.native_training``) when they are available.
+depend on the number of devices. What runs the model is an argument, ``kernels``: on CPU the
+convolutions, their gradients, BatchNorm's sums and the loss's matching run on the native kernels
+(``backends.native.native_training``) with ``'native'`` (and ``'auto'``, when they build), on XLA
+with ``'xla'``; other platforms always use XLA.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from retinaface_jax.backends.native.build import native_kernels_available
-from retinaface_jax.backends.native.native_training import native_gradients
+from retinaface_jax.backends.native.build import KERNEL_CHOICES, native_kernels_available
+from retinaface_jax.backends.native.native_training import match_overlaps, native_gradients
 from retinaface_jax.backends.xla_cpu.conv_ops import get_conv_impl
 from retinaface_jax.config import RetinaFaceConfig
 from retinaface_jax.loss import multibox_loss
@@ -39,16 +41,18 @@ StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
 
 def make_loss_fn(
-    graphdef: nnx.GraphDef, cfg: RetinaFaceConfig, image_size: int
+    graphdef: nnx.GraphDef, cfg: RetinaFaceConfig, image_size: int, *, native: bool = False
 ) -> Callable[..., tuple[jax.Array, tuple[Any, Metrics]]]:
-    """``(params, batch_stats, batch) -> (total, (new_batch_stats, parts))``, pure."""
+    """``(params, batch_stats, batch) -> (total, (new_batch_stats, parts))``, pure. ``native``:
+    the matching's overlaps by the native kernel (inside ``native_gradients`` only)."""
     priors = np.asarray(prior_box(cfg, (image_size, image_size)))
+    best_overlaps = match_overlaps if native else None
 
     def loss_fn(params: Any, batch_stats: Any, batch: Batch) -> tuple[jax.Array, Any]:
         model = merge_model(graphdef, params, batch_stats)
         predictions = model(_model_input(model, batch["image"], cfg.rgb_mean))
         loss_l, loss_c, loss_landm = multibox_loss(
-            predictions, priors, batch["targets"], batch["valid"], cfg
+            predictions, priors, batch["targets"], batch["valid"], cfg, best_overlaps=best_overlaps
         )
         total = cfg.loc_weight * loss_l + loss_c + loss_landm
         new_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
@@ -70,6 +74,22 @@ def _model_input(model: nnx.Module, image: jax.Array, rgb_mean: tuple[float, ...
     return subtract_mean(image, rgb_mean)
 
 
+def train_kernels(kernels: str, platform: str) -> str:
+    """``'native'`` or ``'xla'``: what a train step built with ``kernels`` runs on ``platform``
+    (the platform of its mesh's devices). ``'auto'``: the native kernels on CPU when they build
+    (else XLA, with the build's warning); ``'native'``: they are required (CPU only); ``'xla'``:
+    never."""
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels: expected one of {KERNEL_CHOICES}, got {kernels!r}")
+    if kernels == "xla":
+        return "xla"
+    usable = platform == "cpu" and get_conv_impl() == "taps" and native_kernels_available()
+    if kernels == "native" and not usable:
+        why = "they did not build" if platform == "cpu" else f"they run on CPU only, not {platform}"
+        raise RuntimeError(f"kernels='native': the native CPU kernels are not usable: {why}")
+    return "native" if usable else "xla"
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     cfg: RetinaFaceConfig,
@@ -78,6 +98,8 @@ def make_train_step(
     schedule: optax.Schedule | None = None,
     mesh: Mesh | None = None,
     donate: bool = True,
+    *,
+    kernels: str = "auto",
 ) -> StepFn:
     """The jitted ``step(state, batch) -> (state, metrics)``.
 
@@ -86,13 +108,13 @@ def make_train_step(
     scalar ``loss`` (``loc_weight * loss_l + loss_c + loss_landm``), its three parts and ``lr``
     (the rate used for this update, when ``schedule`` is given). With ``mesh`` the state is kept
     replicated and the batch is expected sharded along ``'data'``. ``donate`` reuses the input
-    state's buffers (do not touch the old state afterwards).
+    state's buffers (do not touch the old state afterwards). ``kernels``: see
+    :func:`train_kernels`.
     """
-    loss_fn = make_loss_fn(graphdef, cfg, image_size)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
     platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-    native = platform == "cpu" and get_conv_impl() == "taps" and native_kernels_available()
+    native = train_kernels(kernels, platform) == "native"
+    loss_fn = make_loss_fn(graphdef, cfg, image_size, native=native)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         with native_gradients(mesh) if native else contextlib.nullcontext():

@@ -13,12 +13,8 @@ import tempfile
 from pathlib import Path
 
 from retinaface_jax.config import RetinaFaceConfig, get_config
-from retinaface_jax.weights.download import (
-    cache_dir,
-    native_dir,
-    official_name,
-    resolve_weights,
-)
+from retinaface_jax.user_cache import cache_dir
+from retinaface_jax.weights.download import native_dir, official_name, resolve_weights
 
 
 def _config_of(model, path: Path, backbone: str | None) -> RetinaFaceConfig:

@@ -23,6 +23,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from retinaface_jax.user_cache import cache_dir
+
 DEFAULT_BASE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/"
 CHUNK = 1 << 16
 
@@ -62,15 +64,6 @@ def official_name(source: str) -> str | None:
     from retinaface_jax.config import canonical_backbone
 
     return canonical_backbone(source)
-
-
-def cache_dir() -> Path:
-    """``$RETINAFACE_CACHE`` or ``$XDG_CACHE_HOME/retinaface_jax`` (default ``~/.cache/...``)."""
-    env = os.environ.get("RETINAFACE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "retinaface_jax"
 
 
 def native_dir(backbone: str, cache: Path | None = None) -> Path:

@@ -20,8 +20,7 @@ import numpy as np
 from flax import nnx
 
 from retinaface_jax.config import RetinaFaceConfig, get_config
-from retinaface_jax.models.layers import abstract_init
-from retinaface_jax.models.retinaface import RetinaFace
+from retinaface_jax.models.retinaface import RetinaFace, abstract_model
 from retinaface_jax.weights.names import slots
 from retinaface_jax.weights.torch_reader import read_state_dict
 
@@ -30,14 +29,6 @@ StateDict = Mapping[str, Any]
 
 class WeightsError(ValueError):
     """Weights that do not fit the model: lists every missing/unexpected key and wrong shape."""
-
-
-def abstract_model(cfg: RetinaFaceConfig) -> RetinaFace:
-    """A ``RetinaFace`` whose variables are shapes only (``jax.ShapeDtypeStruct``; no random init,
-    nothing traced: instant to build). Every variable must be assigned before use; loading does
-    exactly that."""
-    with abstract_init():
-        return RetinaFace(cfg)
 
 
 def infer_backbone(state_dict: StateDict, source: str = "state dict") -> str:

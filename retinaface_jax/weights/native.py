@@ -22,8 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from retinaface_jax.config import RetinaFaceConfig, dump_config, get_config
-from retinaface_jax.models.retinaface import RetinaFace
-from retinaface_jax.weights.load import abstract_model
+from retinaface_jax.models.retinaface import RetinaFace, abstract_model
 
 CONFIG_FILE = "config.toml"
 STATE_DIR = "state"

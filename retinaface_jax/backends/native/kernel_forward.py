@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from retinaface_jax.backends.native import ops
+from retinaface_jax.backends.padded_region import PaddedRegion, mask_padded
 from retinaface_jax.models.layers import BatchNorm2d, Conv2d, LeakyReLU
 from retinaface_jax.models.net import MobileNetV1, upsample_nearest
 
@@ -138,10 +139,8 @@ def kernel_params(model: nnx.Module) -> tuple[np.ndarray, KernelPlan]:
 
 
 def _run(
-    plan: KernelPlan, params: jax.Array, name: str, x: jax.Array, region: Any = None
+    plan: KernelPlan, params: jax.Array, name: str, x: jax.Array, region: PaddedRegion | None
 ) -> jax.Array:
-    from retinaface_jax.inference.padding import mask_padded
-
     layer = plan.layers[name]
     if isinstance(layer, ops.DwLayer):
         return ops.conv_dw(mask_padded(x, region), params, layer)
@@ -163,15 +162,15 @@ def kernel_forward(
     params: jax.Array,
     x: jax.Array,
     body: Callable[[jax.Array], list[jax.Array]] | None = None,
-    region: Any = None,
+    region: PaddedRegion | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``model(x)`` (eval mode) on the native kernels: ``(loc, conf_logits, landms)``.
 
     ``plan, params = kernel_params(model)``; ``x``: float32 BGR minus the mean, or the uint8 BGR
     image (the same as ``float32(x) - cfg.rgb_mean``); ``body``: the backbone's ``features`` when
     it is not MobileNetV1 (e.g. ``model.body.features`` for ResNet50, which runs on XLA; pass a
-    model masked for ``region``, ``inference.padding.masked_for_padding``). ``region``: an
-    ``inference.padding.PaddedRegion`` for padded inputs (zeroed before every padded
+    model masked for ``region``, ``inference.padding.masked_for_padding``). ``region``: a
+    ``backends.padded_region.PaddedRegion`` for padded inputs (zeroed before every padded
     convolution), or None.
     """
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype not in (jnp.float32, jnp.uint8):
