@@ -129,9 +129,15 @@ def test_key_depends_on_source_compiler_and_flags(tmp_path, monkeypatch):
     except native.NativeKernelError as err:
         pytest.skip(str(err))
     assert native.library_path() == original  # deterministic
-    edited = tmp_path / "cpu_conv.cc"
-    edited.write_bytes(native.SOURCE.read_bytes() + b"\n// edited\n")
-    monkeypatch.setattr(native, "SOURCE", edited)
+    sources = native.SOURCES
+    keys = {original}
+    for i, path in enumerate(sources):  # an edit to any file of the split changes the key
+        edited = tmp_path / "edited" / str(i) / path.name
+        edited.parent.mkdir(parents=True)
+        edited.write_bytes(path.read_bytes() + b"\n// edited\n")
+        monkeypatch.setattr(native, "SOURCES", (*sources[:i], edited, *sources[i + 1 :]))
+        keys.add(native.library_path())
+        assert len(keys) == i + 2, f"editing {path.name} left the cache key unchanged"
     changed_source = native.library_path()
     assert changed_source != original and changed_source.parent == original.parent
     monkeypatch.setattr(native, "CXXFLAGS", (*native.CXXFLAGS, "-g"))
@@ -139,6 +145,34 @@ def test_key_depends_on_source_compiler_and_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "CXXFLAGS", native.CXXFLAGS[:-1])
     monkeypatch.setenv("CXX", "false")
     assert native.library_path() not in (original, changed_source)
+
+
+def test_sources_cover_every_file_of_the_split_and_ship_as_package_data():
+    """SOURCES (the cache key's files) is exactly cpu_conv.cc and the headers it includes, every
+    one of them resolvable, and pyproject.toml's package data ships them all."""
+    import re
+    import tomllib
+
+    assert native.SOURCES[0] == native.SOURCE
+    here = native.SOURCE.parent
+    assert sorted(native.SOURCES[1:]) == sorted((here / "src").glob("*.h"))
+    resolved = [path.resolve() for path in native.SOURCES]
+    included = set()
+    for path in native.SOURCES:
+        for name in re.findall(r'^#include "([^"]+)"', path.read_text(), re.M):
+            if name.startswith("xla/"):
+                continue
+            target = (path.parent / name).resolve()
+            assert target in resolved, f"{path.name} includes {name}, not in SOURCES"
+            included.add(target)
+    assert included == set(resolved[1:])
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = data["package-data"]["retinaface_jax.backends.native"]
+    for path in native.SOURCES:
+        relative = path.relative_to(here)
+        assert any(
+            relative.match(p) and len(relative.parts) == len(Path(p).parts) for p in patterns
+        ), f"{relative} is not shipped by {patterns}"
 
 
 def test_failing_compiler_raises_with_command_source_and_stderr(tmp_path, monkeypatch):

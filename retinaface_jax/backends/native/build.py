@@ -6,12 +6,14 @@ the package is installed: ``pip install`` has no build step, and ``-march=native
 the library only ever runs on the CPU that built it.
 
 Cache key. The library is cached as ``<cache_dir>/kernels/cpu_conv-<key>.so`` (``cache_dir`` is
-``$RETINAFACE_CACHE`` or ``~/.cache/retinaface_jax``, see ``retinaface_jax.weights.download``). The
-key is a sha256 over everything that determines the binary: the source, the compiler (path and
-first line of ``--version``), the flags, the jaxlib version (which fixes the FFI headers), the
-machine architecture and the CPU identity (model name and feature flags). A cache shared between
-machines (network home directory, container volume) therefore never loads a library built for
-another CPU, and an edited source or upgraded jaxlib gets a fresh build. Old entries are left behind.
+``$RETINAFACE_CACHE`` or ``~/.cache/retinaface_jax``, see ``retinaface_jax.user_cache``). The
+key is a sha256 over everything that determines the binary: the source (``cpu_conv.cc`` and the
+headers in ``src/`` it includes: every file of :data:`SOURCES`, name and contents, in order), the
+compiler (path and first line of ``--version``), the flags, the jaxlib version (which fixes the FFI
+headers), the machine architecture and the CPU identity (model name and feature flags). A cache
+shared between machines (network home directory, container volume) therefore never loads a library
+built for another CPU, and an edited source or upgraded jaxlib gets a fresh build. Old entries are
+left behind.
 
 Atomic builds. The compiler writes a temporary file in the cache directory that is then
 ``os.replace``d into place, so two processes building at once are both fine (the last identical file
@@ -52,7 +54,26 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCE: Path = Path(__file__).with_name("cpu_conv.cc")
-"""The C++ source of the kernels, shipped as package data next to this module."""
+"""The C++ source compiled, shipped as package data next to this module: the library's one
+translation unit, which includes the kernel families in ``src/`` (a unity build)."""
+
+SOURCES: tuple[Path, ...] = (
+    SOURCE,
+    *(
+        SOURCE.parent / "src" / name
+        for name in (
+            "common.h",
+            "conv.h",
+            "depthwise.h",
+            "weight_grad.h",
+            "batchnorm.h",
+            "topk_nms.h",
+            "match_overlaps.h",
+        )
+    ),
+)
+"""Every file of the kernels' source (:data:`SOURCE` first, then the headers it includes, in its
+include order): all go into the cache key. The headers are found relative to the including file."""
 
 TARGETS: dict[str, str] = {
     "retinaface_conv": "RfConv",
@@ -156,13 +177,15 @@ def _digest(cmd: list[str]) -> str:
     """sha256 (hex) of everything the compiled binary depends on; see the module docstring."""
     import jaxlib  # cheap: does not import jax
 
-    try:
-        source = SOURCE.read_bytes()
-    except OSError as err:
-        raise NativeKernelError(f"cannot read the kernel source {SOURCE}: {err}") from err
+    sources: list[bytes] = []
+    for path in SOURCES:
+        try:
+            sources += [path.name.encode(), path.read_bytes()]
+        except OSError as err:
+            raise NativeKernelError(f"cannot read the kernel source {path}: {err}") from err
     h = hashlib.sha256()
     parts = (
-        source,
+        *sources,
         shlex.join(cmd),
         _compiler_version(cmd),
         " ".join(CXXFLAGS),
@@ -178,7 +201,7 @@ def _digest(cmd: list[str]) -> str:
 
 
 def _library_path(cmd: list[str]) -> Path:
-    from retinaface_jax.weights.download import cache_dir
+    from retinaface_jax.user_cache import cache_dir
 
     return cache_dir() / "kernels" / f"{SOURCE.stem}-{_digest(cmd)[:16]}.so"
 
@@ -206,7 +229,7 @@ def _compile(cmd: list[str], out: Path) -> None:
         return NativeKernelError(
             f"compiling the native CPU kernels failed: {what}\n"
             f"  command: {shlex.join(argv)}\n"
-            f"  source:  {SOURCE}\n"
+            f"  source:  {SOURCE} (with {SOURCE.parent / 'src'}/*.h)\n"
             f"  compiler stderr (last {_STDERR_TAIL} lines at most):\n{_stderr_tail(stderr)}"
         )
 
