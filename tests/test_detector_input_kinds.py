@@ -179,3 +179,40 @@ def test_constant_image_scores_do_not_depend_on_dtype(detectors, path, size):
     }
     assert len(got[np.uint8]) > 0
     assert_same(got[np.float32], got[np.uint8], f"{path} {size} float32 vs uint8", 1e-4, 1e-6)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_min_face_drops_exactly_the_smaller_faces(detectors, images, path):
+    det = detectors("original", path)
+    image = images["uint8 624x1024"]
+    every = rows(det.detect(image, keep_top_k=None))
+    size = np.minimum(every[:, 2] - every[:, 0], every[:, 3] - every[:, 1])
+    assert (size < 30).any() and (size >= 30).any()  # the cut really splits this image's faces
+    kept = rows(det.detect(image, keep_top_k=None, min_face=30))
+    np.testing.assert_array_equal(kept, every[size >= 30])
+    (batched,) = det.detect_batch([image], keep_top_k=None, min_face=30)
+    np.testing.assert_array_equal(rows(batched), kept)
+    for bad in (-1, float("nan"), float("inf"), "big"):
+        with pytest.raises(ValueError, match="min_face: expected a number of pixels >= 0"):
+            det.detect(image, min_face=bad)
+
+
+def test_cli_min_face(shared, tmp_path, monkeypatch):
+    import json
+
+    from retinaface_jax.inference.cli import main
+
+    monkeypatch.setenv("RETINAFACE_WEIGHTS", str(shared / "data/weights/mobilenet0.25_Final.pth"))
+    src = shared / "data/images/biubug6_curve_test.jpg"
+    counts = {}
+    for flag in ([], ["--min-face", "30"]):
+        out = tmp_path / ("min" if flag else "all")
+        argv = [str(src), "--output", str(out), "--json", str(out / "f.jsonl"), "--no-draw"]
+        assert main([*argv, "--quiet", *flag]) == 0
+        (record,) = [json.loads(line) for line in (out / "f.jsonl").read_text().splitlines()]
+        sides = [min(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]) for f in record["faces"]]
+        counts[bool(flag)] = (len(sides), sum(s >= 30 for s in sides))
+    assert counts[True][0] == counts[True][1] == counts[False][1] < counts[False][0]
+    with pytest.raises(SystemExit) as bad:
+        main([str(src), "--min-face", "-3", "--output", str(tmp_path / "x")])
+    assert bad.value.code == 2

@@ -112,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nms-threshold", type=float, default=None, help="default: config, 0.4")
     p.add_argument("--top-k", type=int, default=None, help="default: config, 5000")
     p.add_argument("--keep-top-k", type=int, default=None, help="default: config, 750")
+    p.add_argument(
+        "--min-face",
+        type=float,
+        default=None,
+        metavar="N",
+        help="drop faces whose box is narrower or lower than N pixels (input scale)",
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--origin-size", action="store_true", help="run at the original image scale (default)"
@@ -160,6 +167,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         v = getattr(args, flag)
         if v is not None and not 0.0 <= v <= 1.0:
             parser.error(f"--{flag.replace('_', '-')} must be between 0 and 1, got {v}")
+    if args.min_face is not None and not 0.0 <= args.min_face < float("inf"):
+        parser.error(f"--min-face must be a number of pixels >= 0, got {args.min_face}")
     if args.max_pixels is not None and args.max_pixels < 0:
         parser.error(f"--max-pixels must be >= 0 (0 = no limit), got {args.max_pixels}")
     if args.origin_size and args.max_size is not None:
@@ -271,6 +280,8 @@ class _Runner:
             self.kw["top_k"] = args.top_k
         if args.keep_top_k is not None:
             self.kw["keep_top_k"] = args.keep_top_k
+        if args.min_face is not None:
+            self.kw["min_face"] = args.min_face
         self.failed: dict[Path, str] = {}  # input -> first error
         self.num_faces = 0
 

@@ -133,6 +133,27 @@ def _threshold(field: str, default: float, value: Any) -> float:
     return v
 
 
+def _min_face(value: Any) -> float:
+    """``min_face`` as a number of pixels >= 0 (None: 0, keep every face)."""
+    if value is None:
+        return 0.0
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"min_face: expected a number of pixels >= 0, got {value!r}") from None
+    if not 0.0 <= v < float("inf"):
+        raise ValueError(f"min_face: expected a number of pixels >= 0, got {value!r}")
+    return v
+
+
+def _at_least(rows: np.ndarray, smallest: float) -> np.ndarray:
+    """The rows whose box is at least ``smallest`` pixels wide and high."""
+    if smallest <= 0.0 or not len(rows):
+        return rows
+    size = np.minimum(rows[:, 2] - rows[:, 0], rows[:, 3] - rows[:, 1])
+    return rows[size >= smallest]
+
+
 def choose_kernels(kernels: str, model: nnx.Module) -> str:
     """``'native'`` or ``'xla'``: what a :class:`Detector` built with ``kernels`` runs on."""
     if kernels not in KERNEL_CHOICES:
@@ -251,14 +272,16 @@ class Detector:
         top_k: int | None = _UNSET,
         keep_top_k: int | None = _UNSET,
         rgb: bool = False,
+        min_face: float | None = None,
     ) -> list[Face]:
         """Faces in one image (path or array; BGR unless ``rgb``), highest score first.
 
         Defaults come from the config (0.02, 0.4, 5000, 750); ``top_k=None`` / ``keep_top_k=None``
-        mean no limit (the original test_widerface.py).
+        mean no limit (the original test_widerface.py). ``min_face``: drop faces whose box is
+        narrower or lower than this many input pixels (applied after NMS and ``keep_top_k``).
         """
         return self.detect_batch(
-            [image], conf_threshold, nms_threshold, top_k, keep_top_k, rgb=rgb
+            [image], conf_threshold, nms_threshold, top_k, keep_top_k, rgb=rgb, min_face=min_face
         )[0]
 
     def detect_batch(
@@ -269,9 +292,11 @@ class Detector:
         top_k: int | None = _UNSET,
         keep_top_k: int | None = _UNSET,
         rgb: bool = False,
+        min_face: float | None = None,
     ) -> list[list[Face]]:
         """:meth:`detect` for many images of any sizes; results in input order."""
         cfg = self.cfg
+        smallest = _min_face(min_face)
         limits = Limits(
             _threshold("conf_threshold", cfg.conf_threshold, conf_threshold),
             _threshold("nms_threshold", cfg.nms_threshold, nms_threshold),
@@ -296,7 +321,7 @@ class Detector:
             for idxs, outputs in pending:
                 rows = self.finish(outputs, len(idxs))
                 for i, r in zip(idxs, rows, strict=True):
-                    faces[i] = Face.from_rows(r)
+                    faces[i] = Face.from_rows(_at_least(r, smallest))
             out.extend(faces)
         return out
 
