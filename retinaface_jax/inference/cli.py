@@ -23,6 +23,7 @@ import numpy as np
 from retinaface_jax.backends.native.build import KERNEL_CHOICES
 from retinaface_jax.cli_errors import add_debug_flag, describe, run_cli
 from retinaface_jax.inference.align import align_faces
+from retinaface_jax.inference.anonymize import anonymize
 from retinaface_jax.inference.draw import draw_faces
 from retinaface_jax.inference.face import Face
 from retinaface_jax.inference.preprocess import (
@@ -102,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also save 112x112 aligned face crops (ArcFace template) per face",
     )
     p.add_argument("--no-draw", action="store_true", help="do not write annotated images/videos")
+    p.add_argument(
+        "--anonymize",
+        choices=["blur", "pixelate", "solid"],
+        default=None,
+        help="write anonymised images/videos instead of annotated ones: every face scoring at "
+        "least --vis-threshold is blurred, pixelated or blacked out (box + half its size on "
+        "each side), and no boxes, scores or landmarks are drawn (--save-crops still saves the "
+        "original faces; --no-draw writes no images/videos at all)",
+    )
     p.add_argument(
         "--vis-threshold",
         type=float,
@@ -300,6 +310,12 @@ class _Runner:
         else:
             self.fail(src, f"{src}: {what}: {describe(error)}", error)
 
+    def render(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
+        """The written image/frame: anonymised with ``--anonymize``, else the faces drawn."""
+        if self.args.anonymize:
+            return anonymize(image, faces, self.args.anonymize, min_score=self.vis)
+        return draw_faces(image, faces, self.vis)
+
     def emit(self, record: dict[str, Any]) -> None:
         if self.json_out is not None:
             self.json_out.write(json.dumps(record) + "\n")
@@ -315,7 +331,7 @@ class _Runner:
     def save(self, src: Path, root: Path, image: np.ndarray, faces: list[Face]) -> None:
         try:
             if not self.args.no_draw:
-                self.write(src, root, draw_faces(image, faces, self.vis))
+                self.write(src, root, self.render(image, faces))
             if self.args.save_crops:
                 shown = [f for f in faces if f.score >= self.vis]
                 for i, crop in enumerate(align_faces(image, shown)):
@@ -379,7 +395,7 @@ class _Runner:
                     {"image": str(src), "frame": index, "faces": [f.to_dict() for f in faces]}
                 )
                 if writer is not None:
-                    writer.write(draw_faces(frame, faces, self.vis))
+                    writer.write(self.render(frame, faces))
                 index += 1
             frames.clear()
 
