@@ -119,31 +119,24 @@ def _detect_program(
     return nms_rows(scores, boxes, lm, nms_threshold, max_keep)
 
 
-def _threshold(field: str, default: float, value: Any) -> float:
-    """``value`` (None: ``default``) as a float in [0, 1]: a score or an IoU; NaN is refused (it
-    would silently keep or drop everything)."""
+def _number(field: str, value: Any, default: float, top: float, expected: str) -> float:
+    """``value`` (None: ``default``) as a float in ``[0, top]`` (``top`` inf: any finite number
+    >= 0), else a ValueError naming ``field``. NaN is refused: as a threshold it would silently
+    keep or drop everything."""
     if value is None:
         return float(default)
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{field}: expected a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= v <= 1.0:  # (False for NaN)
-        raise ValueError(f"{field}: expected a number in [0, 1], got {value!r}")
+        v = float("nan")
+    if not (0.0 <= v <= top and v < float("inf")):  # (False for NaN)
+        raise ValueError(f"{field}: expected {expected}, got {value!r}")
     return v
 
 
-def _min_face(value: Any) -> float:
-    """``min_face`` as a number of pixels >= 0 (None: 0, keep every face)."""
-    if value is None:
-        return 0.0
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"min_face: expected a number of pixels >= 0, got {value!r}") from None
-    if not 0.0 <= v < float("inf"):
-        raise ValueError(f"min_face: expected a number of pixels >= 0, got {value!r}")
-    return v
+def _threshold(field: str, default: float, value: Any) -> float:
+    """A score or IoU threshold: a number in [0, 1]."""
+    return _number(field, value, default, 1.0, "a number in [0, 1]")
 
 
 def _at_least(rows: np.ndarray, smallest: float) -> np.ndarray:
@@ -296,7 +289,7 @@ class Detector:
     ) -> list[list[Face]]:
         """:meth:`detect` for many images of any sizes; results in input order."""
         cfg = self.cfg
-        smallest = _min_face(min_face)
+        smallest = _number("min_face", min_face, 0.0, float("inf"), "a number of pixels >= 0")
         limits = Limits(
             _threshold("conf_threshold", cfg.conf_threshold, conf_threshold),
             _threshold("nms_threshold", cfg.nms_threshold, nms_threshold),
