@@ -16,20 +16,31 @@ class Face:
 
     ``box``: ``[4]`` float32 ``(x1, y1, x2, y2)`` in input pixels; ``score``: face probability;
     ``landmarks``: ``[5, 2]`` float32 ``(x, y)`` for left eye, right eye, nose, left and right
-    mouth corner (the original's order; "left" is the image-left side).
+    mouth corner (the original's order; "left" is the image-left side). ``track_id``: the
+    identity a :class:`~retinaface_jax.inference.tracking.FaceTracker` gave the face across video
+    frames (``None`` for a plain detection).
     """
 
     box: np.ndarray
     score: float
     landmarks: np.ndarray
+    track_id: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict: ``box`` [4], ``score``, ``landmarks`` [5][2] (plain floats)."""
-        return {
+        """A JSON-serialisable dict: ``box`` [4], ``score``, ``landmarks`` [5][2] (plain floats),
+        plus ``id`` (the ``track_id``) for a tracked face only."""
+        out: dict[str, Any] = {
             "box": [float(v) for v in self.box],
             "score": float(self.score),
             "landmarks": [[float(x), float(y)] for x, y in self.landmarks],
         }
+        if self.track_id is not None:
+            out["id"] = int(self.track_id)
+        return out
+
+    def with_track_id(self, track_id: int) -> Face:
+        """A copy of this face with ``track_id`` set (arrays shared, not copied)."""
+        return dataclasses.replace(self, track_id=int(track_id))
 
     @classmethod
     def from_row(cls, row: np.ndarray) -> Face:
@@ -48,11 +59,12 @@ class Face:
         boxes, landmarks = rows[:, :4], rows[:, 5:15].reshape(-1, 5, 2)
         # the frozen dataclass's __init__ sets each field through object.__setattr__; setting
         # the slots directly builds the same objects with less overhead
-        new, set_box, set_score, set_landmarks = (
+        new, set_box, set_score, set_landmarks, set_track_id = (
             object.__new__,
             cls.box.__set__,  # type: ignore[attr-defined]
             cls.score.__set__,  # type: ignore[attr-defined]
             cls.landmarks.__set__,  # type: ignore[attr-defined]
+            cls.track_id.__set__,  # type: ignore[attr-defined]
         )
         faces = []
         for b, s, lm in zip(boxes, rows[:, 4].tolist(), landmarks, strict=True):
@@ -60,6 +72,7 @@ class Face:
             set_box(face, b)
             set_score(face, s)
             set_landmarks(face, lm)
+            set_track_id(face, None)
             faces.append(face)
         return faces
 
@@ -71,4 +84,5 @@ class Face:
 
     def __repr__(self) -> str:
         x1, y1, x2, y2 = (round(float(v), 1) for v in self.box)
-        return f"Face(box=({x1}, {y1}, {x2}, {y2}), score={self.score:.4f})"
+        tid = "" if self.track_id is None else f", track_id={self.track_id}"
+        return f"Face(box=({x1}, {y1}, {x2}, {y2}), score={self.score:.4f}{tid})"
