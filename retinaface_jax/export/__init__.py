@@ -1,0 +1,35 @@
+"""Export of the reference model for deployment: ONNX (the original export's interface, optional
+int8) and StableHLO (``jax.export``) programs.
+
+Needs the ``[export]`` extra (``pip install 'retinaface_jax[export]'``); the names here are
+imported on first use, so importing this package imports neither onnx nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "export_onnx": "retinaface_jax.export.onnx_export",
+    "build_onnx": "retinaface_jax.export.onnx_export",
+    "decode_onnx_outputs": "retinaface_jax.export.onnx_decode",
+    "OnnxDetector": "retinaface_jax.export.onnx_decode",
+    "quantize_int8": "retinaface_jax.export.quantize",
+    "export_stablehlo": "retinaface_jax.export.stablehlo",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'retinaface_jax.export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
