@@ -3,8 +3,8 @@
 Public API (imported lazily on first use, so ``import retinaface_jax`` does not import JAX: scripts
 can re-execute themselves with tuned malloc settings, ``malloc_tuning``, before paying for it):
 ``RetinaFace``, ``load_model``, ``load_backbone``, ``prior_box``, ``match``, ``multibox_loss``,
-``Detector``, ``Face``, ``align_faces``, ``anonymize``, ``widerface_ap``, ``get_config``,
-``cfg_mnet``, ``cfg_re50``, ``RetinaFaceConfig``, ``compiler_options``.
+``Detector``, ``Face``, ``FaceTracker``, ``align_faces``, ``anonymize``, ``widerface_ap``,
+``get_config``, ``cfg_mnet``, ``cfg_re50``, ``RetinaFaceConfig``, ``compiler_options``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ _EXPORTS = {
     "load_backbone": "retinaface_jax.weights.load",
     "Detector": "retinaface_jax.inference.detector",
     "Face": "retinaface_jax.inference.face",
+    "FaceTracker": "retinaface_jax.inference.tracking",
     "align_faces": "retinaface_jax.inference.align",
     "anonymize": "retinaface_jax.inference.anonymize",
     "widerface_ap": "retinaface_jax.evaluate.widerface_ap",
