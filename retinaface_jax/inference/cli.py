@@ -1,9 +1,12 @@
-"""``python detect.py``: detect faces in images, folders and videos; write annotated copies + JSON.
+"""``python detect.py``: detect faces in images, folders, videos and live streams (camera index,
+rtsp/http(s) URL); write annotated copies + JSON.
 
 Every input is processed even when some fail: an unreadable, undecodable, oversized or
 unwritable input is named on stderr, skipped, and makes the exit status 1 at the end. Outputs
 never replace an input file (nor one written earlier in the run), whatever extension they end up
-with. User errors (bad options, bad weights, no network for the download) are one line on stderr;
+with. A live stream is processed as its frames arrive, dropping the frames that arrive while the
+previous one is being detected; Ctrl-C or the end of the stream closes its output video playable.
+User errors (bad options, bad weights, no network for the download) are one line on stderr;
 ``--debug`` or ``RETINAFACE_DEBUG=1`` shows tracebacks.
 """
 
@@ -11,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +39,15 @@ from retinaface_jax.inference.preprocess import (
     default_max_pixels,
     load_image,
     max_pixels_limit,
+)
+from retinaface_jax.inference.stream import (
+    LiveStream,
+    StreamFrame,
+    Window,
+    display_name,
+    display_problem,
+    file_stem,
+    is_stream,
 )
 from retinaface_jax.inference.video import VideoError, VideoReader, is_video, open_writer
 
@@ -70,8 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "inputs",
         nargs="+",
-        metavar="IMAGE_OR_DIR_OR_VIDEO",
-        help="image files, directories (searched recursively) or video files",
+        metavar="IMAGE_OR_DIR_OR_VIDEO_OR_STREAM",
+        help="image files, directories (searched recursively), video files, camera indices "
+        "(0, 1...) or stream URLs (rtsp://, http://, https://...)",
     )
     p.add_argument(
         "--backbone",
@@ -111,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
         "least --vis-threshold is blurred, pixelated or blacked out (box + half its size on "
         "each side), and no boxes, scores or landmarks are drawn (--save-crops still saves the "
         "original faces; --no-draw writes no images/videos at all)",
+    )
+    p.add_argument(
+        "--show",
+        action="store_true",
+        help="also show videos and streams in a window as they are processed (q or Esc "
+        "stops); without a display: a warning, and the run goes on without the window",
+    )
+    p.add_argument(
+        "--track",
+        action="store_true",
+        help="videos and streams: follow faces from frame to frame (a new face from a score of "
+        '--vis-threshold); the JSON lists the tracked faces, each with its "id", also drawn '
+        "above the box (images: not tracked, with a note)",
     )
     p.add_argument(
         "--vis-threshold",
@@ -292,10 +320,17 @@ class _Runner:
             self.kw["keep_top_k"] = args.keep_top_k
         if args.min_face is not None:
             self.kw["min_face"] = args.min_face
-        self.failed: dict[Path, str] = {}  # input -> first error
+        self.failed: dict[Path | str, str] = {}  # input -> first error
         self.num_faces = 0
+        self.streams_done = 0  # live streams started (opened or not)
+        self.frames_dropped = 0  # over all live streams
+        self.interrupted = False  # Ctrl-C ended a live stream: no further input is started
+        self.show = args.show
+        if self.show and (problem := display_problem()) is not None:
+            print(f"{PROG}: warning: --show: {problem}; not showing frames", file=sys.stderr)
+            self.show = False
 
-    def fail(self, src: Path, msg: str, error: BaseException | None = None) -> None:
+    def fail(self, src: Path | str, msg: str, error: BaseException | None = None) -> None:
         """Report one failed input (once) and carry on; ``--debug`` adds the traceback."""
         if error is not None and self.args.debug:
             traceback.print_exception(error, file=sys.stderr)
@@ -303,18 +338,41 @@ class _Runner:
             self.failed[src] = msg
         print(f"error: {msg} (skipped)", file=sys.stderr)
 
-    def fail_with(self, src: Path, what: str, error: BaseException) -> None:
+    def fail_with(self, src: Path | str, what: str, error: BaseException) -> None:
         """``fail`` for an exception: ImageError/VideoError messages already name the input."""
         if isinstance(error, ImageError | VideoError) and str(error).startswith(str(src)):
             self.fail(src, str(error), error)
         else:
             self.fail(src, f"{src}: {what}: {describe(error)}", error)
 
-    def render(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
-        """The written image/frame: anonymised with ``--anonymize``, else the faces drawn."""
+    def tracker(self) -> Any:
+        """A new face tracker for one video or stream with ``--track``, else None."""
+        return make_tracker(self.vis) if self.args.track else None
+
+    def track(self, tracker: Any, faces: list[Face]) -> list[Face]:
+        """With a tracker: this frame's tracked faces (with their ids), else ``faces``."""
+        return faces if tracker is None else list(tracker.update(faces))
+
+    def window(self, name: str) -> Window | None:
+        """The ``--show`` window for one video or stream (None without ``--show``); an OpenCV
+        without GUI support turns ``--show`` off with a warning."""
+        if not self.show:
+            return None
+        try:
+            return Window(f"{PROG}: {name}")
+        except cv2.error as e:
+            print(f"{PROG}: warning: --show: cannot open a window: {describe(e)}", file=sys.stderr)
+            self.show = False
+            return None
+
+    def render(self, image: np.ndarray, faces: list[Face], tracked: bool = False) -> np.ndarray:
+        """The written image/frame: anonymised with ``--anonymize``, else the faces drawn; the
+        faces scoring >= --vis-threshold, or every tracked face (a track continues through
+        low-score frames of its face, e.g. turned away: still drawn, still anonymised)."""
+        vis = 0.0 if tracked else self.vis
         if self.args.anonymize:
-            return anonymize(image, faces, self.args.anonymize, min_score=self.vis)
-        return draw_faces(image, faces, self.vis)
+            return anonymize(image, faces, self.args.anonymize, min_score=vis)
+        return draw_faces(image, faces, vis)
 
     def emit(self, record: dict[str, Any]) -> None:
         if self.json_out is not None:
@@ -385,17 +443,26 @@ class _Runner:
         writer = None
         frames: list[np.ndarray] = []
         index = 0
+        tracker = self.tracker()
+        window = self.window(str(src))
 
         def flush():
-            nonlocal index
+            nonlocal index, window
             results = self.det.detect_batch(frames, **self.kw) if frames else []
-            for frame, faces in zip(frames, results, strict=True):
+            for frame, found in zip(frames, results, strict=True):
+                faces = self.track(tracker, found)
                 self.num_faces += len(faces)
                 self.emit(
                     {"image": str(src), "frame": index, "faces": [f.to_dict() for f in faces]}
                 )
-                if writer is not None:
-                    writer.write(self.render(frame, faces))
+                if writer is not None or window is not None:
+                    shown = self.render(frame, faces, tracker is not None)
+                    if writer is not None:
+                        writer.write(shown)
+                    if window is not None and not window.show(shown):
+                        window.close()
+                        window = None
+                        raise _StopRequested
                 index += 1
             frames.clear()
 
@@ -414,12 +481,125 @@ class _Runner:
                 flush()  # the frames read before a decoding error are still processed
             if reader.frames_read == 0:
                 self.fail(src, f"{src}: no frames could be read from the video")
+        except _StopRequested:
+            pass
         except INPUT_ERRORS as e:
             self.fail_with(src, "video failed", e)
         finally:
             reader.close()
             if writer is not None:
                 writer.release()
+            if window is not None:
+                window.close()
+
+    def stream(self, source: str) -> None:
+        """Process a live source as its frames arrive, newest frame first (the ones that arrive
+        during a detection are dropped and counted); ends with the source, q/Esc in the
+        ``--show`` window, or Ctrl-C, which also stops the run after this stream's outputs are
+        closed."""
+        self.streams_done += 1
+        name = display_name(source)  # never a password in messages, JSON or file names
+        try:
+            live = LiveStream(source)
+        except INPUT_ERRORS as e:
+            self.fail_with(name, "cannot open the stream", e)
+            return
+        writer, window, tracker = None, self.window(name), self.tracker()
+        processed, how, size = 0, "ended", (0, 0)
+        try:
+            while (item := live.next()) is not None:
+                if processed == 0:
+                    h, w = item.image.shape[:2]
+                    check_pixels(name, w, h)
+                    size = (w, h)
+                    if not self.args.no_draw:
+                        path = self.outputs.path_for(Path(file_stem(source) + ".avi"), Path("."))
+                        writer = open_writer(path, live.fps or 25.0, size, "MJPG")
+                if not self.stream_frame(name, item, tracker, writer, size, window):
+                    how = "stopped from the window"
+                    break
+                processed += 1
+            if live.error is not None:
+                self.fail(
+                    name, f"{name}: reading stopped after {live.received} frames: {live.error}"
+                )
+            elif processed == 0:
+                self.fail(name, f"{name}: no frames could be read from the stream")
+        except KeyboardInterrupt:
+            how, self.interrupted = "interrupted (Ctrl-C)", True
+        except INPUT_ERRORS as e:
+            how = "failed"
+            self.fail_with(name, "stream failed", e)
+        finally:
+            with _sigint_deferred():  # a second Ctrl-C must not leave the video unfinished
+                live.close()
+                if writer is not None:
+                    writer.release()
+                if window is not None:
+                    window.close()
+            self.frames_dropped += live.dropped
+            print(
+                f"{name}: {how}; {processed} frame(s) processed, {live.dropped} dropped",
+                file=sys.stderr,
+            )
+
+    def stream_frame(
+        self,
+        name: str,
+        item: StreamFrame,
+        tracker: Any,
+        writer: cv2.VideoWriter | None,
+        size: tuple[int, int],
+        window: Window | None,
+    ) -> bool:
+        """Detect, report and write one live frame; False when the window asks to stop."""
+        faces = self.track(tracker, self.det.detect_batch([item.image], **self.kw)[0])
+        self.num_faces += len(faces)
+        self.emit(
+            {
+                "image": name,
+                "frame": item.index,
+                "time": round(item.time, 4),
+                "wall_time": round(item.wall_time, 4),
+                "dropped": item.dropped,
+                "faces": [f.to_dict() for f in faces],
+            }
+        )
+        if writer is None and window is None:
+            return True
+        shown = self.render(item.image, faces, tracker is not None)
+        if writer is not None:
+            w, h = size
+            if shown.shape[:2] != (h, w):  # a source changing its frame size mid-stream
+                shown = cv2.resize(shown, (w, h), interpolation=cv2.INTER_AREA)
+            writer.write(shown)
+        return window is None or window.show(shown)
+
+
+class _StopRequested(Exception):
+    """q/Esc or a closed ``--show`` window: stop the current video."""
+
+
+class _sigint_deferred:
+    """Ignore Ctrl-C inside the block (main thread only), so cleanup runs to its end."""
+
+    def __enter__(self) -> None:
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def make_tracker(vis_threshold: float) -> Any:
+    """A new :class:`~retinaface_jax.inference.tracking.FaceTracker` whose tracks start at faces
+    scoring >= ``vis_threshold`` (the faces the CLI draws), its other settings the defaults."""
+    from retinaface_jax.inference.tracking import FaceTracker
+
+    # the tracker's default low threshold (0.1) must not exceed the high one
+    return FaceTracker(high_threshold=vis_threshold, low_threshold=min(0.1, vis_threshold))
 
 
 def main(argv: Sequence[str] | None = None, *, detector: Any = None) -> int:
@@ -440,16 +620,22 @@ def _main(argv: Sequence[str] | None, detector: Any) -> int:
         max_pixels = default_max_pixels() if args.max_pixels is None else args.max_pixels
     except ValueError as e:
         parser.error(str(e))
-    files, errors = collect_inputs(args.inputs)
+    streams = [a for a in args.inputs if is_stream(a)]
+    files, errors = collect_inputs([a for a in args.inputs if not is_stream(a)])
     for msg in errors:
         print(f"error: {msg} (skipped)", file=sys.stderr)
     input_paths = [f for f, _ in files]
     json_path = None if args.json in (None, "-") else Path(args.json)
     if json_path is not None and json_path.resolve() in {p.resolve() for p in input_paths}:
         parser.error(f"--json {json_path} is one of the inputs; refusing to overwrite it")
-    if not files:
+    if not files and not streams:
         print(f"{PROG}: error: no input to process", file=sys.stderr)
         return 1
+    if args.track and any(not is_video(f) for f, _ in files):
+        print(
+            f"{PROG}: note: --track applies to videos and streams; images are not tracked",
+            file=sys.stderr,
+        )
     if detector is None:
         from retinaface_jax.inference.detector import Detector
 
@@ -465,14 +651,18 @@ def _main(argv: Sequence[str] | None, detector: Any) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     outputs = _Outputs(args.output, input_paths, [json_path] if json_path else [])
     with max_pixels_limit(max_pixels):
-        runner = _run(args, detector, json_path, outputs, files)
+        runner = _run(args, detector, json_path, outputs, files, streams)
     failed = len(runner.failed) + len(errors)
-    done = len(files) - len(runner.failed)
+    done = len(files) + runner.streams_done - len(runner.failed)
+    dropped = f", {runner.frames_dropped} stream frame(s) dropped" if runner.streams_done else ""
     print(
-        f"{done} input(s) processed, {runner.num_faces} face(s) found, {failed} failed; "
-        f"outputs in {args.output}",
+        f"{done} input(s) processed, {runner.num_faces} face(s) found, {failed} failed"
+        f"{dropped}; outputs in {args.output}",
         file=sys.stderr,
     )
+    if runner.interrupted:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
     return 1 if failed else 0
 
 
@@ -482,8 +672,10 @@ def _run(
     json_path: Path | None,
     outputs: _Outputs,
     files: list[tuple[Path, Path]],
+    streams: Sequence[str] = (),
 ) -> _Runner:
-    """Process every input (images first, in batches, then videos); returns the runner."""
+    """Process every input (images first, in batches, then videos, then live streams); returns
+    the runner."""
     from tqdm import tqdm
 
     json_out: IO[str] | None
@@ -508,6 +700,10 @@ def _run(
             for src, root in videos:
                 runner.video(src, root)
                 bar.update(1)
+        for source in streams:
+            if runner.interrupted:
+                break
+            runner.stream(source)
     finally:
         if json_out is not None and json_out is not sys.stdout:
             json_out.close()
