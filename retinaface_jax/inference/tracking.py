@@ -31,40 +31,40 @@ from retinaface_jax.inference.face import Face
 
 
 class _Track:
-    """One tracked face: its recent matched boxes (for the motion fit) and bookkeeping."""
+    """One tracked face: its recent matched boxes, the motion fitted to them, and bookkeeping."""
 
-    __slots__ = ("frames", "states", "lost", "hits", "track_id")
+    __slots__ = ("frames", "states", "fit", "lost", "hits", "track_id")
 
     def __init__(self, frame: int, box: np.ndarray):
         self.frames: list[int] = []  # frame numbers of the recent matches
-        self.states: list[np.ndarray] = []  # their boxes as (cx, cy, w, h)
+        self.states: list[list[float]] = []  # their boxes as (cx, cy, w, h)
+        self.fit = (0.0, np.zeros(4), np.zeros(4))  # (mean frame, mean state, slope per frame)
         self.lost = 0  # frames since the last match
         self.hits = 0  # frames matched in total
         self.track_id: int | None = None  # given when the track is confirmed
         self.add(frame, box, 1)
 
     def add(self, frame: int, box: np.ndarray, window: int) -> None:
-        """Record a match in ``frame`` (keeping the last ``window`` matches)."""
+        """Record a match in ``frame`` (keeping the last ``window`` matches) and refit the motion:
+        the least-squares line through the recent centres and sizes against the frame number
+        (constant velocity; none while there is only one match)."""
         x1, y1, x2, y2 = (float(v) for v in box)
         self.frames.append(frame)
-        self.states.append(np.array([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1]))
+        self.states.append([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1])
         del self.frames[:-window], self.states[:-window]
         self.lost = 0
         self.hits += 1
+        states = np.array(self.states)
+        t = np.array(self.frames, np.float64)
+        t_mean, mean = float(t.mean()), states.mean(axis=0)
+        dt = t - t_mean
+        slope = dt @ (states - mean) / (dt @ dt) if len(t) > 1 else np.zeros(4)
+        self.fit = (t_mean, mean, slope)
 
     def predicted(self, frame: int) -> np.ndarray:
-        """The box expected in ``frame``: the least-squares line through the recent matches'
-        centres and sizes, evaluated at ``frame`` (constant velocity; the last box when there is
-        only one)."""
-        states = np.array(self.states)
-        if len(states) == 1:
-            cx, cy, w, h = states[0]
-        else:
-            t = np.array(self.frames, np.float64)
-            dt = t - t.mean()
-            mean = states.mean(axis=0)
-            slope = dt @ (states - mean) / (dt @ dt)
-            cx, cy, w, h = mean + slope * (frame - t.mean())
+        """The box expected in ``frame``: the fitted line evaluated there."""
+        t_mean, mean, slope = self.fit
+        cx, cy, w, h = (mean + slope * (frame - t_mean)).tolist()
         w, h = max(w, 1.0), max(h, 1.0)
         return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
 
@@ -235,13 +235,17 @@ def _associate(
     if n and m:
         iou = _iou(track_boxes, det_boxes)
         gate = iou >= max(threshold, 1e-9)  # IoU 0 never matches
-        for rows, cols in _groups(gate):
-            if len(rows) == 1 and len(cols) == 1:
-                pairs.append((rows[0], cols[0]))
-                continue
-            sub = iou[np.ix_(rows, cols)]
-            for r, c in _match(sub, threshold):
-                pairs.append((rows[r], cols[c]))
+        # the usual case first: a track and a detection that overlap only each other
+        row_degree, col_degree = gate.sum(axis=1), gate.sum(axis=0)
+        only = gate.argmax(axis=1)
+        alone = (row_degree == 1) & (col_degree[only] == 1)
+        pairs += zip(np.flatnonzero(alone).tolist(), only[alone].tolist(), strict=True)
+        rows = np.flatnonzero((row_degree > 0) & ~alone)
+        if len(rows):
+            cols = np.flatnonzero(gate[rows].any(axis=0))
+            for group_rows, group_cols in _groups(gate[np.ix_(rows, cols)]):
+                r, c = rows[group_rows], cols[group_cols]
+                pairs += [(int(r[i]), int(c[j])) for i, j in _match(iou[np.ix_(r, c)], threshold)]
     matched_t = {t for t, _ in pairs}
     matched_d = {d for _, d in pairs}
     unmatched_t = np.array([t for t in range(n) if t not in matched_t], int)
