@@ -101,7 +101,7 @@ def test_low_score_detections_continue_tracks_but_do_not_start_or_revive_them():
 
 
 def test_crossing_faces_with_occlusion_keep_their_ids():
-    """Two faces on one line crossing; the front one hides the other for four frames. Matching
+    """Two faces on one line crossing; the front one hides the other for three frames. Matching
     against the last boxes (no motion model) hands the hidden face's id to the wrong face."""
 
     def run():
