@@ -104,6 +104,12 @@ def test_numpy_nms_matches_the_jitted_one():
             )
             want = np.asarray(keep)[: int(count)]
             np.testing.assert_array_equal(greedy_nms(rows, thr), want, err_msg=f"{trial} {thr}")
+    # IoU exactly at the threshold survives (+1 areas: 10x10 inside 10x20 is IoU 0.5); a tie in
+    # score keeps the earlier row first
+    rows = np.zeros((3, 15), np.float32)
+    rows[:, :5] = [[0, 0, 9, 19, 0.9], [0, 0, 9, 9, 0.9], [0, 0, 9, 10, 0.8]]
+    np.testing.assert_array_equal(greedy_nms(rows, 0.5), [0, 1])
+    np.testing.assert_array_equal(greedy_nms(rows, 0.499), [0])
 
 
 def test_validation():
@@ -125,6 +131,22 @@ def test_validation():
     for value, words in bad.items():
         with pytest.raises(ValueError, match=f"^rotations: .*{words}"):
             validate_rotations(value)
+
+
+def test_cli_flag(capsys):
+    """``detect.py --rotations``: comma-separated angles, usage error (exit 2) naming the field."""
+    from retinaface_jax.inference.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["x.jpg"]).rotations is None
+    assert parser.parse_args(["x.jpg", "--rotations", "0,90,180,270"]).rotations == ALL
+    assert parser.parse_args(["x.jpg", "--rotations", "0"]).rotations is None
+    for bad, words in (("0,45", "multiples of 90"), ("0,a", "integers"), ("90,90", "twice")):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["x.jpg", "--rotations", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--rotations" in err and words in err, err
 
 
 @pytest.fixture(scope="module")

@@ -150,3 +150,16 @@ def merge_rotations(
         for rows, angle in zip(copies, angles, strict=True)
     ]
     return merge_rows(mapped, threshold, keep_top_k)
+
+
+def parse_rotations(text: str) -> tuple[int, ...] | None:
+    """``detect.py --rotations``: comma-separated angles (``"0,90,180,270"``), validated by
+    :func:`validate_rotations`; an ``argparse`` type error naming the problem otherwise."""
+    import argparse
+
+    try:
+        angles = [int(part) for part in text.split(",")]
+        return validate_rotations(angles)
+    except ValueError as e:
+        msg = str(e) if str(e).startswith("rotations:") else f"expected integers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
