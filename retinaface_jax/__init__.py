@@ -4,7 +4,8 @@ Public API (imported lazily on first use, so ``import retinaface_jax`` does not 
 can re-execute themselves with tuned malloc settings, ``malloc_tuning``, before paying for it):
 ``RetinaFace``, ``load_model``, ``load_backbone``, ``prior_box``, ``match``, ``multibox_loss``,
 ``Detector``, ``Face``, ``FaceTracker``, ``align_faces``, ``anonymize``, ``widerface_ap``,
-``get_config``, ``cfg_mnet``, ``cfg_re50``, ``RetinaFaceConfig``, ``compiler_options``.
+``get_config``, ``cfg_mnet``, ``cfg_re50``, ``RetinaFaceConfig``, ``compiler_options``,
+``export_onnx`` (needs the ``[export]`` extra).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _EXPORTS = {
     "match": "retinaface_jax.loss",
     "multibox_loss": "retinaface_jax.loss",
     "prior_box": "retinaface_jax.priors",
+    "export_onnx": "retinaface_jax.export.onnx_export",  # needs the [export] extra (onnx)
 }
 # No export may share its module's name: importing a submodule binds the package attribute to the
 # module, which would shadow the lazily exported object of the same name.
