@@ -128,11 +128,9 @@ def quantize_int8(
                 per_channel=per_channel,
                 nodes_to_exclude=exclude,
                 calibrate_method=CalibrationMethod.MinMax,
-                extra_options={
-                    "CalibTensorRangeSymmetric": False,
-                    # fold the min/max every few images: bounded memory at any image size
-                    "CalibMaxIntermediateOutputs": 4,
-                },
+                # (not CalibMaxIntermediateOutputs: onnxruntime 1.32 drops the outputs it
+                # collected when that limit is reached, instead of folding them into the ranges)
+                extra_options={"CalibTensorRangeSymmetric": False},
             )
     finally:
         root.setLevel(level)
