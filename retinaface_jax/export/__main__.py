@@ -73,7 +73,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Export the reference RetinaFace model: ONNX with the original export's "
+        "interface (optionally int8), or the whole detection program as StableHLO.",
+    )
     add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
