@@ -368,3 +368,72 @@ def test_sigint_leaves_playable_output(serve, tmp_path):
     recs = _records(js)
     frames = _frames(_output_of(out, server.url))
     assert len(recs) >= 10 and len(recs) - 1 <= len(frames) <= len(recs)
+
+
+class FakeGui:
+    """Stands in for OpenCV's HighGUI (no display here): records shown frames, presses
+    ``key`` once ``press_after`` frames were shown."""
+
+    def __init__(self, monkeypatch, press_after: int, key: str = "q"):
+        self.shown: list[tuple[str, np.ndarray]] = []
+        self.windows: list[str] = []
+        self.press_after, self.key = press_after, ord(key)
+        monkeypatch.setenv("DISPLAY", ":0")
+        monkeypatch.setattr(cv2, "namedWindow", lambda title, flags=0: self.windows.append(title))
+        monkeypatch.setattr(cv2, "imshow", lambda title, img: self.shown.append((title, img)))
+        monkeypatch.setattr(cv2, "waitKey", self.wait_key)
+        monkeypatch.setattr(cv2, "getWindowProperty", lambda title, prop: 1.0)
+        monkeypatch.setattr(cv2, "destroyWindow", lambda title: None)
+
+    def wait_key(self, delay=0):
+        return self.key if len(self.shown) >= self.press_after else -1
+
+
+def test_show_stops_on_q(serve, tmp_path, monkeypatch, capsys):
+    """--show: every processed frame is shown; q ends the stream (outputs closed, exit 0) and
+    ends a video early, the run going on with the next input."""
+    gui = FakeGui(monkeypatch, press_after=3)
+    server = serve(fps=30.0)  # never ends by itself
+    js, out = tmp_path / "s.jsonl", tmp_path / "o"
+    code = main(
+        [server.url, "--show", "--output", str(out), "--json", str(js), "--quiet"],
+        detector=StubDetector(),
+    )
+    assert code == 0
+    assert "stopped from the window; 3 frame(s) processed" in capsys.readouterr().err
+    assert len(gui.shown) == 3 and gui.windows == [f"detect.py: {server.url}"]
+    assert len(_records(js)) == 3 and len(_frames(_output_of(out, server.url))) == 3
+    # what is shown is what is written: the drawn frame
+    assert np.abs(gui.shown[0][1].astype(int) - _synthetic_frame().astype(int)).max() > 100
+
+    video = tmp_path / "clip.avi"
+    w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
+    for _ in range(6):
+        w.write(_synthetic_frame())
+    w.release()
+    image = tmp_path / "still.png"
+    cv2.imwrite(str(image), _synthetic_frame())
+    gui.shown.clear()
+    js2 = tmp_path / "v.jsonl"
+    args = [str(video), str(image), "--show", "--batch-size", "1", "--json", str(js2)]
+    assert main(args + ["--output", str(out), "--quiet"], detector=StubDetector()) == 0
+    recs = _records(js2)
+    assert [r.get("frame") for r in recs if r["image"] == str(video)] == [0, 1, 2]
+    assert any(r["image"] == str(image) for r in recs)
+
+
+def test_show_without_gui_support_warns(serve, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DISPLAY", ":0")
+
+    def no_gui(*args):
+        raise cv2.error("The function is not implemented")
+
+    monkeypatch.setattr(cv2, "namedWindow", no_gui)
+    server = serve(fps=20.0, frames=4)
+    code = main([server.url, "--show", "--output", str(tmp_path / "o")], detector=StubDetector())
+    assert code == 0
+    err = capsys.readouterr().err
+    assert (
+        "detect.py: warning: --show: cannot open a window: The function is not implemented" in err
+    )
+    assert _frames(_output_of(tmp_path / "o", server.url))

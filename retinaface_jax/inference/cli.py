@@ -40,6 +40,7 @@ from retinaface_jax.inference.preprocess import (
     load_image,
     max_pixels_limit,
 )
+from retinaface_jax.inference.rotations import parse_rotations
 from retinaface_jax.inference.stream import (
     LiveStream,
     StreamFrame,
@@ -156,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="drop faces whose box is narrower or lower than N pixels (input scale)",
+    )
+    p.add_argument(
+        "--rotations",
+        type=parse_rotations,
+        default=None,
+        metavar="A,B,...",
+        help="detect in copies of each image rotated counterclockwise by these angles "
+        "(multiples of 90; 0 = the image itself), merged by NMS: 0,90,180,270 finds faces at "
+        "any quarter turn, at one detector run per angle (default: 0 only)",
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument(
@@ -361,7 +371,8 @@ class _Runner:
         try:
             return Window(f"{PROG}: {name}")
         except cv2.error as e:
-            print(f"{PROG}: warning: --show: cannot open a window: {describe(e)}", file=sys.stderr)
+            why = " ".join(str(getattr(e, "err", None) or e).split())  # cv2.error: many lines
+            print(f"{PROG}: warning: --show: cannot open a window: {why}", file=sys.stderr)
             self.show = False
             return None
 
@@ -447,24 +458,26 @@ class _Runner:
         window = self.window(str(src))
 
         def flush():
-            nonlocal index, window
+            nonlocal index
             results = self.det.detect_batch(frames, **self.kw) if frames else []
+            stop = False
             for frame, found in zip(frames, results, strict=True):
                 faces = self.track(tracker, found)
                 self.num_faces += len(faces)
                 self.emit(
                     {"image": str(src), "frame": index, "faces": [f.to_dict() for f in faces]}
                 )
+                index += 1
                 if writer is not None or window is not None:
                     shown = self.render(frame, faces, tracker is not None)
                     if writer is not None:
                         writer.write(shown)
                     if window is not None and not window.show(shown):
-                        window.close()
-                        window = None
-                        raise _StopRequested
-                index += 1
+                        stop = True  # q/Esc: the rest of the batch is not reported either
+                        break
             frames.clear()
+            if stop:
+                raise _StopRequested
 
         try:
             check_pixels(str(src), *reader.size)
@@ -515,10 +528,11 @@ class _Runner:
                     if not self.args.no_draw:
                         path = self.outputs.path_for(Path(file_stem(source) + ".avi"), Path("."))
                         writer = open_writer(path, live.fps or 25.0, size, "MJPG")
-                if not self.stream_frame(name, item, tracker, writer, size, window):
+                go_on = self.stream_frame(name, item, tracker, writer, size, window)
+                processed += 1
+                if not go_on:
                     how = "stopped from the window"
                     break
-                processed += 1
             if live.error is not None:
                 self.fail(
                     name, f"{name}: reading stopped after {live.received} frames: {live.error}"
@@ -647,6 +661,7 @@ def _main(argv: Sequence[str] | None, detector: Any) -> int:
             batch_size=args.batch_size,
             progress=not args.quiet,
             kernels=args.kernels,
+            rotations=args.rotations,
         )
     args.output.mkdir(parents=True, exist_ok=True)
     outputs = _Outputs(args.output, input_paths, [json_path] if json_path else [])
