@@ -1,22 +1,23 @@
 """The whole detection program as ``jax.export`` StableHLO, for serving with plain JAX.
 
-One program per input size ``(H, W)``: uint8 BGR image ``[H, W, 3]`` -> mean subtraction
+A program: uint8 BGR image ``[H, W, 3]`` -> mean subtraction
 (``models.mean_subtraction.subtract_mean``) -> the reference model ``RetinaFace`` called as
 ``model(x)`` (eval mode; never the native CPU kernels) -> decode with the priors of ``H x W`` ->
 score filter -> top-k -> greedy NMS with the original's arithmetic (``inference.postprocess``)
 -> ``(rows [max_keep, 15] float32, count int32)``, rows ``[x1, y1, x2, y2, score, 10 landmark
 coordinates]`` in input pixels, highest score first, valid up to ``count``.
 
-Why fixed sizes: the model builds index tables from its input shape in numpy (the FPN's nearest
-upsampling, the CPU convolution's flattened depthwise rows), so it cannot be traced with
-symbolic ``H, W``; and on an input padded to a size bucket the plain model is not the unpadded
-model near the padded border (only ``backends.planned_forward`` masks it). A program at the
-exact image size is the reference detection, bit for bit the computation ``Detector`` runs.
+One program per exact input size ``(H, W)`` (``sizes``), because the current model builds index
+tables from its input shape in numpy (the FPN's nearest upsampling, the CPU convolution's
+flattened depthwise rows), so it cannot be traced with symbolic ``H, W``; and on an input
+padded to a size bucket the plain model is not the unpadded model near the padded border (only
+``backends.planned_forward`` masks it). ``sizes=None`` exports one shape-polymorphic program
+(symbolic ``H, W``, priors computed in the program) for a model without those numpy tables.
 
 The file is one ``.npz`` (readable with numpy alone): ``meta`` (JSON), the model's weights
-``weight_0 .. weight_{n-1}`` (passed as the first argument of every program, so they are
-stored once for all sizes) and ``program_{H}x{W}`` (serialized ``jax.export.Exported``
-bytes, lowered for every requested platform). Loader recipe (no ``retinaface_jax`` needed)::
+``weight_0 .. weight_{n-1}`` (the first argument of every program, so stored once for all
+sizes) and ``program_{H}x{W}`` (or ``program_any``): serialized ``jax.export.Exported`` bytes,
+lowered for every requested platform. Loader recipe (no ``retinaface_jax`` needed)::
 
     import json, jax, numpy as np
     from jax import export
@@ -24,8 +25,9 @@ bytes, lowered for every requested platform). Loader recipe (no ``retinaface_jax
     f = np.load("retinaface.npz")
     meta = json.loads(str(f["meta"]))
     weights = [f[f"weight_{i}"] for i in range(meta["num_weights"])]
-    h, w = image.shape[:2]  # image: uint8 BGR [H, W, 3], a size listed in meta["sizes"]
-    program = export.deserialize(bytearray(f[f"program_{h}x{w}"].tobytes()))
+    h, w = image.shape[:2]  # image: uint8 BGR [H, W, 3]
+    key = f"program_{h}x{w}" if meta["sizes"] is not None else "program_any"
+    program = export.deserialize(bytearray(f[key].tobytes()))
     rows, count = program.call(weights, image)
     faces = np.asarray(rows)[: int(count)]  # [x1, y1, x2, y2, score, landmarks...]
 """
@@ -40,6 +42,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.errors import InconclusiveDimensionOperation
 
 from retinaface_jax.config import RetinaFaceConfig
 from retinaface_jax.inference.postprocess import (
@@ -59,6 +62,7 @@ __all__ = [
     "export_program",
     "export_stablehlo",
     "load_programs",
+    "symbolic_priors",
 ]
 
 FORMAT = "retinaface_jax.stablehlo/1"
@@ -75,11 +79,39 @@ DEFAULT_SIZES: tuple[tuple[int, int], ...] = (
 _UNSET: object = object()
 
 
+def symbolic_priors(cfg: RetinaFaceConfig, height, width) -> tuple[jax.Array, jax.Array]:
+    """``pixel_priors`` in jnp, for ``height``/``width`` that may be symbolic dimensions.
+
+    Without ``clip`` a pixel prior is exactly ``((j + 0.5) * step, (i + 0.5) * step, s, s)``
+    (``pixel_priors`` snaps to that half-pixel grid), which float32 holds exactly.
+    """
+    if cfg.clip:
+        raise ValueError("symbolic sizes: priors with clip=True depend on the size; use sizes")
+    priors, strides = [], []
+    for sizes, step in zip(cfg.min_sizes, cfg.steps, strict=True):
+        rows, cols, a = (height + step - 1) // step, (width + step - 1) // step, len(sizes)
+        cx = (jnp.arange(cols, dtype=jnp.float32) + 0.5) * step
+        cy = (jnp.arange(rows, dtype=jnp.float32) + 0.5) * step
+        sk = jnp.asarray(sizes, jnp.float32)
+        grid = jnp.stack(
+            [
+                jnp.broadcast_to(cx[None, :, None], (rows, cols, a)),
+                jnp.broadcast_to(cy[:, None, None], (rows, cols, a)),
+                jnp.broadcast_to(sk, (rows, cols, a)),
+                jnp.broadcast_to(sk, (rows, cols, a)),
+            ],
+            axis=-1,
+        )
+        priors.append(grid.reshape(rows * cols * a, 4))
+        strides.append(jnp.full((rows * cols * a,), step, jnp.float32))
+    return jnp.concatenate(priors), jnp.concatenate(strides)
+
+
 def detection_program(
     rebuild: Callable[[Sequence[jax.Array]], Callable],
     cfg: RetinaFaceConfig,
-    height: int,
-    width: int,
+    height,
+    width,
     *,
     conf_threshold: float,
     nms_threshold: float,
@@ -88,12 +120,21 @@ def detection_program(
 ) -> Callable[[Sequence[jax.Array], jax.Array], tuple[jax.Array, jax.Array]]:
     """``f(weights, image [height, width, 3] uint8 BGR) -> (rows [max_keep, 15], count)``.
 
-    ``rebuild(weights)`` gives the model (``flat_state``); priors, ``k`` and ``max_keep`` are
-    those ``Detector.dispatch`` uses for an input of this size (``None`` = no limit).
+    ``rebuild(weights)`` gives the model (``flat_state``). For int sizes the priors, ``k`` and
+    ``max_keep`` are those ``Detector.dispatch`` uses for an input of this size (``None`` = no
+    limit). For symbolic sizes (``jax.export.symbolic_shape``) the priors are computed in the
+    program (:func:`symbolic_priors`) and ``k = top_k`` is static: the candidates are padded
+    with ``k`` non-candidates so ``top_k`` never exceeds their number; ``max_keep = keep_top_k``
+    (rows past ``count`` are filler either way), and ``top_k`` cannot be None.
     """
-    priors_np, strides_np = pixel_priors(cfg, height, width)
-    num_priors = len(strides_np)
-    k = num_priors if top_k is None else min(int(top_k), num_priors)
+    symbolic = not all(isinstance(s, int | np.integer) for s in (height, width))
+    if symbolic:
+        if top_k is None:
+            raise ValueError("top_k=None (no limit) needs fixed sizes: k would be symbolic")
+        k = int(top_k)
+    else:
+        priors_np, strides_np = pixel_priors(cfg, int(height), int(width))
+        k = len(strides_np) if top_k is None else min(int(top_k), len(strides_np))
     max_keep = k if keep_top_k is None else min(int(keep_top_k), k)
     variances = tuple(cfg.variance)
 
@@ -101,8 +142,20 @@ def detection_program(
         model = rebuild(weights)
         x = subtract_mean(image[None], cfg.rgb_mean)
         loc, conf, landms = model(x)
-        priors, strides = jnp.asarray(priors_np), jnp.asarray(strides_np)
-        valid = prior_valid_mask(priors, strides, jnp.asarray([[height, width]], jnp.int32))
+        if symbolic:
+            priors, _ = symbolic_priors(cfg, height, width)
+            # every prior of the exact size is valid; the k padded rows never are
+            num_priors = loc.shape[1]
+            pad = ((0, 0), (0, k), (0, 0))
+            loc, conf, landms = (jnp.pad(a, pad) for a in (loc, conf, landms))
+            priors = jnp.pad(priors, ((0, k), (0, 0)))
+            valid = jnp.concatenate(
+                [jnp.ones((1, num_priors), bool), jnp.zeros((1, k), bool)], axis=1
+            )
+        else:
+            priors, strides = jnp.asarray(priors_np), jnp.asarray(strides_np)
+            hw = jnp.asarray([[height, width]], jnp.int32)
+            valid = prior_valid_mask(priors, strides, hw)
         scores, boxes, lm = select_candidates(
             loc,
             conf,
@@ -123,14 +176,25 @@ def detection_program(
 def export_program(
     program: Callable,
     weights: Sequence[jax.Array],
-    height: int,
-    width: int,
+    height,
+    width,
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
 ) -> jax.export.Exported:
-    """``program`` (from :func:`detection_program`) lowered for ``platforms``."""
+    """``program`` (from :func:`detection_program`) lowered for ``platforms``.
+
+    Symbolic sizes need a model that computes nothing in numpy from its input shape; the
+    current model does (index tables of the FPN's nearest upsampling and of the CPU depthwise
+    convolution), so that raises a ValueError saying so.
+    """
     specs = [jax.ShapeDtypeStruct(np.shape(w), w.dtype) for w in weights]
     image = jax.ShapeDtypeStruct((height, width, 3), jnp.uint8)
-    return jax.export.export(jax.jit(program), platforms=list(platforms))(specs, image)
+    try:
+        return jax.export.export(jax.jit(program), platforms=list(platforms))(specs, image)
+    except InconclusiveDimensionOperation as e:
+        raise ValueError(
+            "symbolic sizes: the model needs a concrete input shape here; export fixed sizes "
+            f"instead ({e.__class__.__name__}: {str(e).splitlines()[0]})"
+        ) from e
 
 
 def _check_sizes(sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -174,7 +238,7 @@ def export_stablehlo(
     weights: str | os.PathLike | None = None,
     backbone: str = "mobilenet0.25",
     platforms: Sequence[str] = DEFAULT_PLATFORMS,
-    sizes: Sequence[tuple[int, int]] = DEFAULT_SIZES,
+    sizes: Sequence[tuple[int, int]] | None = DEFAULT_SIZES,
     conf_threshold: float | None = None,
     nms_threshold: float | None = None,
     top_k: int | None = _UNSET,  # type: ignore[assignment]
@@ -182,18 +246,19 @@ def export_stablehlo(
     model=None,
     cfg: RetinaFaceConfig | None = None,
 ) -> Path:
-    """Write the detection programs for ``sizes`` (``(H, W)`` each) to ``path`` (``.npz``).
+    """Write the detection programs for ``sizes`` (``(H, W)`` each; None: one program for any
+    size, see the module docstring) to ``path`` (``.npz``) and return ``path``.
 
     ``weights``: an original ``.pth``/``.tar``, a native checkpoint dir, or None for the official
     ``backbone`` weights (fetched and cached, as ``Detector.from_pretrained``); or pass a loaded
     ``model`` (and its ``cfg``). Thresholds and limits default to the config's, as
     ``Detector.detect`` (0.02, 0.4, 5000, 750); ``top_k``/``keep_top_k`` None = no limit. They
-    are baked into the programs and recorded in ``meta``. Returns ``path``.
+    are baked into the programs and recorded in ``meta``.
     """
     platforms = tuple(str(p).lower() for p in platforms)
     if not platforms:
         raise ValueError("platforms: expected at least one of cpu, cuda, rocm, tpu")
-    sizes = _check_sizes(sizes)
+    sizes = None if sizes is None else _check_sizes(sizes)
     given = {
         "conf_threshold": conf_threshold,
         "nms_threshold": nms_threshold,
@@ -221,15 +286,17 @@ def export_stablehlo(
     arrays: dict[str, np.ndarray] = {
         f"weight_{i}": np.asarray(leaf) for i, leaf in enumerate(leaves)
     }
-    for h, w in sizes:
+    shapes = {"program_any": jax.export.symbolic_shape("h, w")} if sizes is None else {}
+    shapes.update({f"program_{h}x{w}": (h, w) for h, w in sizes or ()})
+    for key, (h, w) in shapes.items():
         program = detection_program(rebuild, cfg, h, w, **limits)
         exported = export_program(program, leaves, h, w, platforms)
-        arrays[f"program_{h}x{w}"] = np.frombuffer(bytes(exported.serialize()), dtype=np.uint8)
+        arrays[key] = np.frombuffer(bytes(exported.serialize()), dtype=np.uint8)
     meta = {
         "format": FORMAT,
         "backbone": cfg.backbone,
         "platforms": list(platforms),
-        "sizes": [list(s) for s in sizes],
+        "sizes": None if sizes is None else [list(s) for s in sizes],
         "num_weights": len(leaves),
         "input": "uint8 BGR [H, W, 3]",
         "outputs": "rows [max_keep, 15] float32 (x1, y1, x2, y2, score, 5 x (x, y)), count int32",
@@ -247,15 +314,17 @@ def export_stablehlo(
 
 
 def load_programs(path: str | os.PathLike) -> tuple[dict, list[np.ndarray], dict]:
-    """``(meta, weights, {(H, W): Exported})`` of a file written by :func:`export_stablehlo`
-    (the loader recipe of the module docstring, for every size at once)."""
+    """``(meta, weights, programs)`` of a file written by :func:`export_stablehlo` (the loader
+    recipe of the module docstring, for every program at once): ``programs`` maps ``(H, W)``,
+    or ``None`` for the program of any size, to its ``jax.export.Exported``."""
     with np.load(path, allow_pickle=False) as f:
         meta = json.loads(str(f["meta"]))
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a {FORMAT} file (format {meta.get('format')!r})")
         weights = [f[f"weight_{i}"] for i in range(meta["num_weights"])]
+        keys = {None: "program_any"} if meta["sizes"] is None else {}
+        keys.update({(h, w): f"program_{h}x{w}" for h, w in meta["sizes"] or ()})
         programs = {
-            (h, w): jax.export.deserialize(bytearray(f[f"program_{h}x{w}"].tobytes()))
-            for h, w in meta["sizes"]
+            size: jax.export.deserialize(bytearray(f[key].tobytes())) for size, key in keys.items()
         }
     return meta, weights, programs
