@@ -7,7 +7,8 @@ detected upright by the plain detector: its faces scoring >= ``--threshold`` are
 Each image is then turned counterclockwise by 90, 180 and 270 degrees (and kept at 0) and detected
 by both detectors; a reference face is recalled when a detection scoring >= ``--threshold``,
 mapped back to the upright frame, has IoU >= 0.5 with it. "extra" counts detections >= threshold
-matching no reference face (new faces or false positives). Cost: seconds per ``detect`` call of
+matching no reference face, "(GT n)" how many of them match a labelled face (IoU >= 0.5; the
+rest are false positives or unlabelled faces). Cost: seconds per ``detect`` call of
 each side on the same turned images, the two sides alternating image by image, after an untimed
 pass that compiles every bucket.
 """
@@ -46,6 +47,20 @@ def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
+def ground_truth() -> dict[str, np.ndarray]:
+    """The val subset's labelled boxes ``[M, 4]`` (x1, y1, x2, y2) by image path."""
+    out: dict[str, list[list[float]]] = {}
+    name = ""
+    for line in (VAL.parent / "label.txt").read_text().splitlines():
+        if line.startswith("#"):
+            name = line[1:].strip()
+            out[name] = []
+        elif line.strip():
+            x, y, w, h = (float(v) for v in line.split()[:4])
+            out[name].append([x, y, x + w, y + h])
+    return {k: np.array(v, np.float32).reshape(-1, 4) for k, v in out.items()}
+
+
 def boxes(faces, threshold: float) -> np.ndarray:
     """``[K, 15]`` rows of the faces scoring at least ``threshold``."""
     rows = [[*f.box, f.score, *f.landmarks.ravel()] for f in faces if f.score >= threshold]
@@ -78,6 +93,8 @@ def main() -> None:
     )
 
     images = [cv2.imread(str(p)) for p in paths]
+    labels = ground_truth()
+    gt = [labels[f"{p.parent.name}/{p.name}"] for p in paths]
     reference = [boxes(plain.detect(img), thr) for img in images]
     turned = {a: [np.ascontiguousarray(rotate_image(img, a)) for img in images] for a in ANGLES}
     t = time.perf_counter()
@@ -88,7 +105,7 @@ def main() -> None:
     print(f"warm-up (compiling): {time.perf_counter() - t:.1f} s")
 
     seconds = {name: [] for name in sides}
-    found = {(a, name): [0, 0] for a in ANGLES for name in sides}  # recalled, extra
+    found = {(a, name): [0, 0, 0] for a in ANGLES for name in sides}  # recalled, extra, GT
     for a in ANGLES:
         for i, img in enumerate(turned[a]):
             h, w = images[i].shape[:2]
@@ -101,18 +118,22 @@ def main() -> None:
                 ref = reference[i]
                 m = iou(ref[:, :4], back[:, :4]) if len(ref) and len(back) else None
                 hit = 0 if m is None else int((m.max(axis=1) >= 0.5).sum())
-                extra = len(back) if m is None else int((m.max(axis=0) < 0.5).sum())
+                unmatched = back if m is None else back[m.max(axis=0) < 0.5]
+                labelled = 0
+                if len(unmatched) and len(gt[i]):
+                    labelled = int((iou(unmatched[:, :4], gt[i]).max(axis=1) >= 0.5).sum())
                 found[(a, name)][0] += hit
-                found[(a, name)][1] += extra
+                found[(a, name)][1] += len(unmatched)
+                found[(a, name)][2] += labelled
 
     total = sum(len(r) for r in reference)
     print(f"\nreference: {total} faces found upright (score >= {thr})")
-    print("angle  recall without        recall with           extra without  extra with")
+    print("angle  recall without        recall with           extra without   extra with")
     for a in ANGLES:
-        (h0, e0), (h1, e1) = found[(a, "without")], found[(a, "with")]
+        (h0, e0, g0), (h1, e1, g1) = found[(a, "without")], found[(a, "with")]
         print(
             f"{a:5d}  {h0:5d}/{total} = {h0 / total:.3f}  {h1:5d}/{total} = {h1 / total:.3f}"
-            f"  {e0:13d}  {e1:10d}"
+            f"  {e0:5d} (GT {g0:3d})  {e1:5d} (GT {g1:3d})"
         )
     t0, t1 = (float(np.mean(seconds[n])) for n in ("without", "with"))
     m0, m1 = (float(np.median(seconds[n])) for n in ("without", "with"))
