@@ -48,7 +48,6 @@ from retinaface_jax.config import RetinaFaceConfig
 from retinaface_jax.inference.postprocess import (
     nms_rows,
     pixel_priors,
-    prior_valid_mask,
     select_candidates,
 )
 from retinaface_jax.models.flat_state import flat_state
@@ -120,12 +119,12 @@ def detection_program(
 ) -> Callable[[Sequence[jax.Array], jax.Array], tuple[jax.Array, jax.Array]]:
     """``f(weights, image [height, width, 3] uint8 BGR) -> (rows [max_keep, 15], count)``.
 
-    ``rebuild(weights)`` gives the model (``flat_state``). For int sizes the priors, ``k`` and
-    ``max_keep`` are those ``Detector.dispatch`` uses for an input of this size (``None`` = no
-    limit). For symbolic sizes (``jax.export.symbolic_shape``) the priors are computed in the
-    program (:func:`symbolic_priors`) and ``k = top_k`` is static: the candidates are padded
-    with ``k`` non-candidates so ``top_k`` never exceeds their number; ``max_keep = keep_top_k``
-    (rows past ``count`` are filler either way), and ``top_k`` cannot be None.
+    ``rebuild(weights)`` gives the model (``flat_state``). The priors are computed in the program
+    (:func:`symbolic_priors`, equal to ``pixel_priors``). For int sizes ``k`` and ``max_keep``
+    are those ``Detector.dispatch`` uses for an input of this size (``None`` = no limit). For
+    symbolic sizes (``jax.export.symbolic_shape``) ``k = top_k`` is static: the candidates are
+    padded with ``k`` non-candidates so ``top_k`` never exceeds their number; ``max_keep =
+    keep_top_k`` (rows past ``count`` are filler either way), and ``top_k`` cannot be None.
     """
     symbolic = not all(isinstance(s, int | np.integer) for s in (height, width))
     if symbolic:
@@ -133,8 +132,8 @@ def detection_program(
             raise ValueError("top_k=None (no limit) needs fixed sizes: k would be symbolic")
         k = int(top_k)
     else:
-        priors_np, strides_np = pixel_priors(cfg, int(height), int(width))
-        k = len(strides_np) if top_k is None else min(int(top_k), len(strides_np))
+        num_priors = len(pixel_priors(cfg, int(height), int(width))[1])
+        k = num_priors if top_k is None else min(int(top_k), num_priors)
     max_keep = k if keep_top_k is None else min(int(keep_top_k), k)
     variances = tuple(cfg.variance)
 
@@ -142,20 +141,17 @@ def detection_program(
         model = rebuild(weights)
         x = subtract_mean(image[None], cfg.rgb_mean)
         loc, conf, landms = model(x)
-        if symbolic:
+        if cfg.clip:  # (as constants: a large part of the file at large sizes)
+            priors = jnp.asarray(pixel_priors(cfg, int(height), int(width))[0])
+        else:  # computed in the program
             priors, _ = symbolic_priors(cfg, height, width)
-            # every prior of the exact size is valid; the k padded rows never are
-            num_priors = loc.shape[1]
+        # the program runs at the exact size: every prior is valid
+        valid = jnp.ones(loc.shape[:2], bool)
+        if symbolic:  # k padded rows, never valid, so that top_k's k never exceeds the rows
             pad = ((0, 0), (0, k), (0, 0))
             loc, conf, landms = (jnp.pad(a, pad) for a in (loc, conf, landms))
             priors = jnp.pad(priors, ((0, k), (0, 0)))
-            valid = jnp.concatenate(
-                [jnp.ones((1, num_priors), bool), jnp.zeros((1, k), bool)], axis=1
-            )
-        else:
-            priors, strides = jnp.asarray(priors_np), jnp.asarray(strides_np)
-            hw = jnp.asarray([[height, width]], jnp.int32)
-            valid = prior_valid_mask(priors, strides, hw)
+            valid = jnp.pad(valid, ((0, 0), (0, k)))
         scores, boxes, lm = select_candidates(
             loc,
             conf,
