@@ -38,6 +38,7 @@ import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,9 @@ from retinaface_jax.inference.postprocess import (
 )
 from retinaface_jax.models.flat_state import flat_state
 from retinaface_jax.models.mean_subtraction import subtract_mean
+
+if TYPE_CHECKING:
+    from flax import nnx
 
 __all__ = [
     "DEFAULT_PLATFORMS",
@@ -239,7 +243,7 @@ def export_stablehlo(
     nms_threshold: float | None = None,
     top_k: int | None = _UNSET,  # type: ignore[assignment]
     keep_top_k: int | None = _UNSET,  # type: ignore[assignment]
-    model=None,
+    model: nnx.Module | None = None,
     cfg: RetinaFaceConfig | None = None,
 ) -> Path:
     """Write the detection programs for ``sizes`` (``(H, W)`` each; None: one program for any
