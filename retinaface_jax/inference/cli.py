@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 import threading
@@ -371,7 +372,7 @@ class _Runner:
         try:
             return Window(f"{PROG}: {name}")
         except cv2.error as e:
-            why = " ".join(str(getattr(e, "err", None) or e).split())  # cv2.error: many lines
+            why = _opencv_message(e)
             print(f"{PROG}: warning: --show: cannot open a window: {why}", file=sys.stderr)
             self.show = False
             return None
@@ -588,6 +589,12 @@ class _Runner:
                 shown = cv2.resize(shown, (w, h), interpolation=cv2.INTER_AREA)
             writer.write(shown)
         return window is None or window.show(shown)
+
+
+def _opencv_message(error: cv2.error) -> str:
+    """A ``cv2.error``'s message on one line, without OpenCV's version/source-file prefix."""
+    text = " ".join(str(error).split())
+    return re.sub(r"^OpenCV\([^)]*\)\s+\S+:\s+error:\s+\([^)]*\)\s*", "", text) or text
 
 
 class _StopRequested(Exception):
