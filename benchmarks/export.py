@@ -74,7 +74,7 @@ def ap(args, paths: dict[str, Path], shared: Path) -> None:
         keys = list(images)[:: max(1, len(images) // args.ap_images)][: args.ap_images]
         images = {k: images[k] for k in keys}
     print(f"WIDER FACE val subset: {len(images)} images, original scale, score > 0.02, NMS 0.4")
-    for name in ("ours", "int8"):
+    for name in args.ap_models.split(","):
         t0 = time.perf_counter()
         preds, failed = detect_images(
             OnnxDetector(paths[name]),
@@ -100,8 +100,13 @@ def main() -> None:
     p.add_argument("--per-tensor", action="store_true")
     p.add_argument("--exclude-heads", action="store_true")
     p.add_argument("--quant-format", default="qdq", choices=["qdq", "qoperator"])
+    p.add_argument("--method", default="percentile", choices=["percentile", "minmax", "entropy"])
+    p.add_argument(
+        "--float-nodes", action="append", default=None, help="'none': quantize the stem too"
+    )
     p.add_argument("--no-ap", action="store_true")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--ap-models", default="ours,int8", help="which exports to evaluate")
     p.add_argument("--ap-images", type=int, default=None, help="evaluate only N val images")
     args = p.parse_args()
     shared = shared_dir()
@@ -123,11 +128,16 @@ def main() -> None:
             limit=args.calibration_images,
             per_channel=not args.per_tensor,
             exclude_heads=args.exclude_heads,
+            exclude=None
+            if args.float_nodes is None
+            else tuple(p for p in args.float_nodes if p != "none"),
+            method=args.method,
             quant_format=args.quant_format,
         )
         print(
-            f"int8: {args.quant_format}, {'per-tensor' if args.per_tensor else 'per-channel'} "
-            f"weights, heads {'float' if args.exclude_heads else 'int8'}, "
+            f"int8: {args.quant_format}, {args.method} calibration, "
+            f"{'per-tensor' if args.per_tensor else 'per-channel'} weights, float nodes "
+            f"{args.float_nodes or 'stem (default)'}, heads {'float' if args.exclude_heads else 'int8'}, "
             f"{args.calibration_images} calibration images, {time.perf_counter() - t0:.0f} s"
         )
         anchor_path = shared / "anchors/retinaface_mobilenet0.25_reference.onnx"

@@ -262,8 +262,13 @@ def test_int8_smoke(shared, tmp_path, mnet_onnx):
     out = tmp_path / "int8.onnx"
     argv = ["onnx", str(out), "--weights", str(shared / WEIGHTS), "--quantize", "int8"]
     assert cli.main([*argv, "--calibration", str(calib)]) == 0
-    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    graph = onnx.load(str(out)).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in graph.node}
+    # the stem stays float (quantize.STEM): its weights are initialisers, not dequantized
+    producer = {o: n for n in graph.node for o in n.output}
+    convs = {n.name: n for n in graph.node if n.op_type == "Conv"}
+    assert convs["/body.stage1.0.0/Conv"].input[1] not in producer
+    assert producer[convs["/body.stage2.0.3/Conv"].input[1]].op_type == "DequantizeLinear"
     assert out.stat().st_size < mnet_onnx.stat().st_size / 2
     image = shared / "data/images/biubug6_curve_test.jpg"
     ref = _rows(OnnxDetector(mnet_onnx).detect(image, conf_threshold=0.8))

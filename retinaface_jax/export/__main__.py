@@ -116,6 +116,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude-heads", action="store_true", help="int8: keep the heads and softmax in float"
     )
     o.add_argument(
+        "--calibration-method",
+        choices=["percentile", "minmax", "entropy"],
+        default="percentile",
+        help="int8: activation range calibration (default percentile, 99.999th)",
+    )
+    o.add_argument(
+        "--float-nodes",
+        action="append",
+        metavar="PREFIX",
+        default=None,
+        help="int8: keep nodes whose name starts with PREFIX in float (repeatable; default: "
+        "the stem, e.g. /body.stage1.0. and /body.stage1.1. for mobilenet0.25; 'none' "
+        "quantizes every node)",
+    )
+    o.add_argument(
         "--quant-format",
         choices=["qdq", "qoperator"],
         default="qdq",
@@ -157,6 +172,13 @@ def _load_model(args: argparse.Namespace):
     return model
 
 
+def _float_nodes(prefixes: list[str] | None) -> tuple[str, ...] | None:
+    """``--float-nodes`` values -> ``quantize_int8(exclude=...)`` (None: the default stem)."""
+    if prefixes is None:
+        return None
+    return tuple(p for p in prefixes if p.lower() != "none")
+
+
 def cmd_onnx(args: argparse.Namespace) -> int:
     require("onnx", "the ONNX export")
     if args.quantize:
@@ -165,8 +187,10 @@ def cmd_onnx(args: argparse.Namespace) -> int:
             raise ValueError("--quantize int8 needs --calibration DIR (a directory of images)")
         if not args.calibration.is_dir():
             raise FileNotFoundError(f"--calibration: not a directory: {args.calibration}")
-    elif args.calibration is not None or args.keep_float is not None:
-        raise ValueError("--calibration / --keep-float apply only with --quantize int8")
+    elif args.calibration is not None or args.keep_float is not None or args.float_nodes:
+        raise ValueError(
+            "--calibration / --keep-float / --float-nodes apply only with --quantize int8"
+        )
     if not args.out.parent.is_dir():
         raise FileNotFoundError(
             f"{args.out}: the output directory {args.out.parent} does not exist"
@@ -195,6 +219,8 @@ def cmd_onnx(args: argparse.Namespace) -> int:
             limit=args.calibration_images or DEFAULT_CALIBRATION_IMAGES,
             per_channel=not args.per_tensor,
             exclude_heads=args.exclude_heads,
+            exclude=_float_nodes(args.float_nodes),
+            method=args.calibration_method,
             quant_format=args.quant_format,
         )
     print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes, int8, {model.cfg.backbone})")

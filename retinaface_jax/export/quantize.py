@@ -1,10 +1,14 @@
 """int8 static quantization of an exported ONNX model with onnxruntime's quantization tools.
 
-Activations are calibrated (min/max) on real images preprocessed exactly as the export's input
-(``onnx_decode.onnx_input``: the ``Detector``'s resize rule, mean removed, NCHW); weights are
-quantized per output channel. The QDQ format keeps the float graph with QuantizeLinear /
-DequantizeLinear pairs, which onnxruntime fuses into int8 kernels and other runtimes
-(TensorRT, OpenVINO) read as well.
+Activation ranges are calibrated on real images preprocessed exactly as the export's input
+(``onnx_decode.onnx_input``: the ``Detector``'s resize rule, mean removed, NCHW), one image per
+calibration step, with the 99.999th percentile of each tensor's histogram (plain min/max lets
+rare outliers coarsen the steps); weights are quantized per output channel. The stem stays in
+float by default (``STEM``): it sees the raw input (a uint8 step of ~1 intensity level) and in
+MobileNet0.25 its 8- and 16-channel layers have no redundancy to average rounding errors out;
+quantizing it cost 0.02-0.03 AP on WIDER easy / medium, keeping it costs little speed. The QDQ
+format keeps the float graph with QuantizeLinear / DequantizeLinear pairs, which onnxruntime fuses
+into int8 kernels and other runtimes (TensorRT, OpenVINO) read as well.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ from retinaface_jax.inference.preprocess import load_image, resize_factor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 DEFAULT_CALIBRATION_IMAGES = 32
+STEM = {  # node-name prefixes kept in float by default, per backbone
+    "mobilenet0.25": ("/body.stage1.0.", "/body.stage1.1."),  # conv_bn(3, 8) and conv_dw(8, 16)
+    "resnet50": ("/body.conv1/",),
+}
 HEAD_PREFIXES = ("/BboxHead", "/ClassHead", "/LandmarkHead", "/softmax")
 
 
@@ -60,10 +68,17 @@ class ImageCalibrationReader(CalibrationDataReader):
     ):
         self.paths, self.cfg = list(paths), cfg
         self.target_size, self.max_size = target_size, max_size
-        self._next = 0
+        self._next, self._end = 0, len(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        """Feed only images ``start_index:end_index`` (onnxruntime's strided calibration)."""
+        self._next, self._end = start_index, min(end_index, len(self.paths))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._next >= len(self.paths):
+        if self._next >= self._end:
             return None
         img = load_image(self.paths[self._next])
         self._next += 1
@@ -71,12 +86,7 @@ class ImageCalibrationReader(CalibrationDataReader):
         return {"input": onnx_input(img, self.cfg, resize)}
 
     def rewind(self) -> None:
-        self._next = 0
-
-
-def head_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the nodes of the three heads and the softmax (to keep them in float)."""
-    return [n.name for n in model.graph.node if n.name.startswith(HEAD_PREFIXES)]
+        self._next, self._end = 0, len(self.paths)
 
 
 def quantize_int8(
@@ -88,6 +98,9 @@ def quantize_int8(
     limit: int | None = DEFAULT_CALIBRATION_IMAGES,
     per_channel: bool = True,
     exclude_heads: bool = False,
+    exclude: Sequence[str] | None = None,
+    op_types: Sequence[str] | None = None,
+    method: str = "percentile",
     quant_format: str = "qdq",
     target_size: int | None = None,
     max_size: int | None = None,
@@ -96,7 +109,11 @@ def quantize_int8(
     ONNX model ``float_model`` to ``out_path``; returns ``out_path``.
 
     ``quant_format``: ``'qdq'`` (QuantizeLinear/DequantizeLinear around float operators) or
-    ``'qoperator'`` (QLinearConv ...). ``exclude_heads`` keeps the heads and softmax in float.
+    ``'qoperator'`` (QLinearConv ...). ``exclude``: node-name prefixes kept in float (default
+    ``STEM[cfg.backbone]``; ``()`` quantizes everything); ``exclude_heads`` also keeps the heads
+    and softmax in float; ``op_types``: the operator types to quantize (default: all that
+    onnxruntime supports). ``method``: activation range calibration, ``'percentile'``,
+    ``'minmax'`` or ``'entropy'``.
     """
     cfg = get_config(cfg) if isinstance(cfg, str) else cfg
     formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
@@ -107,7 +124,17 @@ def quantize_int8(
         raise FileNotFoundError(f"float ONNX model not found: {src}")
     paths = calibration_images(calibration, limit)
     model = onnx.load(str(src))
-    exclude = head_nodes(model) if exclude_heads else []
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    if method not in methods:
+        raise ValueError(f"method: expected one of {sorted(methods)}, got {method!r}")
+    if exclude is None:
+        exclude = STEM.get(cfg.backbone, ())
+    skip = tuple(exclude) + (HEAD_PREFIXES if exclude_heads else ())
+    excluded = [n.name for n in model.graph.node if skip and n.name.startswith(skip)]
     out = Path(out_path)
     # onnxruntime's tool logs advice ("consider pre-processing") on the root logger: quiet it
     root = logging.getLogger()
@@ -126,11 +153,14 @@ def quantize_int8(
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 per_channel=per_channel,
-                nodes_to_exclude=exclude,
-                calibrate_method=CalibrationMethod.MinMax,
-                # (not CalibMaxIntermediateOutputs: onnxruntime 1.32 drops the outputs it
-                # collected when that limit is reached, instead of folding them into the ranges)
-                extra_options={"CalibTensorRangeSymmetric": False},
+                nodes_to_exclude=excluded,
+                op_types_to_quantize=None if op_types is None else list(op_types),
+                calibrate_method=methods[method],
+                # one image per calibration step: images of different sizes (the histogram
+                # methods stack a step's tensors) and bounded memory. Not
+                # CalibMaxIntermediateOutputs: onnxruntime 1.32 drops what it collected when
+                # that limit is reached instead of folding it into the ranges.
+                extra_options={"CalibTensorRangeSymmetric": False, "CalibStridedMinMax": 1},
             )
     finally:
         root.setLevel(level)
