@@ -41,6 +41,7 @@ from retinaface_jax.inference.preprocess import (
     subtract_mean,
 )
 from retinaface_jax.inference.program_cache import ExportedPrograms
+from retinaface_jax.inference.rotations import merge_rotations, rotate_image, validate_rotations
 from retinaface_jax.models.flat_state import flat_state
 from retinaface_jax.models.retinaface import RetinaFace
 from retinaface_jax.user_cache import cache_dir
@@ -175,7 +176,10 @@ class Detector:
     ``kernels``: ``'auto'`` (default) runs the model on our native CPU kernels when JAX's backend
     is the CPU and they build (``retinaface_jax.backends.native``; compiled once per machine),
     else on XLA; ``'native'`` requires them; ``'xla'`` never uses them. ``self.kernels`` says
-    which one runs.
+    which one runs. ``rotations``: angles (multiples of 90) to also run counterclockwise-rotated
+    copies of every image at, for faces that are not upright; their detections are mapped back
+    and merged with one NMS (``inference.rotations``; :meth:`detect` / :meth:`detect_batch` only,
+    not the building blocks). None or ``(0,)`` (default): no copies, today's path.
     """
 
     def __init__(
@@ -189,7 +193,9 @@ class Detector:
         exact_sizes: bool = False,
         compilation_cache: bool = True,
         kernels: str = "auto",
+        rotations: Sequence[int] | None = None,
     ):
+        self.rotations = validate_rotations(rotations)
         self.cfg = cfg or getattr(model, "cfg", None) or get_config("mobilenet0.25")
         if hasattr(model, "eval"):
             model.eval()
@@ -237,6 +243,7 @@ class Detector:
         base_url: str | None = None,
         progress: bool = True,
         kernels: str = "auto",
+        rotations: Sequence[int] | None = None,
     ) -> Detector:
         """A detector from an official name (``'mobilenet0.25'``, ``'resnet50'``; fetched and
         cached, see ``weights.download``), an original ``.pth``/``.tar`` file or a native dir."""
@@ -254,6 +261,7 @@ class Detector:
             batch_size=batch_size,
             exact_sizes=exact_sizes,
             kernels=kernels,
+            rotations=rotations,
         )
 
     # -- public API ------------------------------------------------------------------------
@@ -304,6 +312,9 @@ class Detector:
         window = max(64, 8 * self.batch_size)  # bounded memory for long lists of paths
         for start in range(0, len(images), window):
             prepared = [self.prepare(img, rgb=rgb) for img in images[start : start + window]]
+            if self.rotations is not None:
+                out.extend(self._detect_rotated(prepared, limits, smallest))
+                continue
             faces: list[list[Face]] = [[] for _ in prepared]
             # dispatch every batch first (JAX runs them asynchronously), then collect each
             # batch's rows while the later ones are still computing
@@ -317,6 +328,34 @@ class Detector:
                     faces[i] = Face.from_rows(_at_least(r, smallest))
             out.extend(faces)
         return out
+
+    def _detect_rotated(self, prepared, limits: Limits, smallest: float) -> list[list[Face]]:
+        """:meth:`detect_batch` with rotated copies: every copy of every image joins the bucket
+        batches like a plain input (a 90/270 copy falls in the transposed bucket), then each
+        image's copies are mapped back and merged (``rotations.merge_rotations``)."""
+        angles = self.rotations
+        copies = [(rotate_image(x, a), r) for x, r in prepared for a in angles]
+        rows: list[np.ndarray] = [np.zeros((0, 15), np.float32)] * len(copies)
+        pending = [
+            (idxs, self.dispatch([copies[i] for i in idxs], limits))
+            for idxs in self._groups(copies)
+        ]
+        for idxs, outputs in pending:
+            for i, r in zip(idxs, self.finish(outputs, len(idxs)), strict=True):
+                rows[i] = r
+        n = len(angles)
+        merged = [
+            merge_rotations(
+                rows[j * n : (j + 1) * n],
+                angles,
+                x.shape[:2],
+                r,
+                limits.nms_threshold,
+                limits.keep_top_k,
+            )
+            for j, (x, r) in enumerate(prepared)
+        ]
+        return [Face.from_rows(_at_least(m, smallest)) for m in merged]
 
     # -- building blocks (used by the CLI and benchmarks) -----------------------------------
     def prepare(self, image: ImageInput, rgb: bool = False, name: str | None = None):
