@@ -13,6 +13,8 @@ into int8 kernels and other runtimes (TensorRT, OpenVINO) read as well.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import tempfile
@@ -140,8 +142,11 @@ def quantize_int8(
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
-    try:
-        with tempfile.TemporaryDirectory(prefix="retinaface_quant_") as tmp:
+    try:  # (the histogram calibrators print progress on stdout: captured)
+        with (
+            tempfile.TemporaryDirectory(prefix="retinaface_quant_") as tmp,
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
             # the calibration tool writes an augmented copy next to the model: a private dir
             staged = Path(tmp) / "float.onnx"
             onnx.save_model(model, str(staged))
