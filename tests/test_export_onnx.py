@@ -221,6 +221,8 @@ def test_cli_stablehlo_arguments(monkeypatch, tmp_path, capsys):
             },
         )
     ]
+    assert cli.main(["stablehlo", str(out), "--sizes", "any"]) == 0
+    assert calls[-1][1]["sizes"] is None and calls[-1][1]["backbone"] == "mobilenet0.25"
     with pytest.raises(SystemExit) as exit_info:  # argparse: usage + one error line
         cli.main(["stablehlo", str(out), "--sizes", "480"])
     assert exit_info.value.code == 2

@@ -45,8 +45,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _sizes(text: str) -> list[tuple[int, int]]:
-    """``'480x640,1080x1920'`` -> ``[(480, 640), (1080, 1920)]`` (H x W)."""
+def _sizes(text: str) -> list[tuple[int, int]] | str:
+    """``'480x640,1080x1920'`` -> ``[(480, 640), (1080, 1920)]`` (H x W); ``'any'`` stays."""
+    if text.strip().lower() == "any":
+        return "any"
     out = []
     for part in text.split(","):
         h, sep, w = part.strip().lower().partition("x")
@@ -158,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sizes",
         type=_sizes,
         default=None,
-        help="input sizes HxW[,HxW...] to export programs for (default: the exporter's)",
+        help="input sizes HxW[,HxW...] to export programs for, or 'any' for one program with "
+        "symbolic H and W (default: the exporter's sizes)",
     )
     s.set_defaults(run=cmd_stablehlo)
     return parser
@@ -231,7 +234,7 @@ def cmd_stablehlo(args: argparse.Namespace) -> int:
     from retinaface_jax.export.stablehlo import export_stablehlo
 
     platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
-    extra = {} if args.sizes is None else {"sizes": args.sizes}
+    extra = {} if args.sizes is None else {"sizes": None if args.sizes == "any" else args.sizes}
     path = export_stablehlo(
         args.out,
         weights=args.weights,
