@@ -7,10 +7,12 @@ their ratio (ours / anchor; < 1 means we are faster) and our compile time. Ours 
 ``Detector`` runs it: on our native CPU kernels when they build (``--kernels auto``, the default;
 ``retinaface_jax.backends.native``), else on XLA, jitted with ``retinaface_jax.compiler_options()`` and
 called on the model state's flat leaves (calling a jitted function with the ``nnx.Module`` itself
-flattens its graph on every call). ``--kernels xla`` times the XLA formulation.
+flattens its graph on every call). ``--kernels xla`` times the Detector's XLA path
+(``backends.planned_forward``), ``--kernels reference`` the plain model as a user's own
+``jax.jit(model)`` runs it.
 
     python benchmarks/forward.py [--repeats 40] [--sizes 640x480,1024x624,1920x1080] [--batches 1,8]
-                                 [--cpus N] [--kernels auto|native|xla]
+                                 [--cpus N] [--kernels auto|native|xla|reference]
 
 ``--cpus 1`` pins the process to one CPU and gives onnxruntime one thread: a per-core comparison,
 which separates arithmetic efficiency from how well each side uses several cores.
@@ -28,7 +30,7 @@ from common import alternating_medians, machine, onnx_anchor, pin_cpus, shared_d
 from retinaface_jax import compiler_options, load_model
 from retinaface_jax.backends.native.build import KERNEL_CHOICES
 from retinaface_jax.backends.native.kernel_forward import kernel_forward, kernel_params
-from retinaface_jax.backends.xla_cpu.conv_ops import get_conv_impl
+from retinaface_jax.backends.planned_forward import planned_forward
 from retinaface_jax.inference.detector import choose_kernels
 from retinaface_jax.malloc_tuning import reexec_with_tuned_malloc
 from retinaface_jax.models.flat_state import flat_state
@@ -41,14 +43,14 @@ def main() -> None:
     p.add_argument("--sizes", default="640x480,1024x624,1920x1080", help="WxH list")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--cpus", type=int, default=None, help="use only N CPUs (anchor: N threads)")
-    p.add_argument("--kernels", default="auto", choices=KERNEL_CHOICES)
+    p.add_argument("--kernels", default="auto", choices=(*KERNEL_CHOICES, "reference"))
     args = p.parse_args()
     cpus = pin_cpus(args.cpus)  # before JAX creates its CPU client
     shared = shared_dir()
     model = load_model(shared / "data/weights/mobilenet0.25_Final.pth")
     _, anchor = onnx_anchor(shared, threads=args.cpus)
     model.eval()
-    kernels = choose_kernels(args.kernels, model)
+    kernels = "reference" if args.kernels == "reference" else choose_kernels(args.kernels, model)
     leaves, rebuild = flat_state(model)
     if kernels == "native":
         params, plan = kernel_params(model)  # mobilenet0.25: the whole model on the kernels
@@ -57,10 +59,16 @@ def main() -> None:
             lambda p, x: kernel_forward(plan, p, x), compiler_options=compiler_options()
         )
         formulation = "native CPU kernels"
+    elif kernels == "xla":
+        weights = leaves
+        forward = jax.jit(
+            lambda w, x: planned_forward(rebuild(w), x), compiler_options=compiler_options()
+        )
+        formulation = "XLA (the Detector's planned forward)"
     else:
         weights = leaves
-        forward = jax.jit(lambda w, x: rebuild(w)(x), compiler_options=compiler_options())
-        formulation = f"XLA ({get_conv_impl()})"
+        forward = jax.jit(lambda w, x: rebuild(w)(x))
+        formulation = "XLA (jax.jit(model), the plain reference model, default options)"
     print(f"machine: {machine()}; model on: {formulation}; CPUs used: {cpus}")
     print(
         f"{'input':>16} {'ours ms':>9} {'onnx ms':>9} {'ratio':>7} {'compile s':>10} {'max|d conf|':>12}"

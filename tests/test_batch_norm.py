@@ -1,5 +1,6 @@
 """The hand-written training-mode BatchNorm (+ LeakyReLU) backward equals autodiff of the plain
-formula, and the conv blocks' fused BatchNorm -> activation pairs equal the layers one by one."""
+formula, and the planned conv blocks' fused BatchNorm -> activation pairs equal the reference
+layers one by one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from retinaface_jax.models.layers import batch_norm_train
+from retinaface_jax.backends.planned_forward import conv_block
+from retinaface_jax.backends.train_layers import batch_norm_train
 from retinaface_jax.models.net import SSH, conv_dw
 
 
@@ -53,8 +55,8 @@ def test_batch_norm_train_refuses_non_nhwc_input():
 
 
 def unfused(block, x, activation=None):
-    """The block's layers applied one by one (nnx.Sequential's own call), then the activation."""
-    y = nnx.Sequential.__call__(block, x)
+    """The reference: the block's layers one by one (nnx.Sequential's call), then the activation."""
+    y = block(x)
     return y if activation is None else plain_leaky(y, activation)
 
 
@@ -78,8 +80,22 @@ def test_conv_block_fuses_batch_norm_and_activation_(case):
 
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, x)
 
-    (va, (ya, sa)), ga = run(lambda m, x: m(x, activation))
+    (va, (ya, sa)), ga = run(lambda m, x: conv_block(m, x, None, activation))
     (vb, (yb, sb)), gb = run(lambda m, x: unfused(m, x, activation))
     np.testing.assert_allclose(ya, yb, rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree.leaves((sa, ga)), jax.tree.leaves((sb, gb)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
+
+
+def test_second_order_through_the_custom_batch_norm_raises():
+    """Its backward treats the batch statistics as constants, so grad-of-grad would be wrong:
+    it raises instead (the reference model is differentiable to any order)."""
+    x = jax.random.normal(jax.random.key(3), (2, 5, 4, 3))
+    scale, bias = jnp.ones(3), jnp.zeros(3)
+
+    def first(x):
+        return jnp.sum(jnp.sin(batch_norm_train(x, scale, bias, 1e-5, 0.1)[0]))
+
+    jax.grad(first)(x)  # first order: fine
+    with pytest.raises(NotImplementedError, match="first-order gradients only"):
+        jax.grad(lambda x: jnp.sum(jax.grad(first)(x) ** 2))(x)

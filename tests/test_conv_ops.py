@@ -1,4 +1,5 @@
-"""Every CPU convolution formulation equals lax.conv in value and in both gradients."""
+"""Every CPU convolution formulation equals lax.conv in value and in both gradients: the
+reference model's (``models.conv``, also in forward mode) and the CPU paths' (``conv_ops``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 from retinaface_jax.backends.xla_cpu import conv_ops
+from retinaface_jax.models import conv
 
 CASES = {
     "dense 3x3": (3, 1, 1, 1, 32, 16),
@@ -31,24 +33,16 @@ def test_formulations_agree(case):
     w = jax.random.normal(jax.random.key(2), (k, k, cin // groups, cout))
 
     def run(impl):
-        conv_ops.set_conv_impl(impl)
-        try:
-            f = jax.jit(
-                jax.value_and_grad(
-                    lambda x, w: jnp.sum(jnp.sin(conv_ops.conv2d(x, w, stride, pad, groups))),
-                    argnums=(0, 1),
-                )
+        f = jax.jit(
+            jax.value_and_grad(
+                lambda x, w: jnp.sum(jnp.sin(conv_ops.conv2d(x, w, stride, pad, groups, impl))),
+                argnums=(0, 1),
             )
-            return f(x, w)
-        finally:
-            conv_ops.set_conv_impl("auto")
+        )
+        return f(x, w)
 
     def forward(impl):  # not differentiated: the inference forms (custom VJP primal)
-        conv_ops.set_conv_impl(impl)
-        try:
-            return jax.jit(lambda x, w: conv_ops.conv2d(x, w, stride, pad, groups))(x, w)
-        finally:
-            conv_ops.set_conv_impl("auto")
+        return jax.jit(lambda x, w: conv_ops.conv2d(x, w, stride, pad, groups, impl))(x, w)
 
     (va, ga), (vb, gb) = run("xla"), run("taps")
     np.testing.assert_allclose(float(va), float(vb), rtol=1e-5, atol=1e-4)
@@ -59,6 +53,34 @@ def test_formulations_agree(case):
     np.testing.assert_allclose(np.asarray(ya), np.asarray(yb), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_reference_formulations_agree_in_both_modes(case):
+    """``models.conv.cpu_conv2d`` (what the reference model runs on CPU) against ``lax.conv``:
+    values, reverse-mode gradients and a forward-mode directional derivative."""
+    k, stride, pad, groups, cin, cout = CASES[case]
+    x = jax.random.normal(jax.random.key(1), (2, 17, 20, cin))
+    w = jax.random.normal(jax.random.key(2), (k, k, cin // groups, cout))
+    tx, tw = (
+        jax.random.normal(jax.random.key(3), x.shape),
+        jax.random.normal(jax.random.key(4), w.shape),
+    )
+
+    def results(fn):
+        def loss(x, w):
+            return jnp.sum(jnp.sin(fn(x, w, stride, pad, groups)))
+
+        value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+        _, tangent = jax.jit(lambda x, w: jax.jvp(loss, (x, w), (tx, tw)))(x, w)
+        return value, grads, tangent
+
+    (va, ga, ta), (vb, gb, tb) = results(conv.conv_xla), results(conv.cpu_conv2d)
+    np.testing.assert_allclose(float(va), float(vb), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(float(ta), float(tb), rtol=1e-4, atol=1e-3)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
 def test_unknown_impl_is_refused():
+    x, w = jnp.ones((1, 4, 4, 8)), jnp.ones((1, 1, 8, 8))
     with pytest.raises(ValueError, match="expected one of"):
-        conv_ops.set_conv_impl("fast")
+        conv_ops.conv2d(x, w, 1, 0, 1, "fast")

@@ -19,7 +19,7 @@ from conftest import REPO
 # (the detector's program cache) needs flatbuffers and imports it lazily
 IMPLICIT = {"flatbuffers": "jax.export serialisation"}
 # imported only by optional features, each behind its extra
-OPTIONAL = {"matplotlib": "plot"}
+OPTIONAL = {"matplotlib": "plot", "onnx": "export", "onnxruntime": "export"}
 
 
 def _normalise(name: str) -> str:
@@ -60,7 +60,9 @@ def test_every_imported_module_is_declared():
         dists = {_normalise(d) for d in distributions.get(module, [module])}
         if module in OPTIONAL:
             if not dists & extras.get(OPTIONAL[module], set()):
-                missing.append(f"{module} (extra [{OPTIONAL[module]}], imported in {sorted(files)})")
+                missing.append(
+                    f"{module} (extra [{OPTIONAL[module]}], imported in {sorted(files)})"
+                )
         elif not dists & declared:
             missing.append(f"{module} (imported in {sorted(files)})")
     assert not missing, f"imported but not declared in pyproject.toml: {missing}"

@@ -840,7 +840,8 @@ def test_kernel_forward_on_uint8_equals_mean_subtracted_float(request, shared, b
     its float32 ``x - mean``, also inside a valid region (padded inputs: the mean is subtracted
     before the padded border is zeroed)."""
     from retinaface_jax.backends.native.kernel_forward import kernel_forward
-    from retinaface_jax.inference.padding import PaddedRegion, masked_for_padding
+    from retinaface_jax.backends.padded_region import PaddedRegion
+    from retinaface_jax.backends.planned_forward import resnet_features
 
     model = request.getfixturevalue(backbone)
     params, plan = request.getfixturevalue(f"{backbone}_kernels")
@@ -851,9 +852,7 @@ def test_kernel_forward_on_uint8_equals_mean_subtracted_float(request, shared, b
         region = None if valid_hw is None else PaddedRegion(valid_hw, x.shape[1:3])
         body = None
         if not plan.mobilenet_body:
-            graphdef, state = nnx.split(model)
-            copy = nnx.merge(graphdef, state)
-            body = (copy if region is None else masked_for_padding(copy, region)).body.features
+            body = functools.partial(resnet_features, model.body, region=region)
         return kernel_forward(plan, params, x, body, region)
 
     run = jax.jit(run)

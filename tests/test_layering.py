@@ -24,20 +24,10 @@ RANKS = {
     "train": 5,
     "evaluate": 5,
     "convert": 6,
+    "export": 6,
 }
-# (importer, imported): left from before the backends package; issue "One plain Flax model as
-# the reference" removes them
-PENDING = {
-    ("retinaface_jax.models.layers", "retinaface_jax.backends.native.native_training"),
-    ("retinaface_jax.models.layers", "retinaface_jax.backends.native.ops"),
-    ("retinaface_jax.models.layers", "retinaface_jax.backends.xla_cpu.conv_ops"),
-    ("retinaface_jax.models.layers", "retinaface_jax.backends.xla_cpu.reductions"),
-    ("retinaface_jax.models.net", "retinaface_jax.backends.native.native_training"),
-    ("retinaface_jax.models.retinaface", "retinaface_jax.backends.native.native_training"),
-    ("retinaface_jax.models.retinaface", "retinaface_jax.backends.xla_cpu.conv_ops"),
-    # load_model(WORKDIR) reads a training run's checkpoint
-    ("retinaface_jax.weights.native", "retinaface_jax.train.checkpoint"),
-}
+# (importer, imported) still to be removed, each with why (none left)
+PENDING: set[tuple[str, str]] = set()
 
 
 def _part(module: str) -> str:
@@ -91,3 +81,35 @@ def test_loss_and_geometry_import_no_backend():
     for importer, imported in _imports():
         if importer in ("retinaface_jax.loss", "retinaface_jax.box_utils", "retinaface_jax.priors"):
             assert _part(imported) in ("base", "models"), (importer, imported)
+
+
+def test_models_import_nothing_but_models_and_config():
+    """Importing the reference model in a fresh interpreter loads no other part of the package."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, retinaface_jax.models.retinaface\n"
+        "print('\\n'.join(m for m in sys.modules if m.startswith('retinaface_jax')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout.split()
+    allowed = ("retinaface_jax", "retinaface_jax.config", "retinaface_jax.configs")
+    outside = [m for m in out if m not in allowed and not m.startswith("retinaface_jax.models")]
+    assert "retinaface_jax.models.retinaface" in out and outside == []
+
+
+ACCELERATION = ("custom_vjp", "custom_jvp", "jax.ffi", "ffi_call", "shard_map", "ContextVar")
+
+
+def test_acceleration_lives_in_the_backends():
+    """No custom derivatives, FFI calls or shard_map outside ``backends``; the models hold none of
+    those and no hidden trace-time state (ContextVar) either."""
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).as_posix()
+        text = path.read_text()
+        for word in ACCELERATION:
+            if word == "ContextVar" and not rel.startswith("models/"):
+                continue  # (a CLI option's override outside the model is fine)
+            assert word not in text or rel.startswith("backends/"), (rel, word)

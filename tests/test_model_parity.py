@@ -12,22 +12,24 @@ from seeded_weights import seeded_state_dict
 from torch_files import tensor, write_legacy, write_zip
 
 from retinaface_jax import load_model
-from retinaface_jax.backends.xla_cpu import conv_ops
+from retinaface_jax.backends.planned_forward import planned_forward
 
 MEAN = np.array([104.0, 117.0, 123.0], np.float32)
 
 
-def run(model, x: np.ndarray):
-    loc, conf, landms = jax.jit(lambda m, x: m(x))(model, x)
+FORWARDS = {"reference": lambda m, x: m(x), "planned": planned_forward}
+
+
+def run(model, x: np.ndarray, forward: str = "reference"):
+    loc, conf, landms = jax.jit(FORWARDS[forward])(model, x)
     return np.asarray(loc), np.asarray(jax.nn.softmax(conf, -1)), np.asarray(landms)
 
 
-@pytest.fixture(params=["taps", "xla"])
+@pytest.fixture(params=list(FORWARDS))
 def conv_impl(request):
-    """Both convolution formulations must give the original's numbers."""
-    conv_ops.set_conv_impl(request.param)
-    yield request.param
-    conv_ops.set_conv_impl("auto")
+    """The reference model and the XLA path's planned forward must give the original's numbers
+    (the formulations inside each are compared with ``lax.conv`` in ``test_conv_ops``)."""
+    return request.param
 
 
 @pytest.mark.parametrize(
@@ -39,7 +41,7 @@ def test_seeded_weights_match_original(golden, tmp_path, conv_impl, case, writer
     sd = seeded_state_dict(g)
     path = writer(tmp_path / "seeded.pth", OrderedDict((k, tensor(v)) for k, v in sd.items()))
     model = load_model(path)
-    loc, conf, landms = run(model, g["input_nhwc"])
+    loc, conf, landms = run(model, g["input_nhwc"], conv_impl)
     np.testing.assert_allclose(loc, g["loc"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(landms, g["landms"], atol=1e-4, rtol=0)
     np.testing.assert_allclose(conf, g["conf_softmax"], atol=1e-5, rtol=0)

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from program_inputs import empty_batch
 
+from retinaface_jax.backends import train_layers
 from retinaface_jax.backends.native import build as native
 from retinaface_jax.backends.native import native_training, ops
 from retinaface_jax.backends.native.native_training import depthwise_applies, native_gradients
@@ -380,7 +381,7 @@ def test_moments_reject_bad_shapes():
 
 def bn_loss_and_grads(mesh=None, native=True, slope=0.1):
     """Jitted ``(x, scale, bias) -> (loss, grads)`` of a BatchNorm + LeakyReLU in train mode."""
-    from retinaface_jax.models.layers import batch_norm_train
+    from retinaface_jax.backends.train_layers import batch_norm_train
 
     def loss(x, scale, bias):
         z, mean, var = batch_norm_train(x, scale, bias, 1e-5, slope)
@@ -417,7 +418,7 @@ def test_batch_norm_train_matches_xla_on_one_and_four_devices(slope):
 
 def bn_conv_loss_and_grads(conv_args, slope, mesh=None, native=True):
     """Jitted ``(x, scale, bias, kernel) -> (loss, grads)`` of BatchNorm -> LeakyReLU -> the
-    ``Conv2d(*conv_args)`` -> BatchNorm: read through (``into_conv``) inside
+    ``Conv2d(*conv_args)`` -> BatchNorm: read through (``train_layers.batch_norm_into_conv``) inside
     ``native_gradients``, the second BatchNorm's statistics from the convolution's kernel; else
     the layers by XLA."""
     from retinaface_jax.models.layers import BatchNorm2d, Conv2d
@@ -426,9 +427,9 @@ def bn_conv_loss_and_grads(conv_args, slope, mesh=None, native=True):
         norm, conv = BatchNorm2d(x.shape[-1]), Conv2d(*conv_args, bias=False, rngs=nnx.Rngs(0))
         norm.scale[...], norm.bias[...], conv.kernel[...] = scale, bias, kernel
         after = BatchNorm2d(conv_args[1])
-        y, stats = norm.into_conv(x, slope, conv)
+        y, stats = train_layers.batch_norm_into_conv(norm, x, slope, conv)
         assert (stats is None) == (not native)
-        z = jnp.sum(jnp.sin(after(y, 0.1, stats)))
+        z = jnp.sum(jnp.sin(train_layers.batch_norm(after, y, 0.1, stats)))
         running = (norm.mean, norm.var, after.mean, after.var)  # running statistics too
         return z + sum(jnp.sum(v[...]) for v in running)
 
@@ -503,10 +504,10 @@ def chain_loss_and_grads(layers, mesh=None, native=True):
         for conv, kernel, norm in zip(convs, kernels, norms, strict=True):
             conv.kernel[...] = kernel
             norm.scale[...] = jnp.linspace(0.5, 1.5, norm.num_features)
-        y, stats = convs[0].with_stats(x)
+        y, stats = train_layers.conv_with_stats(convs[0], x)
         for norm, conv in zip(norms, convs[1:]):
-            y, stats = norm.into_conv(y, 0.1, conv, stats)
-        return jnp.sum(jnp.sin(norms[-1](y, 0.1, stats)))
+            y, stats = train_layers.batch_norm_into_conv(norm, y, 0.1, conv, stats)
+        return jnp.sum(jnp.sin(train_layers.batch_norm(norms[-1], y, 0.1, stats)))
 
     def f(*args):
         with native_gradients(mesh) if native else contextlib.nullcontext():

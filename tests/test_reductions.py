@@ -39,9 +39,9 @@ def test_channel_sums_rejects_empty_height() -> None:
 
 
 def test_add_bias_gradients_match_autodiff():
-    """``layers.add_bias`` (bias gradient by ``channel_sums``) against autodiff of ``y + b``, with
+    """``train_layers.add_bias`` (bias gradient by ``channel_sums``) against autodiff of ``y + b``, with
     a row count that is not a multiple of the row group."""
-    from retinaface_jax.models.layers import add_bias
+    from retinaface_jax.backends.train_layers import add_bias
 
     rng = np.random.default_rng(7)
     y = jnp.asarray(rng.normal(size=(3, 11, 6, 32)).astype(np.float32))

@@ -19,7 +19,7 @@ from test_train_step import TinyDetector, assert_trees_close
 
 from retinaface_jax.config import get_config
 from retinaface_jax.train import loop
-from retinaface_jax.train.checkpoint import Checkpoints, load_checkpoint_variables
+from retinaface_jax.weights.run_checkpoint import Checkpoints, load_checkpoint_variables
 
 SIZE, BATCH, IMAGES = 64, 4, 12
 

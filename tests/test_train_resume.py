@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 from test_train_step import assert_trees_close
 
-from retinaface_jax.train.checkpoint import Checkpoints, load_checkpoint_variables
+from retinaface_jax.weights.run_checkpoint import Checkpoints, load_checkpoint_variables
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10

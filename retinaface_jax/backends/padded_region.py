@@ -1,8 +1,18 @@
-"""The valid region of a padded batch and the mask that zeroes everything outside it.
+"""Exact padded inference: the valid region of a padded batch and the mask that zeroes the rest.
 
-Shared by every path that runs the network on padded bucket batches (``inference.padding`` for
-the model itself, ``backends.native.kernel_forward`` for the native kernels), as an explicit
-value handed to the code that runs the network.
+The original runs the network at the exact image size, so every padded convolution reads zeros
+just beyond the image border. When we pad an input into a larger bucket, the padded region holds
+non-zero activations after the first layer and leaks into border cells. Zeroing, at each
+convolution with ``padding > 0``, the input positions beyond the valid extent ``ceil(h / f)`` of
+that feature map (``f`` = its stride relative to the input) restores exactly what the original
+sees. With bucket sides that are multiples of 32, every feature map is exactly ``1/f`` of the
+bucket, the FPN's nearest upsampling maps ``i -> floor(i / 2)`` as it does for the original odd
+sizes, and the valid outputs are bit-identical to an unpadded run (tests check this). For ResNet50
+the stem's output is masked too, so the 3x3 max-pool never sees padded activations.
+
+The region is an explicit value handed to whatever runs the network
+(``backends.planned_forward``, ``backends.native.kernel_forward``): no module state, so
+concurrent traces in several threads cannot see each other's region.
 """
 
 from __future__ import annotations

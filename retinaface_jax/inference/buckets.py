@@ -5,7 +5,7 @@ Rule (per side, in network-input pixels after any resize): round up to a multipl
 [1024, 2048), 256 in [2048, 4096), ... — i.e. at most 8 buckets per octave, padding at most 12.5 %
 per side. Every bucket side is a multiple of 32 (the coarsest FPN stride), so each pyramid level of
 the padded input is exactly twice the next one; together with zeroing the padded region before every
-padded convolution (``inference.padding``) the detections inside the original extent are
+padded convolution (``backends.padded_region``) the detections inside the original extent are
 identical to an unpadded run (tests: padded vs unpadded).
 
 Batches: ``Detector.detect_batch`` groups images by bucket and runs full batches of ``batch_size``

@@ -2,7 +2,7 @@
 
 Pipeline per image: load (path/array -> BGR) -> resize rule -> pad into a size bucket
 (``buckets``; uint8 stays uint8) -> one jitted program per (batch, bucket, top_k, keep_top_k,
-masked) [mean subtraction -> model with the padded region masked (``padding``) -> decode -> score
+masked) [mean subtraction -> model with the padded region masked (``backends.planned_forward``) -> decode -> score
 filter -> top-k -> exact greedy NMS (the original's arithmetic) -> ``keep_top_k``] -> :class:`Face`
 objects in input pixels, highest score first.
 """
@@ -21,11 +21,12 @@ from flax import nnx
 
 from retinaface_jax.backends.native.build import KERNEL_CHOICES, native_kernels_available
 from retinaface_jax.backends.native.kernel_forward import kernel_forward, kernel_params
+from retinaface_jax.backends.padded_region import PaddedRegion, mask_padded
+from retinaface_jax.backends.planned_forward import planned_forward, resnet_features
 from retinaface_jax.config import RetinaFaceConfig, dump_config, get_config
 from retinaface_jax.inference import buckets
 from retinaface_jax.inference.compile_cache import enable_compilation_cache
 from retinaface_jax.inference.face import Face
-from retinaface_jax.inference.padding import PaddedRegion, mask_padded, masked_for_padding
 from retinaface_jax.inference.postprocess import (
     detections_native,
     nms_rows,
@@ -81,7 +82,7 @@ def _detect_program(
     packed parameter buffer of ``kernel_forward.kernel_params``, with the leaves only when the
     body runs on XLA (ResNet50), else ``[]``. ``images``: a padded bucket batch (uint8 or float32
     BGR); ``valid_hw``: each image's unpadded size. ``masked`` zeroes the padded region at every
-    padded convolution (``inference.padding``).
+    padded convolution (``backends.planned_forward``).
     """
     leaves, kparams = weights
     model = rebuild(leaves) if leaves else None
@@ -89,12 +90,14 @@ def _detect_program(
     stem_subtracts = plan is not None and images.dtype == jnp.uint8
     x = images if stem_subtracts else subtract_mean(images, cfg.rgb_mean)
     region = PaddedRegion(valid_hw, images.shape[1:3]) if masked else None
-    if region is not None and model is not None:
-        model = masked_for_padding(model, region)
     if plan is not None:  # (kernel_forward masks its input itself)
-        body = model.body.features if model is not None else None
+        body = (
+            None if model is None else functools.partial(resnet_features, model.body, region=region)
+        )
         loc, conf, landms = kernel_forward(plan, kparams, x, body, region)
-    else:  # the padded border is zero after mean subtraction
+    elif isinstance(model, RetinaFace):  # the padded border is zero after mean subtraction
+        loc, conf, landms = planned_forward(model, mask_padded(x, region), region=region)
+    else:  # another model with RetinaFace's outputs: run as it is (no padding plan)
         loc, conf, landms = model(mask_padded(x, region))
     priors_np, strides_np = pixel_priors(cfg, images.shape[1], images.shape[2])
     priors, strides = jnp.asarray(priors_np), jnp.asarray(strides_np)
@@ -170,7 +173,7 @@ class Detector:
     (default) = original scale; ``target_size=1600, max_size=2150`` = the original WIDER FACE
     evaluation rule; ``max_size=N`` alone = long side scaled to exactly N. ``batch_size`` caps the
     padded batch of :meth:`detect_batch`. ``exact_sizes=True`` disables size buckets (one program
-    per distinct input size). Padding is exact (``inference.padding``). ``compilation_cache``
+    per distinct input size). Padding is exact (``backends.padded_region``). ``compilation_cache``
     (default on) keeps compiled programs (``compile_cache``) and exported ones
     (``program_cache``) under the cache dir, so a new process neither recompiles nor retraces.
     ``kernels``: ``'auto'`` (default) runs the model on our native CPU kernels when JAX's backend

@@ -5,7 +5,7 @@ float32 for float input), converting grayscale, BGRA/RGBA and 16-bit images, and
 else with an error that names the input; images over a pixel cap (100 megapixels by default) are
 refused, files from their header before decoding. ``resize_factor`` implements the original's
 scale rules; ``to_network_input`` resizes like the original (float32 ``cv2.resize``) and subtracts the mean
-(``subtract_mean``, from ``retinaface_jax.mean_subtraction``, which the detector, the model
+(``subtract_mean``, from ``retinaface_jax.models.mean_subtraction``, which the detector, the model
 and the train step use inside their programs).
 """
 
@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from retinaface_jax.image_header import image_file_size
-from retinaface_jax.mean_subtraction import subtract_mean
+from retinaface_jax.models.mean_subtraction import subtract_mean
 
 ImageInput = str | os.PathLike | np.ndarray
 

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from retinaface_jax.models.layers import BatchNorm2d, Conv2d, initialized_at_once
-from retinaface_jax.models.net import ConvBlock
+from retinaface_jax.models.layers import BatchNorm2d, Conv2d, Rngs, initialized_at_once
 
 
 class Bottleneck(nnx.Module):
@@ -21,7 +20,7 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, *, rngs: nnx.Rngs):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, *, rngs: Rngs):
         out = planes * self.expansion
         self.conv1 = Conv2d(inplanes, planes, 1, 1, 0, bias=False, rngs=rngs)
         self.bn1 = BatchNorm2d(planes)
@@ -31,20 +30,20 @@ class Bottleneck(nnx.Module):
         self.bn3 = BatchNorm2d(out)
         downsample = None
         if stride != 1 or inplanes != out:
-            downsample = ConvBlock(
+            downsample = nnx.Sequential(
                 Conv2d(inplanes, out, 1, stride, 0, bias=False, rngs=rngs), BatchNorm2d(out)
             )
         self.downsample = nnx.data(downsample)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self.bn1.of_conv(self.conv1, x, 0.0)  # (activation 0: the ReLU, fused)
-        y = self.bn2.of_conv(self.conv2, y, 0.0)
-        y = self.bn3.of_conv(self.conv3, y)
+        out = jax.nn.relu(self.bn1(self.conv1(x)))
+        out = jax.nn.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
-        return jax.nn.relu(y + identity)
+        return jax.nn.relu(out + identity)
 
 
-def _max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
     """``nn.MaxPool2d(3, stride=2, padding=1)`` (padding never wins the max)."""
     pad = ((0, 0), (1, 1), (1, 1), (0, 0))
     return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pad)
@@ -54,7 +53,7 @@ class ResNet50(nnx.Module):
     """torchvision ResNet50 without the classifier; ``features(x)`` -> [layer2, layer3, layer4]."""
 
     @initialized_at_once
-    def __init__(self, *, rngs: nnx.Rngs):
+    def __init__(self, *, rngs: Rngs):
         self.conv1 = Conv2d(3, 64, 7, 2, 3, bias=False, rngs=rngs)
         self.bn1 = BatchNorm2d(64)
         inplanes = 64
@@ -69,7 +68,7 @@ class ResNet50(nnx.Module):
 
     def features(self, x: jax.Array) -> list[jax.Array]:
         """Stage outputs at strides 8, 16, 32 (layer2, layer3, layer4)."""
-        x = _max_pool_3x3_s2(self.bn1.of_conv(self.conv1, x, 0.0))
+        x = max_pool_3x3_s2(jax.nn.relu(self.bn1(self.conv1(x))))
         c2 = self.layer2(self.layer1(x))
         c3 = self.layer3(c2)
         return [c2, c3, self.layer4(c3)]

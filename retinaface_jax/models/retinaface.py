@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from retinaface_jax.backends.native import native_training
-from retinaface_jax.backends.xla_cpu.conv_ops import ImageWithMean, conv2d
 from retinaface_jax.config import RetinaFaceConfig, get_config
 from retinaface_jax.models.layers import (
+    SHAPES_ONLY,
     BatchNorm2d,
     Conv2d,
-    abstract_init,
-    add_bias,
+    Rngs,
     initialized_at_once,
 )
+from retinaface_jax.models.mean_subtraction import subtract_mean
 from retinaface_jax.models.net import FPN, SSH, MobileNetV1
 from retinaface_jax.models.resnet import ResNet50
 
@@ -31,7 +29,7 @@ class _Head(nnx.Module):
 
     width: int = 0
 
-    def __init__(self, inchannels: int = 512, num_anchors: int = 2, *, rngs: nnx.Rngs):
+    def __init__(self, inchannels: int = 512, num_anchors: int = 2, *, rngs: Rngs):
         self.conv1x1 = Conv2d(inchannels, num_anchors * self.width, 1, 1, 0, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -57,7 +55,7 @@ class LandmarkHead(_Head):
     width = 10
 
 
-def _heads(cls: type[_Head], cfg: RetinaFaceConfig, rngs: nnx.Rngs) -> nnx.List:
+def _heads(cls: type[_Head], cfg: RetinaFaceConfig, rngs: Rngs) -> nnx.List:
     return nnx.List([cls(cfg.out_channel, cfg.anchor_num, rngs=rngs) for _ in cfg.steps])
 
 
@@ -65,9 +63,7 @@ class RetinaFace(nnx.Module):
     """The RetinaFace detector; attribute paths follow the original's state-dict names."""
 
     @initialized_at_once
-    def __init__(
-        self, cfg: RetinaFaceConfig | str = "mobilenet0.25", *, rngs: nnx.Rngs | None = None
-    ):
+    def __init__(self, cfg: RetinaFaceConfig | str = "mobilenet0.25", *, rngs: Rngs | None = None):
         cfg = get_config(cfg) if isinstance(cfg, str) else cfg
         self.cfg = cfg
         if cfg.backbone == "mobilenet0.25":
@@ -91,31 +87,21 @@ class RetinaFace(nnx.Module):
         here, exactly as ``subtract_mean`` does) -> ``(loc, conf_logits, landms)``."""
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"RetinaFace input: expected [B,H,W,3] (NHWC, BGR), got {x.shape}")
-        if x.dtype == jnp.uint8:  # inside a native CPU train step the stem reads it as it is
-            x = ImageWithMean(x, tuple(self.cfg.rgb_mean))
-            x = x if native_training.active() else x.materialize()
+        if x.dtype == jnp.uint8:
+            x = subtract_mean(x, self.cfg.rgb_mean)
         fpn = self.fpn(self.body.features(x))
-        feats = [self.ssh1(fpn[0]), self.ssh2(fpn[1]), self.ssh3(fpn[2])]
-        heads = (self.BboxHead, self.ClassHead, self.LandmarkHead)
-        levels = [_level_heads([h[i] for h in heads], f) for i, f in enumerate(feats)]
-        return tuple(jnp.concatenate([out[k] for out in levels], axis=1) for k in range(len(heads)))
-
-
-def _level_heads(heads: list[_Head], x: jax.Array) -> list[jax.Array]:
-    """One pyramid level's 1x1 heads as one layer: their kernels and biases side by side, so the
-    level's features are read once (and once per gradient) instead of once per head. Each head's
-    output ``[B, H*W*A, width]`` is its slice of the channels."""
-    convs = [h.conv1x1 for h in heads]
-    kernel = jnp.concatenate([c.kernel[...] for c in convs], axis=-1)
-    y = add_bias(conv2d(x, kernel, 1, 0, 1), jnp.concatenate([c.bias[...] for c in convs]))
-    cuts = np.cumsum([c.out_channels for c in convs])[:-1].tolist()
-    parts = jnp.split(y, cuts, axis=-1)  # its transpose is one concatenation, not pads and adds
-    return [p.reshape(p.shape[0], -1, h.width) for p, h in zip(parts, heads)]
+        features = [self.ssh1(fpn[0]), self.ssh2(fpn[1]), self.ssh3(fpn[2])]
+        bbox = jnp.concatenate([self.BboxHead[i](f) for i, f in enumerate(features)], axis=1)
+        classes = jnp.concatenate([self.ClassHead[i](f) for i, f in enumerate(features)], axis=1)
+        landms = jnp.concatenate([self.LandmarkHead[i](f) for i, f in enumerate(features)], axis=1)
+        return bbox, classes, landms
 
 
 def abstract_model(cfg: RetinaFaceConfig) -> RetinaFace:
-    """A ``RetinaFace`` whose variables are shapes only (``jax.ShapeDtypeStruct``; no random init,
-    nothing traced: instant to build). Every variable must be assigned before use; loading
-    weights does exactly that."""
-    with abstract_init():
-        return RetinaFace(cfg)
+    """A ``RetinaFace`` whose weights are shapes only (``jax.ShapeDtypeStruct``; no random init,
+    nothing traced: instant to build). Every weight must be assigned before use; loading weights
+    does exactly that."""
+    model = RetinaFace(cfg, rngs=SHAPES_ONLY)  # (BatchNorm's constants are real: made shapes)
+    state = nnx.state(model)
+    nnx.update(model, jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state))
+    return model

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from retinaface_jax.backends.native.build import KERNEL_CHOICES  # (stdlib only: cheap)
+from retinaface_jax.backends.native.build import TRAIN_KERNEL_CHOICES  # (stdlib only: cheap)
 from retinaface_jax.cli_errors import add_debug_flag, run_cli
 
 if TYPE_CHECKING:
@@ -108,10 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="skip the final native export")
     p.add_argument(
         "--kernels",
-        choices=KERNEL_CHOICES,
+        choices=TRAIN_KERNEL_CHOICES,
         default="auto",
-        help="what runs the model on CPU: auto (our native kernels when they build, else XLA), "
-        "native (required), xla; GPU/TPU always use XLA",
+        help="what runs the model: auto (on CPU our native kernels when they build, else XLA; "
+        "elsewhere the reference), native (required; CPU), xla (XLA's CPU formulations), "
+        "reference (the plain model as JAX differentiates it; what GPU/TPU run)",
     )
     dist = p.add_argument_group("multi-host (jax.distributed)")
     dist.add_argument("--coordinator", help="host:port of process 0")

@@ -27,7 +27,6 @@ from retinaface_jax.config import RetinaFaceConfig, dump_config, from_dict
 from retinaface_jax.data.labels import FaceRecord, load_training_records
 from retinaface_jax.data.pipeline import make_train_iterator, steps_per_epoch
 from retinaface_jax.data.targets import DEFAULT_MAX_FACES
-from retinaface_jax.train.checkpoint import Checkpoints
 from retinaface_jax.train.init import build_model
 from retinaface_jax.train.optimizer import make_optimizer
 from retinaface_jax.train.schedule import learning_rate_schedule
@@ -40,6 +39,7 @@ from retinaface_jax.train.sharding import (
 )
 from retinaface_jax.train.state import TrainState, create_train_state, merge_model
 from retinaface_jax.train.step import make_train_step
+from retinaface_jax.weights.run_checkpoint import Checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ class RunOptions:
 
     ``data``: a ``label.txt`` / ``wider_face_*_bbx_gt.txt``; ``max_steps`` stops early (the
     schedule still follows ``cfg.epochs``); ``pretrained`` is a backbone file, ``'none'`` or None
-    (search); ``init_weights`` full weights to fine-tune; ``kernels``: what runs the model on CPU
-    (``train.step.train_kernels``: ``'auto'``, ``'native'`` or ``'xla'``).
+    (search); ``init_weights`` full weights to fine-tune; ``kernels``: what runs the model
+    (``train.step.train_kernels``: ``'auto'``, ``'native'``, ``'xla'`` or ``'reference'``).
     """
 
     workdir: Path

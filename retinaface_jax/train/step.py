@@ -6,8 +6,9 @@ for the (static) training size are a numpy constant baked into the compiled step
 (loss normalisation, BatchNorm statistics) into cross-device reductions and the result does not
 depend on the number of devices. What runs the model is an argument, ``kernels``: on CPU the
 convolutions, their gradients, BatchNorm's sums and the loss's matching run on the native kernels
-(``backends.native.native_training``) with ``'native'`` (and ``'auto'``, when they build), on XLA
-with ``'xla'``; other platforms always use XLA.
+(``backends.native.native_training``, through ``backends.planned_forward``) with ``'native'`` (and
+``'auto'``, when they build), on XLA's CPU formulations with ``'xla'``; ``'reference'`` (what other
+platforms run) differentiates the plain model.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from retinaface_jax.backends.native.build import KERNEL_CHOICES, native_kernels_available
+from retinaface_jax.backends.native.build import TRAIN_KERNEL_CHOICES, native_kernels_available
 from retinaface_jax.backends.native.native_training import match_overlaps, native_gradients
-from retinaface_jax.backends.xla_cpu.conv_ops import get_conv_impl
+from retinaface_jax.backends.planned_forward import planned_forward
 from retinaface_jax.config import RetinaFaceConfig
 from retinaface_jax.loss import multibox_loss
-from retinaface_jax.mean_subtraction import subtract_mean
+from retinaface_jax.models.mean_subtraction import subtract_mean
 from retinaface_jax.models.retinaface import RetinaFace
 from retinaface_jax.priors import prior_box
 from retinaface_jax.train.sharding import data_sharded, replicated
@@ -41,16 +42,23 @@ StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
 
 
 def make_loss_fn(
-    graphdef: nnx.GraphDef, cfg: RetinaFaceConfig, image_size: int, *, native: bool = False
+    graphdef: nnx.GraphDef, cfg: RetinaFaceConfig, image_size: int, *, kernels: str = "reference"
 ) -> Callable[..., tuple[jax.Array, tuple[Any, Metrics]]]:
-    """``(params, batch_stats, batch) -> (total, (new_batch_stats, parts))``, pure. ``native``:
-    the matching's overlaps by the native kernel (inside ``native_gradients`` only)."""
+    """``(params, batch_stats, batch) -> (total, (new_batch_stats, parts))``, pure. ``kernels``
+    (resolved, :func:`train_kernels`): ``'reference'`` differentiates ``model(x)`` as it is;
+    ``'xla'`` and ``'native'`` run a ``RetinaFace`` through ``backends.planned_forward`` (the fused
+    CPU layers with their VJPs; other models as they are); ``'native'`` also takes the matching's overlaps from the native kernel, and must be
+    traced inside ``native_gradients``."""
+    if kernels not in TRAIN_PATHS:
+        raise ValueError(f"make_loss_fn: kernels must be one of {TRAIN_PATHS}, got {kernels!r}")
     priors = np.asarray(prior_box(cfg, (image_size, image_size)))
-    best_overlaps = match_overlaps if native else None
+    best_overlaps = match_overlaps if kernels == "native" else None
 
     def loss_fn(params: Any, batch_stats: Any, batch: Batch) -> tuple[jax.Array, Any]:
         model = merge_model(graphdef, params, batch_stats)
-        predictions = model(_model_input(model, batch["image"], cfg.rgb_mean))
+        x = _model_input(model, batch["image"], cfg.rgb_mean)
+        planned = kernels != "reference" and isinstance(model, RetinaFace)
+        predictions = planned_forward(model, x) if planned else model(x)
         loss_l, loss_c, loss_landm = multibox_loss(
             predictions, priors, batch["targets"], batch["valid"], cfg, best_overlaps=best_overlaps
         )
@@ -74,19 +82,32 @@ def _model_input(model: nnx.Module, image: jax.Array, rgb_mean: tuple[float, ...
     return subtract_mean(image, rgb_mean)
 
 
+TRAIN_PATHS = ("native", "xla", "reference")
+
+
 def train_kernels(kernels: str, platform: str) -> str:
-    """``'native'`` or ``'xla'``: what a train step built with ``kernels`` runs on ``platform``
-    (the platform of its mesh's devices). ``'auto'``: the native kernels on CPU when they build
-    (else XLA, with the build's warning); ``'native'``: they are required (CPU only); ``'xla'``:
-    never."""
-    if kernels not in KERNEL_CHOICES:
-        raise ValueError(f"kernels: expected one of {KERNEL_CHOICES}, got {kernels!r}")
+    """What a train step built with ``kernels`` runs on ``platform`` (its mesh's devices):
+    ``'native'`` (the native CPU kernels), ``'xla'`` (the fused CPU layers on XLA) or
+    ``'reference'`` (the plain model, differentiated by JAX: what GPU and TPU run, and the one
+    path with forward-mode and higher-order derivatives). ``'auto'``: native on CPU when the
+    kernels build (else XLA, with the build's warning), reference elsewhere; ``'native'``: the
+    kernels are required (CPU only); ``'xla'``: XLA's CPU formulations on CPU, the reference
+    elsewhere."""
+    if kernels not in TRAIN_KERNEL_CHOICES:
+        raise ValueError(f"kernels: expected one of {TRAIN_KERNEL_CHOICES}, got {kernels!r}")
+    if kernels == "reference" or platform != "cpu":
+        if kernels == "native":
+            raise RuntimeError(
+                f"kernels='native': the native CPU kernels run on CPU only, not {platform}"
+            )
+        return "reference"
     if kernels == "xla":
         return "xla"
-    usable = platform == "cpu" and get_conv_impl() == "taps" and native_kernels_available()
+    usable = native_kernels_available()
     if kernels == "native" and not usable:
-        why = "they did not build" if platform == "cpu" else f"they run on CPU only, not {platform}"
-        raise RuntimeError(f"kernels='native': the native CPU kernels are not usable: {why}")
+        raise RuntimeError(
+            "kernels='native': the native CPU kernels are not usable: they did not build"
+        )
     return "native" if usable else "xla"
 
 
@@ -112,8 +133,9 @@ def make_train_step(
     :func:`train_kernels`.
     """
     platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-    native = train_kernels(kernels, platform) == "native"
-    loss_fn = make_loss_fn(graphdef, cfg, image_size, native=native)
+    path = train_kernels(kernels, platform)
+    native = path == "native"
+    loss_fn = make_loss_fn(graphdef, cfg, image_size, kernels=path)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:

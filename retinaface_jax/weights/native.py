@@ -23,6 +23,7 @@ from flax import nnx
 
 from retinaface_jax.config import RetinaFaceConfig, dump_config, get_config
 from retinaface_jax.models.retinaface import RetinaFace, abstract_model
+from retinaface_jax.weights.run_checkpoint import restore_model_state
 
 CONFIG_FILE = "config.toml"
 STATE_DIR = "state"
@@ -69,8 +70,6 @@ def load_native(
     """Rebuild the model from a native checkpoint (or a training work directory's latest one)."""
     p = Path(path).absolute()
     if not is_native_checkpoint(p):
-        from retinaface_jax.train.checkpoint import restore_model_state
-
         cfg_found, state = restore_model_state(p)
     else:
         cfg_found = read_native_config(p)

@@ -109,6 +109,8 @@ ENV_SWITCH = "RETINAFACE_NATIVE_KERNELS"
 """Set to ``0`` to disable the native kernels without trying to compile them."""
 
 KERNEL_CHOICES: tuple[str, ...] = ("auto", "native", "xla")
+# the train step's choices: also the plain model differentiated as it is (train.step.train_kernels)
+TRAIN_KERNEL_CHOICES: tuple[str, ...] = (*KERNEL_CHOICES, "reference")
 """What a ``Detector`` may run on (``kernels=``, ``--kernels``): ``auto`` picks the native kernels
 when they are usable, ``native`` requires them, ``xla`` never uses them."""
 

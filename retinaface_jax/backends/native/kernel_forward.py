@@ -17,7 +17,10 @@ layer as fused conv -> BatchNorm -> activation kernels:
 :func:`kernel_params` folds and packs the parameters once on the host into one flat buffer and a
 static :class:`KernelPlan` (the layers' offsets and shapes); :func:`kernel_forward` runs the plan.
 With padded inputs (``region``) the same masking as the XLA path applies
-(``inference.padding.mask_padded`` before every padded convolution).
+(``backends.padded_region.mask_padded`` before every padded convolution).
+
+Autodiff contract: none (inference only; the kernels have no derivative rules). Parity: equal to
+``model(x)`` in eval mode (``tests/test_kernel_forward.py``).
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ from flax import nnx
 
 from retinaface_jax.backends.native import ops
 from retinaface_jax.backends.padded_region import PaddedRegion, mask_padded
+from retinaface_jax.backends.planned_forward import upsample_nearest
 from retinaface_jax.models.layers import BatchNorm2d, Conv2d, LeakyReLU
-from retinaface_jax.models.net import MobileNetV1, upsample_nearest
+from retinaface_jax.models.net import MobileNetV1
 
 Folded = tuple[np.ndarray, np.ndarray, np.ndarray]  # kernel [kh, kw, cin, cout], bias, slope
 _HEADS = ("BboxHead", "ClassHead", "LandmarkHead")
@@ -168,8 +172,8 @@ def kernel_forward(
 
     ``plan, params = kernel_params(model)``; ``x``: float32 BGR minus the mean, or the uint8 BGR
     image (the same as ``float32(x) - cfg.rgb_mean``); ``body``: the backbone's ``features`` when
-    it is not MobileNetV1 (e.g. ``model.body.features`` for ResNet50, which runs on XLA; pass a
-    model masked for ``region``, ``inference.padding.masked_for_padding``). ``region``: a
+    it is not MobileNetV1 (for ResNet50, which runs on XLA:
+    ``partial(planned_forward.resnet_features, model.body, region=region)``). ``region``: a
     ``backends.padded_region.PaddedRegion`` for padded inputs (zeroed before every padded
     convolution), or None.
     """

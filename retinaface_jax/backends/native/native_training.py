@@ -17,7 +17,7 @@ materialises for 1x1 weight gradients are slow too. So on CPU the train step run
 - MultiBoxLoss's matching overlaps (each face's best prior, each prior's best face):
   :func:`match_overlaps`, one pass instead of XLA's loop over chunks of faces (``loss.match``);
 - a BatchNorm + LeakyReLU whose next layer is a 3x3 depthwise or a 1x1 stride-1 layer: read
-  through by that layer (:func:`batch_norm_into`, ``layers.BatchNorm2d.into_conv``). Its
+  through by that layer (:func:`batch_norm_into`, ``train_layers.batch_norm_into_conv``). Its
   forward and kernel-gradient kernels normalise the BatchNorm's input row by row, so the
   activation is never stored, and its input-gradient kernel computes the BatchNorm's backward
   sums over each row it writes (:func:`batch_norm_into_grad`) and writes the BatchNorm's direct
@@ -28,8 +28,12 @@ materialises for 1x1 weight gradients are slow too. So on CPU the train step run
 while the other elementwise parts (normalisation, activations, standalone BatchNorms' input
 gradients) stay on XLA. The choice is made while the step is traced, inside
 :func:`native_gradients` (which the train step enters when it runs on CPU and the kernels are
-available); inference never enters it, and GPU/TPU steps never do, so they keep XLA's own
-convolutions. float64 always takes XLA's path.
+available; ``train.step.make_train_step`` with ``kernels='native'``/``'auto'`` on CPU, around its
+whole value-and-grad, since the kernels' backward rules are traced there too); inference never
+enters it, and GPU/TPU steps never do, so they keep XLA's own convolutions. float64 always takes XLA's path.
+
+Autodiff contract: values and first-order gradients equal XLA's (``tests/test_native_training.py``);
+reverse mode only, once (the kernels have no JVP rules, so forward mode and higher orders raise).
 
 Under a data-sharded mesh the kernels run per device on its share of the batch (``shard_map``):
 their sums (kernel gradients, batch statistics) come out per image and are combined over the
@@ -127,10 +131,10 @@ def stats_from_images(mean_n: jax.Array, m2_n: jax.Array, per_image: int) -> Sta
 def _stats_result(results, moments: bool):
     """A kernel call's results: ``y``, or with ``moments`` ``(y, per-image moments [N, 2, C])``
     made ``(y, (mean, var))`` (:func:`stats_from_images`). The statistics carry their gradient:
-    a BatchNorm read through by the next layer (``layers.batch_norm_conv_train``) hands back the
+    a BatchNorm read through by the next layer (``train_layers.batch_norm_conv_train``) hands back the
     cotangents of its mean and variance, and the kernel that wrote ``y`` adds their part to
     ``y``'s cotangent (:func:`stats_cotangent`); a standalone BatchNorm stops it and
-    differentiates through ``y`` instead (``layers.batch_norm_train``)."""
+    differentiates through ``y`` instead (``train_layers.batch_norm_train``)."""
     if not moments:
         return results
     y, m = results

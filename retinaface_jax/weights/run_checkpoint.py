@@ -1,7 +1,8 @@
 """Orbax checkpoints of a training run: ``WORKDIR/checkpoints/<step>/{state,meta}``.
 
-``state`` is the whole :class:`~retinaface_jax.train.state.TrainState` (parameters, optimiser
-state, BatchNorm statistics, step, RNG); ``meta`` is JSON with the data position, seed and the
+Written by the train loop, read by it to resume and by ``load_model(WORKDIR)`` (which is why they
+live with the other weight formats, below both). ``state`` is the whole train state (a
+``train.state.TrainState``: parameters, optimiser state, BatchNorm statistics, step, RNG); ``meta`` is JSON with the data position, seed and the
 full config, so a run can resume exactly and a model can be rebuilt from a workdir alone. Orbax
 writes each step to a temporary directory and renames it when complete, so a run killed at any
 moment leaves only whole checkpoints (stale temporaries are removed on the next start).
@@ -18,7 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from retinaface_jax.config import RetinaFaceConfig, from_dict
-from retinaface_jax.train.state import TrainState
+from retinaface_jax.models.retinaface import abstract_model
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -67,7 +68,7 @@ class Checkpoints:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
-    def save(self, state: TrainState, meta: dict[str, Any], force: bool = False) -> bool:
+    def save(self, state: Any, meta: dict[str, Any], force: bool = False) -> bool:
         """Save at ``state.step`` when due (or ``force``); returns whether a save started.
 
         Saving is asynchronous: arrays are copied off the devices, then written in the background.
@@ -88,7 +89,7 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored.meta)
 
-    def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
         """The checkpoint at ``step`` (default latest) shaped and placed like ``target``."""
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target
@@ -161,8 +162,6 @@ def restore_model_state(
 
     This is how ``load_model(WORKDIR)`` loads the latest checkpoint of a training run.
     """
-    from retinaface_jax.models.retinaface import abstract_model
-
     cfg, params, batch_stats, _ = load_checkpoint_variables(workdir, step)
     saved = {**_flat(params), **_flat(batch_stats)}
     template = nnx.to_pure_dict(nnx.state(abstract_model(cfg)))
