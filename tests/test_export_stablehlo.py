@@ -181,38 +181,12 @@ def test_symbolic_priors_equal_pixel_priors() -> None:
         np.testing.assert_array_equal(np.asarray(strides), want_strides, err_msg=str(size))
 
 
-def _upsample_symbolic(x: jax.Array, size) -> jax.Array:
-    """``models.net.upsample_nearest`` with its index tables in jnp (symbolic sizes)."""
-
-    def index(n_in, n_out):
-        scale = jnp.asarray(n_in, jnp.float32) / jnp.asarray(n_out, jnp.float32)
-        i = jnp.floor(jnp.arange(n_out, dtype=jnp.float32) * scale).astype(jnp.int32)
-        return jnp.minimum(i, jnp.asarray(n_in, jnp.int32) - 1)
-
-    rows, cols = index(x.shape[1], size[0]), index(x.shape[2], size[1])
-    return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
-
-
-def _flat_rows_symbolic(kernel_rows: jax.Array, n) -> jax.Array:
-    """``models.conv._flat_rows`` with its 0/1 matrix built in jnp (symbolic ``n``)."""
-    c = kernel_rows.shape[1]
-    eye = jnp.eye(c, dtype=kernel_rows.dtype)[:, None, :]
-    tile = jnp.broadcast_to(eye, (c, n, c)).reshape(c, n * c)
-    return jnp.dot(kernel_rows, tile, precision=jax.lax.Precision.HIGHEST)
-
-
-def test_any_size_program_matches_detector(monkeypatch, tmp_path, weights, images, detector):
-    """``sizes=None``: one program for every size. The model builds two index tables from its
-    input shape in numpy; until it builds them in jnp, this test swaps in jnp versions (same
-    values), so the symbolic priors, padding and top-k of the export are checked now."""
-    import retinaface_jax.models.conv as conv
-    import retinaface_jax.models.net as net
+def test_any_size_program_matches_detector(tmp_path, weights, images, detector):
+    """``sizes=None`` (the default): one program with symbolic H and W for every size (priors,
+    padding and top-k in the program)."""
     from retinaface_jax.export.stablehlo import export_stablehlo, load_programs
 
-    monkeypatch.setattr(net, "upsample_nearest", _upsample_symbolic)
-    monkeypatch.setattr(conv, "_flat_rows", _flat_rows_symbolic)
-    path = export_stablehlo(tmp_path / "any.npz", weights=weights, platforms=("cpu",), sizes=None)
-    monkeypatch.undo()
+    path = export_stablehlo(tmp_path / "any.npz", weights=weights, platforms=PLATFORMS)
     meta, w, programs = load_programs(path)
     assert meta["sizes"] is None and list(programs) == [None]
     tiny = np.ascontiguousarray(images["curve"][70:169, 360:451])  # 99 x 91: fewer priors than k

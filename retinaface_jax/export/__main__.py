@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sizes",
         type=_sizes,
         default=None,
-        help="input sizes HxW[,HxW...] to export programs for, or 'any' for one program with "
-        "symbolic H and W (default: the exporter's sizes)",
+        help="input sizes HxW[,HxW...] to export one program each for, or 'any' (default): one "
+        "program with symbolic H and W",
     )
     s.set_defaults(run=cmd_stablehlo)
     return parser
