@@ -93,37 +93,28 @@ def official(shared):
 
 
 def test_detector_does_not_find_anonymised_faces(official, shared, capsys):
-    """Anonymise every face scoring >= 0.6 (the default vis threshold), detect again: no
-    detection >= 0.6 has its centre inside an anonymised region. Detections elsewhere can still
-    reach 0.6: a crowd's faces that scored just under 0.6 were left uncovered, and the changed
-    surroundings can lift them over (measured: up to 0.76 with "solid", below 0.6 with "blur" and
-    "pixelate"); they are reported, not asserted."""
+    """Anonymise as ``detect.py --anonymize`` does (every face scoring >= 0.5, the CLI's
+    ``--anonymize-threshold``), detect again: no face scoring >= 0.6 (the default vis threshold)
+    anywhere in the image, with every method. (Covering only the faces >= 0.6 left crowd faces
+    just under it uncovered, and "solid" lifted one to 0.755.)"""
+    from retinaface_jax.inference.cli import ANONYMIZE_THRESHOLD
+
     vis = official.cfg.vis_threshold
     start = time.perf_counter()
     rows = []
     for path in sorted((shared / "data" / "images").glob("*.jpg")):
         img = cv2.imread(str(path))
-        faces = [f for f in official.detect(img) if f.score >= vis]
-        assert faces, path.name
-        mask = _covered(img.shape, faces, 0.5)
+        faces = official.detect(img)
+        assert any(f.score >= vis for f in faces), path.name
         for method in METHODS:
-            after = official.detect(retinaface_jax.anonymize(img, faces, method))
-            inside = [
-                f.score
-                for f in after
-                if mask[int((f.box[1] + f.box[3]) / 2), int((f.box[0] + f.box[2]) / 2)]
-            ]
-            top_in = max(inside, default=0.0)
-            top = max((f.score for f in after), default=0.0)
-            rows.append((path.name, method, len(faces), top_in, top))
-            assert top_in < vis, (path.name, method, top_in)
+            covered = retinaface_jax.anonymize(img, faces, method, min_score=ANONYMIZE_THRESHOLD)
+            top = max((f.score for f in official.detect(covered)), default=0.0)
+            rows.append((path.name, method, top))
+            assert top < vis, (path.name, method, top)
     with capsys.disabled():
-        print(
-            f"\nanonymised ({time.perf_counter() - start:.1f} s): image, method, faces >= {vis}"
-            ", max score after inside the covered regions / anywhere"
-        )
-        for name, method, n, top_in, top in rows:
-            print(f"  {name:26s} {method:8s} {n:4d} {top_in:.3f} {top:.3f}")
+        print(f"\nanonymised ({time.perf_counter() - start:.1f} s): image, method, max score after")
+        for name, method, top in rows:
+            print(f"  {name:26s} {method:8s} {top:.3f}")
 
 
 def test_cli_writes_anonymised_images(official, shared, tmp_path):

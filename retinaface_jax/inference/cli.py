@@ -78,6 +78,13 @@ PROG = "detect.py"
 INPUT_ERRORS = (ImageError, VideoError, OSError, ValueError, RuntimeError, MemoryError, cv2.error)
 
 
+# --anonymize covers faces from this score: with 0.6 (the visualisation threshold) faces scoring
+# just under it stayed uncovered and the changed surroundings lifted some over 0.6 (up to 0.755
+# with "solid" on the shared images); from 0.5 no face >= 0.6 is found afterwards (max 0.525;
+# lower thresholds cover so many false positives that new face-like patterns appear: 0.71 at 0.2)
+ANONYMIZE_THRESHOLD = 0.5
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -125,9 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["blur", "pixelate", "solid"],
         default=None,
         help="write anonymised images/videos instead of annotated ones: every face scoring at "
-        "least --vis-threshold is blurred, pixelated or blacked out (box + half its size on "
-        "each side), and no boxes, scores or landmarks are drawn (--save-crops still saves the "
-        "original faces; --no-draw writes no images/videos at all)",
+        "least --anonymize-threshold is blurred, pixelated or blacked out (box + half its size "
+        "on each side), and no boxes, scores or landmarks are drawn (--save-crops still saves "
+        "the original faces; --no-draw writes no images/videos at all)",
+    )
+    p.add_argument(
+        "--anonymize-threshold",
+        type=float,
+        default=ANONYMIZE_THRESHOLD,
+        help=f"faces scoring at least this are anonymised (default {ANONYMIZE_THRESHOLD}: below "
+        "--vis-threshold, so that faces just under it are covered too)",
     )
     p.add_argument(
         "--show",
@@ -212,7 +226,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         v = getattr(args, flag)
         if v is not None and v <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be positive, got {v}")
-    for flag in ("vis_threshold", "conf_threshold", "nms_threshold"):
+    for flag in ("vis_threshold", "conf_threshold", "nms_threshold", "anonymize_threshold"):
         v = getattr(args, flag)
         if v is not None and not 0.0 <= v <= 1.0:
             parser.error(f"--{flag.replace('_', '-')} must be between 0 and 1, got {v}")
@@ -383,7 +397,8 @@ class _Runner:
         low-score frames of its face, e.g. turned away: still drawn, still anonymised)."""
         vis = 0.0 if tracked else self.vis
         if self.args.anonymize:
-            return anonymize(image, faces, self.args.anonymize, min_score=vis)
+            cover = 0.0 if tracked else min(self.args.anonymize_threshold, vis)
+            return anonymize(image, faces, self.args.anonymize, min_score=cover)
         return draw_faces(image, faces, vis)
 
     def emit(self, record: dict[str, Any]) -> None:
