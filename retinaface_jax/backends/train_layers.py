@@ -33,25 +33,20 @@ from retinaface_jax.backends.native.ops import NO_ACTIVATION
 from retinaface_jax.backends.padded_region import PaddedRegion, mask_padded
 from retinaface_jax.backends.xla_cpu.conv_ops import conv2d, conv2d_with_stats
 from retinaface_jax.backends.xla_cpu.reductions import channel_sums
+from retinaface_jax.models import layers
 from retinaface_jax.models.layers import BatchNorm2d, Conv2d
 
 
-def conv(layer: Conv2d, x: jax.Array, region: PaddedRegion | None = None) -> jax.Array:
-    """``layer(x)`` on the backend's convolution (``conv_ops.conv2d``), the input masked for
-    ``region`` when the layer pads it."""
-    return conv_with_stats(layer, x, region, stats=False)[0]
-
-
 def conv_with_stats(
-    layer: Conv2d, x: jax.Array, region: PaddedRegion | None = None, *, stats: bool = True
+    layer: Conv2d, x: jax.Array, region: PaddedRegion | None = None
 ) -> tuple[jax.Array, Stats | None]:
     """``(layer(x), the output's batch statistics)``: given where a native train-step kernel
     computes them while writing the output (no bias), else None. The BatchNorm after this layer
-    takes them."""
+    takes them. The input is masked for ``region`` when the layer pads it."""
     if region is not None and layer.padding > 0 and not isinstance(x, tuple):
         x = mask_padded(x, region)
     kernel, args = layer.kernel[...], (layer.stride, layer.padding, layer.groups)
-    if stats and layer.bias is None and native_training.active():
+    if layer.bias is None and native_training.active():
         return conv2d_with_stats(x, kernel, *args)
     y = conv2d(x, kernel, *args)
     return (y if layer.bias is None else add_bias(y, layer.bias[...])), None
@@ -131,13 +126,8 @@ _add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def leaky_relu(x: jax.Array, slope: float) -> jax.Array:
-    """``x > 0 ? x : slope * x``: identity for slope 1, ``relu`` for 0 (torch's subgradients:
-    the slope at 0)."""
-    if slope == NO_ACTIVATION:
-        return x
-    if slope == 0.0:
-        return jax.nn.relu(x)
-    return jnp.where(x > 0, x, x * slope)
+    """``models.layers.leaky_relu``, with ``NO_ACTIVATION`` (slope 1) the identity."""
+    return x if slope == NO_ACTIVATION else layers.leaky_relu(x, slope)
 
 
 def _scale_shift(mean, inv, scale, bias):

@@ -7,8 +7,7 @@ imported on first use, so importing this package imports neither onnx nor onnxru
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from retinaface_jax.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "export_onnx": "retinaface_jax.export.onnx_export",
@@ -22,14 +21,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'retinaface_jax.export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
